@@ -1,0 +1,53 @@
+"""hf_prune: structured pruning (attention heads, FFN neurons) for Hugging Face transformers 5."""
+
+from .adapters import ArchAdapter, get_adapter, register_adapter, supported_model_types
+from .api import prune
+from .checkpoint import CorruptCheckpointError, load_plan, load_pruned
+from .config import PruningConfig
+from .costs import (
+    CostModel,
+    Latency,
+    benchmark_latency,
+    compare_latency,
+    count_flops,
+    count_params,
+    plan_flops,
+    plan_params,
+)
+from .importance import CRITERIA, ImportanceScores, compute_importance
+from .masks import LayerMasks, mask_hooks
+from .modeling_pruned import pruned_class
+from .plan import PlanMismatchError, PrunePlan, build_plan
+from .surgery import apply_plan_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchAdapter",
+    "CRITERIA",
+    "CorruptCheckpointError",
+    "CostModel",
+    "ImportanceScores",
+    "LayerMasks",
+    "Latency",
+    "PlanMismatchError",
+    "PruningConfig",
+    "PrunePlan",
+    "apply_plan_",
+    "benchmark_latency",
+    "build_plan",
+    "compare_latency",
+    "compute_importance",
+    "count_flops",
+    "count_params",
+    "get_adapter",
+    "load_plan",
+    "load_pruned",
+    "mask_hooks",
+    "plan_flops",
+    "plan_params",
+    "prune",
+    "pruned_class",
+    "register_adapter",
+    "supported_model_types",
+]

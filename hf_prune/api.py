@@ -1,0 +1,36 @@
+"""``prune(model, dataloader, config)``: score, plan and cut in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from torch import nn
+
+from .config import PruningConfig
+from .importance import compute_importance
+from .plan import PrunePlan, build_plan
+from .surgery import apply_plan_
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def prune(
+    model: M, dataloader: Iterable[Mapping[str, Any]] | None, config: PruningConfig
+) -> tuple[M, PrunePlan]:
+    """Score heads and neurons on ``dataloader``, build a plan under ``config``'s budget and apply it in place.
+
+    Returns the (same, now physically smaller) model and the plan. ``dataloader`` may be None for the
+    data-free criteria ``magnitude`` and ``random``.
+    """
+    scores = compute_importance(
+        model,
+        dataloader,
+        config.importance,
+        max_samples=config.max_calibration_samples,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    plan = build_plan(scores, model, config)
+    apply_plan_(model, plan)
+    return model, plan

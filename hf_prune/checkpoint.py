@@ -1,0 +1,135 @@
+"""Loading pruned checkpoints in one call (saving is ``model.save_pretrained``, see ``modeling_pruned``).
+
+``load_pruned(path_or_hub_id, AutoModelForSequenceClassification)`` reads the config, checks the plan and the
+weight shapes against it, and returns the ``Pruned<Class>`` model with the saved weights. It runs hf_prune's
+own copy of the modeling code, never code from the checkpoint. Without hf_prune,
+``AutoModelFor*.from_pretrained(path, trust_remote_code=True)`` loads the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PreTrainedModel
+from transformers.utils import cached_file
+
+from .adapters import get_adapter
+from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes, pruned_class
+from .plan import PlanMismatchError, PrunePlan
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+class CorruptCheckpointError(OSError):
+    """A pruned checkpoint is incomplete or its files disagree with each other."""
+
+
+def _weight_files(path: str, hub: dict[str, Any]) -> list[str]:
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    if index:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [cached_file(path, s, **hub) for s in shards]
+    single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
+    if not single:
+        raise CorruptCheckpointError(
+            f"{path} has no model.safetensors: pruned checkpoints are saved as safetensors by save_pretrained"
+        )
+    return [single]
+
+
+def _stored_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:  # safetensors raises its own error types for truncated / garbled files
+            raise CorruptCheckpointError(f"cannot read weights {file}: {e}. Save the checkpoint again.") from e
+    return shapes
+
+
+def _check_weights(model_cls: type, config: Any, files: list[str]) -> None:
+    """Compare stored tensor shapes with the shapes the config's per-layer sizes imply."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_cls(config).state_dict().items()}
+    stored = _stored_shapes(files)
+    bad = [
+        f"{k}: checkpoint {stored[k]} vs config {shape}"
+        for k, shape in expected.items()
+        if k in stored and stored[k] != shape
+    ]
+    if bad:
+        raise CorruptCheckpointError(
+            f"the weights do not match the pruned shapes recorded in config.json/{PLAN_FILE} "
+            f"({len(bad)} tensors differ, e.g. {'; '.join(bad[:3])}). The files come from different saves; "
+            "save the pruned model again with save_pretrained."
+        )
+
+
+def load_plan(path: str, **hub_kwargs: Any) -> PrunePlan | None:
+    """The plan saved with a pruned checkpoint (local folder or Hub id), or None if it has none."""
+    file = cached_file(path, PLAN_FILE, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    return PrunePlan.load(file) if file else None
+
+
+def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs: Any) -> PreTrainedModel:
+    """Load a pruned checkpoint saved by hf_prune.
+
+    Args:
+        pretrained: local folder or Hub repo id.
+        auto_class: e.g. ``AutoModelForSequenceClassification``; default: the class the checkpoint was
+            saved from (``config.architectures``).
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ``token``, ...).
+    """
+    path = str(pretrained)
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **hub)
+    section = config_get(config, CONFIG_KEY)
+    if not section:
+        raise ValueError(
+            f"{path} is not an hf_prune checkpoint (its config.json has no '{CONFIG_KEY}' section); "
+            "load it with the usual from_pretrained"
+        )
+    config.allow_global_per_layer_attribute_access = True
+    adapter = get_adapter(config)
+    model_cls = _resolve_class(config, auto_class)
+    plan = load_plan(path, **hub)
+    if plan is not None:
+        plan.check_compatible(config)
+        if plan.layer_sizes() != layer_sizes(config, adapter):
+            raise PlanMismatchError(
+                f"{PLAN_FILE} and config.json of {path} disagree on the per-layer sizes; the files come from "
+                "different saves. Save the pruned model again with save_pretrained."
+            )
+    _check_weights(model_cls, config, _weight_files(path, hub))
+    model = model_cls.from_pretrained(path, config=config, **kwargs)
+    model.prune_plan = plan
+    return model
+
+
+def _resolve_class(config: Any, auto_class: type | None) -> type:
+    import transformers
+
+    if auto_class is None:
+        names = config.architectures or []
+        stock = None
+        for name in names:
+            stock = getattr(transformers, name.removeprefix("Pruned"), None)
+            if stock is not None:
+                break
+        if stock is None:
+            raise ValueError(f"cannot tell the model class from config.architectures={names}; pass auto_class")
+    elif issubclass(auto_class, PreTrainedModel):
+        stock = auto_class
+    else:
+        try:
+            stock = auto_class._model_mapping[type(config)]
+        except KeyError as e:
+            raise ValueError(f"{auto_class.__name__} has no model class for {type(config).__name__}") from e
+    return pruned_class(stock)

@@ -1,0 +1,87 @@
+"""``PruningConfig``: what to score, how much to keep, and how to spread it over layers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from .importance import CRITERIA
+
+
+@dataclass
+class PruningConfig:
+    """Settings of one pruning step. Set exactly one budget: ``heads_keep``/``neurons_keep`` (either or
+    both), ``flops_keep`` or ``target_params``.
+
+    Args:
+        importance: scoring criterion, one of ``magnitude``, ``taylor``, ``fisher``, ``activation``, ``random``.
+        heads_keep: fraction of the dense model's attention heads to keep, in (0, 1].
+        neurons_keep: fraction of the dense model's FFN neurons to keep, in (0, 1].
+        flops_keep: fraction of the dense model's layer FLOPs (at ``seq_len`` tokens) to keep, in (0, 1];
+            heads and neurons compete for it.
+        target_params: total parameter count of the pruned model (embeddings and heads included).
+        seq_len: sequence length at which FLOPs are counted.
+        allocation: ``global`` ranks units of all layers together; ``uniform`` keeps the same number in
+            every layer.
+        round_to: keep FFN neurons per layer in multiples of this (e.g. 8 or 64, for fast kernels).
+        allow_empty_layers: allow a layer to lose its whole attention block or FFN block. By default
+            every layer keeps at least one head (group) and one block of ``round_to`` neurons.
+        max_calibration_samples: samples scored from the dataloader (data criteria only).
+        seed: for the ``random`` criterion and label-free projections.
+        progress: show progress bars.
+    """
+
+    importance: str = "fisher"
+    heads_keep: float | None = None
+    neurons_keep: float | None = None
+    flops_keep: float | None = None
+    target_params: int | None = None
+    seq_len: int = 128
+    allocation: Literal["global", "uniform"] = "global"
+    round_to: int = 1
+    allow_empty_layers: bool = False
+    max_calibration_samples: int | None = 2048
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.importance not in CRITERIA:
+            raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(CRITERIA)}")
+        for name in ("heads_keep", "neurons_keep", "flops_keep"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name}={value} is outside (0, 1]: it is the fraction of the dense model to keep")
+        if self.target_params is not None and self.target_params <= 0:
+            raise ValueError(f"target_params={self.target_params} must be a positive parameter count")
+        kinds = [
+            self.heads_keep is not None or self.neurons_keep is not None,
+            self.flops_keep is not None,
+            self.target_params is not None,
+        ]
+        if sum(kinds) != 1:
+            raise ValueError(
+                "set exactly one budget: heads_keep/neurons_keep (fractions kept), flops_keep (fraction of "
+                "FLOPs kept) or target_params (parameter count)"
+            )
+        if self.allocation not in ("global", "uniform"):
+            raise ValueError(f"allocation must be 'global' or 'uniform', not {self.allocation!r}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+
+    def budget(self) -> dict[str, Any]:
+        """The budget fields that are set."""
+        keys = ("heads_keep", "neurons_keep", "flops_keep", "target_params")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown PruningConfig keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**data)

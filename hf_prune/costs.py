@@ -1,0 +1,208 @@
+"""Cost accounting: parameters, FLOPs per sequence, and measured latency.
+
+FLOPs count the transformer layers' matrix products (2 FLOPs per multiply-add) for one sequence of ``seq_len``
+tokens: Q/K/V/O and FFN projections plus the attention score and value products (``4 * T^2 * H * d``).
+Embeddings, norms, softmax and task heads are excluded; they are a few percent of an encoder's compute and
+pruning does not change them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter, model_dims
+from .modeling_pruned import current_layer_sizes, get_module, layer_list
+
+if TYPE_CHECKING:
+    from .plan import PrunePlan
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Analytic cost of one layer's prunable parts as a function of its kept sizes.
+
+    Args:
+        hidden_size, head_dim: widths of the model.
+        gated: FFN has a gate projection (SwiGLU): 3 matrices per neuron instead of 2.
+        q_bias, kv_bias, up_bias: whether those projections carry a bias (it is pruned with its rows).
+    """
+
+    hidden_size: int
+    head_dim: int
+    gated: bool
+    q_bias: bool
+    kv_bias: bool
+    up_bias: bool
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "CostModel":
+        adapter = get_adapter(model)
+        d = model_dims(model)
+        layer = layer_list(model, adapter)[0]
+        return cls(
+            hidden_size=d["hidden_size"],
+            head_dim=d["head_dim"],
+            gated=adapter.gate is not None,
+            q_bias=get_module(layer, adapter.q).bias is not None,
+            kv_bias=get_module(layer, adapter.k).bias is not None,
+            up_bias=get_module(layer, adapter.up).bias is not None,
+        )
+
+    # per unit ------------------------------------------------------------------------------------
+    @property
+    def head_params(self) -> int:
+        """Q rows + O columns of one query head."""
+        return self.head_dim * (2 * self.hidden_size + self.q_bias)
+
+    @property
+    def kv_params(self) -> int:
+        """K and V rows of one key/value head."""
+        return 2 * self.head_dim * (self.hidden_size + self.kv_bias)
+
+    @property
+    def neuron_params(self) -> int:
+        mats = 3 if self.gated else 2
+        return mats * self.hidden_size + self.up_bias * (2 if self.gated else 1)
+
+    def head_flops(self, seq_len: int) -> int:
+        return 4 * seq_len * self.hidden_size * self.head_dim + 4 * seq_len * seq_len * self.head_dim
+
+    def kv_flops(self, seq_len: int) -> int:
+        return 4 * seq_len * self.hidden_size * self.head_dim
+
+    def neuron_flops(self, seq_len: int) -> int:
+        return 2 * seq_len * self.hidden_size * (3 if self.gated else 2)
+
+    # per layer -----------------------------------------------------------------------------------
+    def layer_params(self, s: Mapping[str, int]) -> dict[str, int]:
+        return {
+            "attention": s["num_heads"] * self.head_params + s["num_kv_heads"] * self.kv_params,
+            "ffn": s["intermediate_size"] * self.neuron_params,
+        }
+
+    def layer_flops(self, s: Mapping[str, int], seq_len: int) -> dict[str, int]:
+        return {
+            "attention": s["num_heads"] * self.head_flops(seq_len) + s["num_kv_heads"] * self.kv_flops(seq_len),
+            "ffn": s["intermediate_size"] * self.neuron_flops(seq_len),
+        }
+
+    def total(self, sizes: Iterable[Mapping[str, int]], seq_len: int | None = None) -> dict[str, int]:
+        """Sum over layers: FLOPs when ``seq_len`` is given, prunable parameters otherwise."""
+        out = {"attention": 0, "ffn": 0}
+        for s in sizes:
+            c = self.layer_flops(s, seq_len) if seq_len is not None else self.layer_params(s)
+            out["attention"] += c["attention"]
+            out["ffn"] += c["ffn"]
+        out["total"] = out["attention"] + out["ffn"]
+        return out
+
+
+def model_layer_sizes(model: nn.Module) -> list[dict[str, int]]:
+    """Kept sizes of every layer, read off the weights."""
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    return [current_layer_sizes(layer, adapter, head_dim) for layer in layer_list(model, adapter)]
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters of the model (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_flops(model: nn.Module, seq_len: int = 128) -> dict[str, int]:
+    """Layer FLOPs for one sequence of ``seq_len`` tokens: ``{"attention", "ffn", "total"}``."""
+    return CostModel.for_model(model).total(model_layer_sizes(model), seq_len)
+
+
+def plan_flops(plan: "PrunePlan", model: nn.Module, seq_len: int = 128) -> dict[str, int]:
+    """FLOPs the model will have once ``plan`` is applied (analytic, from the plan alone)."""
+    return CostModel.for_model(model).total(plan.layer_sizes(), seq_len)
+
+
+def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
+    """Total parameter count the model will have once ``plan`` is applied (analytic)."""
+    cost = CostModel.for_model(model)
+    now = cost.total(model_layer_sizes(model))["total"]
+    return count_params(model) - now + cost.total(plan.layer_sizes())["total"]
+
+
+# ----------------------------------------------------------------------------------------------- latency
+
+
+def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of the right kind for ``model`` (token ids, or pixels for vision models)."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    config = model.config
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = config.image_size
+        pixels = torch.randn(batch_size, config.num_channels, size, size, generator=g)
+        return {"pixel_values": pixels.to(device, next(model.parameters()).dtype)}
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+@dataclass
+class Latency:
+    """Wall time of one forward pass, in milliseconds, over ``repeats`` timed runs."""
+
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    times_ms: list[float]
+
+
+def _time_once(model: nn.Module, inputs: Mapping[str, Any]) -> float:
+    start = time.perf_counter()
+    model(**inputs)
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _summarise(times: list[float]) -> Latency:
+    return Latency(statistics.median(times), statistics.fmean(times), min(times), times)
+
+
+@torch.inference_mode()
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    batch_size: int = 1,
+    seq_len: int = 128,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    inputs: Mapping[str, Any] | None = None,
+) -> dict[str, Latency]:
+    """Time several models on the same inputs, interleaved run by run so machine noise hits all alike."""
+    first = next(iter(models.values()))
+    inputs = inputs or dummy_inputs(first, batch_size, seq_len)
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        for _ in range(warmup):
+            for m in models.values():
+                _time_once(m, inputs)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, m in models.items():
+                times[name].append(_time_once(m, inputs))
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    return {name: _summarise(t) for name, t in times.items()}
+
+
+def benchmark_latency(
+    model: nn.Module, batch_size: int = 1, seq_len: int = 128, *, warmup: int = 2, repeats: int = 10
+) -> Latency:
+    """Median forward latency of ``model`` on random inputs of ``batch_size`` x ``seq_len``."""
+    return compare_latency({"model": model}, batch_size, seq_len, warmup=warmup, repeats=repeats)["model"]

@@ -1,0 +1,258 @@
+"""Importance scores per attention head ``(L, H)`` and per FFN neuron ``(L, I)``.
+
+Criteria (pick by name, see :data:`CRITERIA`):
+
+- ``magnitude``: squared L2 norm of the weights that exist only for that unit (no data needed).
+- ``taylor``: sum over samples of ``|dL/dm|`` for the unit's mask ``m`` (Michel et al., 2019).
+- ``fisher``: sum over samples of ``(dL/dm)^2``, the diagonal empirical Fisher of the masks (Kwon et al., 2022).
+- ``activation``: mean L2 norm of the head's context vector / mean ``|activation|`` of the neuron over tokens.
+- ``random``: seeded uniform noise (a baseline).
+
+Gradient criteria need a loss. With labels in the batch it is the task loss. Without labels it is the
+cross-entropy against the model's own predicted class for classifiers (the gradient of a KL to the model's own
+predictions is zero at the current weights, so it cannot rank anything), and for regression heads and
+headless encoders a random projection of the output (``sum(r * out)``, ``r ~ N(0, 1)``), whose squared
+gradient estimates the output-sensitivity (Gauss-Newton) Fisher without labels.
+
+Scores are indexed by ids of the *dense* model; units an earlier cut already removed are NaN.
+Under ``torch.distributed`` scores are summed over processes, so every rank builds the same plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter, model_dims
+from .masks import LayerMasks, mask_hooks
+from .modeling_pruned import get_module, layer_list
+from .plan import PrunePlan
+
+CRITERIA = ("magnitude", "taylor", "fisher", "activation", "random")
+GRADIENT_CRITERIA = ("taylor", "fisher")
+
+
+@dataclass
+class ImportanceScores:
+    """Per-unit scores, higher = more important.
+
+    Args:
+        heads: ``(L, H)`` query-head scores, ids of the dense model; NaN for heads already removed.
+        neurons: ``(L, I)`` FFN neuron scores, likewise.
+        criterion: the criterion that produced them.
+        num_samples: calibration samples seen (0 for data-free criteria).
+    """
+
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    criterion: str
+    num_samples: int = 0
+
+    @property
+    def comparable(self) -> bool:
+        """Head and neuron scores share one scale (both measure the same loss's sensitivity)."""
+        return self.criterion in GRADIENT_CRITERIA
+
+
+def compute_importance(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Any]] | None = None,
+    criterion: str = "fisher",
+    *,
+    max_samples: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ImportanceScores:
+    """Score every head and FFN neuron of ``model``.
+
+    Args:
+        model: a supported transformers model (task head or base model; may already be pruned).
+        dataloader: calibration batches (dicts of tensors as a ``Trainer`` would feed them); required by all
+            criteria except ``magnitude`` and ``random``. ``labels`` are used when present.
+        criterion: one of :data:`CRITERIA`.
+        max_samples: stop after this many samples (whole batches).
+        seed: for ``random`` and the label-free random projections.
+        progress: show a progress bar.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown importance criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    adapter = get_adapter(model)
+    dims = model_dims(model)
+    current = PrunePlan.of(model)
+    layers = layer_list(model, adapter)
+    if criterion == "random":
+        g = torch.Generator().manual_seed(seed)
+        local_h = [torch.rand(len(h), generator=g) for h in current.heads]
+        local_n = [torch.rand(len(n), generator=g) for n in current.neurons]
+        n_samples = 0
+    elif criterion == "magnitude":
+        local_h, local_n = _magnitude(layers, adapter, dims["head_dim"])
+        n_samples = 0
+    else:
+        if dataloader is None:
+            raise ValueError(f"criterion {criterion!r} needs calibration data: pass a dataloader")
+        local_h, local_n, n_samples = _data_scores(model, dataloader, criterion, max_samples, seed, progress)
+    heads = torch.full((dims["num_layers"], dims["num_heads"]), float("nan"))
+    neurons = torch.full((dims["num_layers"], dims["intermediate_size"]), float("nan"))
+    for i in range(dims["num_layers"]):
+        heads[i, current.heads[i]] = local_h[i].float().cpu()
+        neurons[i, current.neurons[i]] = local_n[i].float().cpu()
+    return ImportanceScores(heads, neurons, criterion, n_samples)
+
+
+@torch.no_grad()
+def _magnitude(layers: nn.ModuleList, adapter, head_dim: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    heads, neurons = [], []
+    for layer in layers:
+        q = get_module(layer, adapter.q).weight.float()  # (H * d, D)
+        o = get_module(layer, adapter.o).weight.float()  # (D, H * d)
+        h = q.pow(2).view(-1, head_dim, q.shape[1]).sum((1, 2)) + o.pow(2).view(o.shape[0], -1, head_dim).sum((0, 2))
+        heads.append(h)
+        up = get_module(layer, adapter.up).weight.float()  # (I, D)
+        down = get_module(layer, adapter.down).weight.float()  # (D, I)
+        n = up.pow(2).sum(1) + down.pow(2).sum(0)
+        if adapter.gate:
+            n = n + get_module(layer, adapter.gate).weight.float().pow(2).sum(1)
+        neurons.append(n)
+    return heads, neurons
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ValueError("calibration batch holds no tensors")
+
+
+def _per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
+    """Sum over samples of a loss whose per-sample gradients the Fisher/Taylor scores accumulate."""
+    labels = batch.get("labels")
+    out = model(**batch)
+    logits = getattr(out, "logits", None)
+    if logits is not None and labels is not None and logits.dim() == 2:
+        if logits.shape[-1] == 1 or labels.is_floating_point():
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1), reduction="sum")
+        return F.cross_entropy(logits.float(), labels.view(-1), reduction="sum")
+    if labels is not None and getattr(out, "loss", None) is not None:
+        return out.loss * labels.shape[0]  # the model's mean loss, rescaled to a sum
+    if logits is not None and logits.dim() == 2 and logits.shape[-1] > 1:
+        return F.cross_entropy(logits.float(), logits.argmax(-1).detach(), reduction="sum")
+    target = logits if logits is not None else out.last_hidden_state  # (B, ..., C)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = torch.randn(target.shape, generator=g).to(target.device, target.dtype)
+    if target.dim() == 3 and "attention_mask" in batch:
+        r = r * batch["attention_mask"][..., None].to(r.dtype)  # padding tokens carry no signal
+    return (target * r).sum()
+
+
+def _data_scores(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    criterion: str,
+    max_samples: int | None,
+    seed: int,
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    device = next(model.parameters()).device
+    n_heads = [get_module(l, adapter.q).out_features // head_dim for l in layers]
+    n_neurons = [get_module(l, adapter.up).out_features for l in layers]
+    head_acc = [torch.zeros(h, device=device) for h in n_heads]
+    neuron_acc = [torch.zeros(n, device=device) for n in n_neurons]
+    masks = LayerMasks(len(layers))
+    seen = 0
+    was_training = model.training
+    model.eval()  # dropout off: scores must not depend on dropout noise
+    total = None
+    try:
+        total = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    bar = tqdm(total=max_samples, desc=f"{criterion} scores", unit="sample", disable=not progress)
+    try:
+        for step, raw in enumerate(dataloader):
+            batch = _to_device(raw, device)
+            bsz = _batch_size(batch)
+            if criterion == "activation":
+                with torch.no_grad(), _ActivationStats(model, batch, head_acc, neuron_acc, head_dim):
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+            else:
+                h_masks = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
+                n_masks = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
+                masks.heads, masks.neurons = list(h_masks), list(n_masks)
+                with mask_hooks(model, masks):
+                    loss = _per_sample_loss(model, batch, seed + step)
+                grads = torch.autograd.grad(loss, h_masks + n_masks, allow_unused=True)
+                for acc, g in zip(head_acc + neuron_acc, grads):
+                    if g is not None:
+                        acc += g.pow(2).sum(0) if criterion == "fisher" else g.abs().sum(0)
+            seen += bsz
+            bar.update(bsz)
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError(
+            "the calibration dataloader yielded no batches: pass a non-empty dataloader "
+            f"(got {total if total is not None else 'an empty iterable'})"
+        )
+    counts = torch.tensor([float(seen)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in head_acc + neuron_acc + [counts]:
+            torch.distributed.all_reduce(t)
+    if criterion == "activation":
+        head_acc = [a / counts for a in head_acc]
+        neuron_acc = [a / counts for a in neuron_acc]
+    return head_acc, neuron_acc, int(counts.item())
+
+
+class _ActivationStats:
+    """Hooks accumulating per-sample mean activation magnitudes (padding tokens excluded)."""
+
+    def __init__(self, model, batch, head_acc, neuron_acc, head_dim):
+        self.model, self.head_acc, self.neuron_acc, self.head_dim = model, head_acc, neuron_acc, head_dim
+        mask = batch.get("attention_mask")
+        self.token_w = None if mask is None else mask.to(torch.float32)  # (B, T)
+        self.handles: list[Any] = []
+
+    def _mean_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, n) -> (n,) summed over samples of each sample's token mean
+        if self.token_w is not None and x.dim() == 3 and x.shape[1] == self.token_w.shape[1]:
+            w = self.token_w / self.token_w.sum(1, keepdim=True).clamp_min(1)
+            return (x * w[..., None]).sum((0, 1))
+        return x.mean(1).sum(0) if x.dim() == 3 else x.sum(0)
+
+    def __enter__(self):
+        adapter = get_adapter(self.model)
+        for i, layer in enumerate(layer_list(self.model, adapter)):
+
+            def head_hook(_m, args, i=i):
+                x = args[0].float()
+                norms = x.view(*x.shape[:-1], -1, self.head_dim).norm(dim=-1)  # (B, T, H)
+                self.head_acc[i] += self._mean_tokens(norms)
+
+            def neuron_hook(_m, args, i=i):
+                self.neuron_acc[i] += self._mean_tokens(args[0].float().abs())  # (B, T, I)
+
+            self.handles.append(get_module(layer, adapter.o).register_forward_pre_hook(head_hook))
+            self.handles.append(get_module(layer, adapter.down).register_forward_pre_hook(neuron_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+

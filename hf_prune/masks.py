@@ -1,0 +1,71 @@
+"""Head and neuron masks hooked into the forward pass (transformers 5 has no ``head_mask``).
+
+A head mask multiplies the per-head context vectors right before the attention output projection; a neuron
+mask multiplies the FFN activations right before the down projection. Masking a unit with 0 computes exactly
+what the model computes once that unit is physically removed.
+
+Each mask is ``(n,)`` (one mask for the batch) or ``(B, n)`` (one per sample: the gradient of a summed loss
+with respect to a per-sample mask is that sample's gradient, which Fisher/Taylor scores need).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter, model_dims
+from .modeling_pruned import get_module, layer_list
+
+
+class LayerMasks:
+    """Per-layer mask tensors read by the hooks at call time (swap them between batches freely).
+
+    Args:
+        num_layers: number of transformer layers.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.heads: list[torch.Tensor | None] = [None] * num_layers
+        self.neurons: list[torch.Tensor | None] = [None] * num_layers
+
+
+def _apply_head_mask(x: torch.Tensor, mask: torch.Tensor, head_dim: int) -> torch.Tensor:
+    # x: (B, T, H * d) context entering the output projection; mask: (H,) or (B, H)
+    shape = x.shape
+    x = x.view(*shape[:-1], -1, head_dim)  # (B, T, H, d)
+    m = mask[:, None, :, None] if mask.dim() == 2 else mask[:, None]
+    return (x * m.to(x.dtype)).view(shape)
+
+
+def _apply_neuron_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, I) FFN activations entering the down projection; mask: (I,) or (B, I)
+    m = mask[:, None, :] if mask.dim() == 2 else mask
+    return x * m.to(x.dtype)
+
+
+@contextmanager
+def mask_hooks(model: nn.Module, masks: LayerMasks) -> Iterator[LayerMasks]:
+    """Install hooks that apply ``masks`` while the context is open."""
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    handles = []
+    for i, layer in enumerate(layer_list(model, adapter)):
+
+        def head_hook(_module, args, i=i):
+            m = masks.heads[i]
+            return None if m is None else (_apply_head_mask(args[0], m, head_dim), *args[1:])
+
+        def neuron_hook(_module, args, i=i):
+            m = masks.neurons[i]
+            return None if m is None else (_apply_neuron_mask(args[0], m), *args[1:])
+
+        handles.append(get_module(layer, adapter.o).register_forward_pre_hook(head_hook))
+        handles.append(get_module(layer, adapter.down).register_forward_pre_hook(neuron_hook))
+    try:
+        yield masks
+    finally:
+        for h in handles:
+            h.remove()

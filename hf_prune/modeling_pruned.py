@@ -1,0 +1,446 @@
+"""Pruned-model classes and the shape primitives behind them.
+
+This file is copied verbatim into every pruned checkpoint (``auto_map`` points at it), so that
+``AutoModelFor*.from_pretrained(path, trust_remote_code=True)`` rebuilds the per-layer shapes on a machine
+without hf_prune. It therefore imports nothing but the standard library, torch and transformers.
+
+How a pruned checkpoint reloads:
+    1. ``config.json`` holds the *dense* global sizes, ``per_layer_config`` with the kept sizes of every
+       pruned layer (transformers 5's heterogeneous-config field) and an ``hf_prune`` section with the
+       architecture spec (module paths and config field names).
+    2. ``Pruned<StockClass>.__init__`` builds the stock model, then slices every layer down to the
+       recorded sizes (``resize_to_config_``); ``from_pretrained`` then loads the real weights into it.
+
+``prune_layer_`` is also what :func:`hf_prune.surgery.apply_plan_` calls, so checkpoint loading and pruning
+share one code path for shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+FORMAT_VERSION = 1
+PLAN_FILE = "prune_plan.json"
+MODELING_FILE = "modeling_pruned.py"
+CONFIG_KEY = "hf_prune"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the prunable pieces of one transformer family live. Pure data, JSON-serialisable.
+
+    Args:
+        model_type: `config.model_type` this spec applies to (e.g. ``"bert"``).
+        layers: dotted path from the *base model* (``model.base_model``) to the `nn.ModuleList` of layers.
+        q, k, v, o: dotted paths inside one layer to the query/key/value/output `nn.Linear`.
+        up, down: paths to the FFN input and output `nn.Linear`; ``gate``: the gate projection of a
+            gated FFN (SwiGLU), or None.
+        num_heads_field, num_kv_heads_field, intermediate_field, hidden_field, layers_field: names of the
+            config fields (``num_kv_heads_field`` is None for plain multi-head attention).
+        head_dim_field: config field holding the head size when the family has one; otherwise the head
+            size is ``hidden // num_heads`` of the dense config.
+        attrs: ``(attribute path inside a layer, quantity)`` pairs kept in sync by surgery; quantity is one
+            of ``num_heads``, ``num_kv_heads``, ``all_head_size``, ``intermediate_size``. Attributes missing
+            from a given transformers version are skipped.
+    """
+
+    model_type: str
+    layers: str
+    q: str
+    k: str
+    v: str
+    o: str
+    up: str
+    down: str
+    gate: str | None = None
+    num_heads_field: str = "num_attention_heads"
+    num_kv_heads_field: str | None = None
+    intermediate_field: str = "intermediate_size"
+    hidden_field: str = "hidden_size"
+    layers_field: str = "num_hidden_layers"
+    head_dim_field: str | None = "head_dim"
+    attrs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attrs"] = [list(a) for a in self.attrs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
+        d = dict(d)
+        d["attrs"] = tuple(tuple(a) for a in d.get("attrs", ()))
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def config_get(config: Any, name: str, default: Any = None) -> Any:
+    """Read a *global* config value even when the config is heterogeneous (no ambiguity error)."""
+    getter = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    if getter is not None:
+        return getter(name, default)
+    return getattr(config, name, default)
+
+
+def dense_dims(config: Any, spec: ArchSpec) -> dict[str, int]:
+    """Sizes of the unpruned model: the global config values (per-layer overrides ignored)."""
+    hidden = int(config_get(config, spec.hidden_field))
+    heads = int(config_get(config, spec.num_heads_field))
+    kv = int(config_get(config, spec.num_kv_heads_field) or heads) if spec.num_kv_heads_field else heads
+    head_dim = config_get(config, spec.head_dim_field) if spec.head_dim_field else None
+    return {
+        "num_layers": int(config_get(config, spec.layers_field)),
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": int(head_dim) if head_dim else hidden // heads,
+        "intermediate_size": int(config_get(config, spec.intermediate_field)),
+    }
+
+
+def layer_sizes(config: Any, spec: ArchSpec) -> list[dict[str, int]]:
+    """Per-layer ``num_heads``/``num_kv_heads``/``intermediate_size`` after pruning (dense where unset)."""
+    dims = dense_dims(config, spec)
+    spec_h = config.__dict__.get("_heterogeneity_spec")
+    overrides = spec_h.per_layer_overrides if spec_h is not None else {}
+    out = []
+    for i in range(dims["num_layers"]):
+        o = overrides.get(i, {})
+        heads = int(o.get(spec.num_heads_field, dims["num_heads"]))
+        kv = int(o.get(spec.num_kv_heads_field, dims["num_kv_heads"])) if spec.num_kv_heads_field else heads
+        out.append(
+            {
+                "num_heads": heads,
+                "num_kv_heads": kv,
+                "intermediate_size": int(o.get(spec.intermediate_field, dims["intermediate_size"])),
+            }
+        )
+    return out
+
+
+def set_layer_sizes(config: Any, spec: ArchSpec, sizes: list[dict[str, int]]) -> None:
+    """Record per-layer sizes in ``config.per_layer_config``; global fields keep the dense sizes."""
+    dims = dense_dims(config, spec)
+    per_layer: dict[int, dict[str, int]] = {}
+    for i, s in enumerate(sizes):
+        o = {}
+        if s["num_heads"] != dims["num_heads"]:
+            o[spec.num_heads_field] = s["num_heads"]
+        if spec.num_kv_heads_field and s["num_kv_heads"] != dims["num_kv_heads"]:
+            o[spec.num_kv_heads_field] = s["num_kv_heads"]
+        if s["intermediate_size"] != dims["intermediate_size"]:
+            o[spec.intermediate_field] = s["intermediate_size"]
+        if o:
+            per_layer[i] = o
+    # The global fields stay the dense values and are read by stock modeling code at build time.
+    config.allow_global_per_layer_attribute_access = True
+    # Head size must not be re-derived per layer as hidden // heads: record it explicitly.
+    if spec.head_dim_field and config_get(config, spec.head_dim_field) is None:
+        setattr(config, spec.head_dim_field, dims["head_dim"])
+    config.per_layer_config = per_layer or None
+
+
+# ----------------------------------------------------------------------------------------------- surgery
+
+
+def get_module(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def layer_list(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    return get_module(model.base_model, spec.layers)
+
+
+@torch.no_grad()
+def slice_linear_(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep rows (``dim=0``, output features) or columns (``dim=1``, input features) ``index``, in place."""
+    index = index.to(linear.weight.device)
+    weight = linear.weight.index_select(dim, index).clone()
+    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.index_select(0, index).clone(), linear.bias.requires_grad)
+        linear.out_features = int(index.numel())
+    else:
+        linear.in_features = int(index.numel())
+
+
+def _rows(units: list[int], size: int) -> torch.Tensor:
+    """Row indices of whole heads: head u occupies rows [u * size, (u + 1) * size)."""
+    if not units:
+        return torch.zeros(0, dtype=torch.long)
+    u = torch.tensor(units, dtype=torch.long)
+    return (u[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+
+
+def prune_layer_(
+    layer: nn.Module,
+    spec: ArchSpec,
+    head_dim: int,
+    group_size: int,
+    heads: list[int] | None,
+    neurons: list[int] | None,
+) -> None:
+    """Keep query heads ``heads`` and FFN neurons ``neurons`` (positions in the layer as it is now).
+
+    ``group_size`` query heads share one key/value head (1 without grouped-query attention); ``heads``
+    must hold whole groups, so the kept KV heads are ``{h // group_size}``. None leaves that block as is.
+    """
+    if heads is not None:
+        heads = sorted(int(h) for h in heads)
+        groups = sorted({h // group_size for h in heads})
+        if len(groups) * group_size != len(heads):
+            raise ValueError(
+                f"query heads {heads} do not form whole key/value groups of {group_size}: with grouped-query "
+                "attention a KV head can only be removed together with all of its query heads"
+            )
+        q_rows = _rows(heads, head_dim)
+        kv_rows = _rows(groups, head_dim)
+        slice_linear_(get_module(layer, spec.q), q_rows, 0)
+        slice_linear_(get_module(layer, spec.k), kv_rows, 0)
+        slice_linear_(get_module(layer, spec.v), kv_rows, 0)
+        slice_linear_(get_module(layer, spec.o), q_rows, 1)
+    if neurons is not None:
+        idx = torch.tensor(sorted(int(n) for n in neurons), dtype=torch.long)
+        slice_linear_(get_module(layer, spec.up), idx, 0)
+        if spec.gate:
+            slice_linear_(get_module(layer, spec.gate), idx, 0)
+        slice_linear_(get_module(layer, spec.down), idx, 1)
+    sync_layer_attrs_(layer, spec, head_dim)
+
+
+def current_layer_sizes(layer: nn.Module, spec: ArchSpec, head_dim: int) -> dict[str, int]:
+    """Sizes read off the layer's weights (the truth, whatever the config says)."""
+    return {
+        "num_heads": get_module(layer, spec.q).out_features // head_dim,
+        "num_kv_heads": get_module(layer, spec.k).out_features // head_dim,
+        "intermediate_size": get_module(layer, spec.up).out_features,
+    }
+
+
+def sync_layer_attrs_(layer: nn.Module, spec: ArchSpec, head_dim: int) -> None:
+    """Set the module attributes the forward pass reads (head counts etc.) from the weight shapes."""
+    sizes = current_layer_sizes(layer, spec, head_dim)
+    values = {**sizes, "all_head_size": sizes["num_heads"] * head_dim}
+    for path, quantity in spec.attrs:
+        owner_path, _, attr = path.rpartition(".")
+        try:
+            owner = get_module(layer, owner_path) if owner_path else layer
+        except AttributeError:
+            continue
+        if hasattr(owner, attr):
+            setattr(owner, attr, values[quantity])
+
+
+def resize_to_config_(model: nn.Module, spec: ArchSpec) -> None:
+    """Shrink a freshly built (dense) model to the per-layer sizes recorded in its config.
+
+    Keeps the first ``k`` heads/neurons of each layer: the weights are about to be overwritten by the
+    checkpoint, only the shapes matter here.
+    """
+    dims = dense_dims(model.config, spec)
+    group = dims["num_heads"] // dims["num_kv_heads"]
+    for layer, sizes in zip(layer_list(model, spec), layer_sizes(model.config, spec)):
+        now = current_layer_sizes(layer, spec, dims["head_dim"])
+        heads = list(range(sizes["num_heads"])) if sizes["num_heads"] != now["num_heads"] else None
+        neurons = (
+            list(range(sizes["intermediate_size"]))
+            if sizes["intermediate_size"] != now["intermediate_size"]
+            else None
+        )
+        if heads is not None or neurons is not None:
+            prune_layer_(layer, spec, dims["head_dim"], group, heads, neurons)
+
+
+# ----------------------------------------------------------------------------------------------- classes
+
+_AUTO_CLASSES = (
+    "AutoModel",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForMultipleChoice",
+    "AutoModelForMaskedLM",
+    "AutoModelForCausalLM",
+    "AutoModelForImageClassification",
+)
+
+
+def _auto_map(model: nn.Module) -> dict[str, str]:
+    """``auto_map`` entries for every Auto class that resolves this config to the model's stock class."""
+    module = Path(MODELING_FILE).stem
+    stock = _stock_class(type(model))
+    base = _stock_class(type(model.base_model))
+    out = {"AutoModel": f"{module}.Pruned{base.__name__}"}
+    for auto_name in _AUTO_CLASSES[1:]:
+        auto = getattr(transformers, auto_name, None)
+        try:
+            resolved = auto._model_mapping[type(model.config)] if auto is not None else None
+        except (KeyError, ValueError):
+            resolved = None
+        if resolved is not None and resolved.__name__ == stock.__name__:
+            out[auto_name] = f"{module}.Pruned{stock.__name__}"
+    return out
+
+
+def _stock_class(cls: type) -> type:
+    while getattr(cls, "_hf_prune_pruned", False):
+        cls = cls.__mro__[2]  # (PrunedX, PrunedModelMixin, X, ...)
+    return cls
+
+
+def _commit_dir(stage: Path, target: Path) -> None:
+    """Move a fully written ``stage`` folder to ``target`` so that readers never see half a checkpoint.
+
+    A missing or empty target is replaced by one rename. A target holding other files (a Trainer
+    ``output_dir`` with ``checkpoint-*`` folders, say) keeps them: each file is moved in with an atomic
+    ``os.replace``, ``config.json`` last, and stale weight shards of an earlier save are removed.
+    """
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        if target.exists():
+            target.rmdir()
+        os.replace(stage, target)
+        return
+    new = {p.name for p in stage.iterdir()}
+    for old in target.iterdir():
+        if old.is_file() and old.name not in new and old.name.startswith("model") and (
+            old.suffix == ".safetensors" or old.name.endswith(".safetensors.index.json")
+        ):
+            old.unlink()
+    for name in sorted(new, key=lambda n: n == "config.json"):
+        os.replace(stage / name, target / name)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+class PrunedModelMixin:
+    """Turns a stock transformers model class into one whose layers may have different sizes.
+
+    ``Pruned<Stock>`` classes are made on demand (see the module-level ``__getattr__``): a pruned model is an
+    instance of ``Pruned<Stock>``, so ``save_pretrained``/``push_to_hub`` write a checkpoint that reloads.
+    """
+
+    _hf_prune_pruned = True
+    #: The plan that produced this model (a ``hf_prune.PrunePlan`` or its dict), saved as prune_plan.json.
+    prune_plan: Any = None
+
+    def __init__(self, config, *args, **kwargs):
+        config.allow_global_per_layer_attribute_access = True
+        with _homogeneous(config):  # stock __init__ builds dense layers from the global (dense) sizes
+            super().__init__(config, *args, **kwargs)
+        resize_to_config_(self, ArchSpec.from_dict(config_get(config, CONFIG_KEY)["arch"]))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        try:
+            from transformers.utils import cached_file
+
+            plan_path = cached_file(
+                pretrained_model_name_or_path, PLAN_FILE, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            )
+        except (OSError, ValueError):
+            plan_path = None
+        if plan_path:
+            with open(plan_path, encoding="utf-8") as f:
+                model.prune_plan = json.load(f)
+        return model
+
+    def save_pretrained(
+        self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False, **kwargs
+    ):
+        """``PreTrainedModel.save_pretrained`` plus the plan and modeling file, written atomically.
+
+        Weights are always safetensors. Everything is written to a temporary sibling folder first and moved
+        into place only once complete, so a crash never leaves a half-written checkpoint.
+        """
+        if not is_main_process:
+            return
+        kwargs.pop("safe_serialization", None)
+        hub_keys = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision", "tags")
+        hub = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"save_pretrained: {target} exists and is a file, expected a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            self.config.auto_map = _auto_map(self)
+            with _homogeneous(self.config) as per_layer:
+                super().save_pretrained(stage, True, *args, **kwargs)
+            # Written by us because the stock writer, reading the dense globals, warns once per field.
+            config_file = stage / "config.json"
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+            width = len(str(max(per_layer, default=0)))
+            data["per_layer_config"] = {str(i).zfill(width): per_layer[i] for i in sorted(per_layer)}
+            # Not saved: code unaware of per-layer sizes should fail loudly on the global value, and
+            # transformers' config validation would warn on load. Pruned classes set it themselves.
+            data.pop("allow_global_per_layer_attribute_access", None)
+            config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            shutil.copyfile(sys.modules[PrunedModelMixin.__module__].__file__, stage / MODELING_FILE)
+            plan = self.prune_plan
+            if plan is not None:
+                data = plan.to_dict() if hasattr(plan, "to_dict") else plan
+                (stage / PLAN_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
+            _commit_dir(stage, target)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if push_to_hub:
+            hub.setdefault("repo_id", target.name)
+            self.push_to_hub(token=kwargs.get("token"), **hub)
+
+
+@contextmanager
+def _homogeneous(config: Any) -> Iterator[dict[int, dict[str, Any]]]:
+    """Hide the per-layer overrides for a moment: the config reads as the dense one, without warnings.
+
+    Yields the overrides (``{layer: {field: value}}``).
+    """
+    spec = config.__dict__.pop("_heterogeneity_spec", None)
+    try:
+        yield {} if spec is None else {int(k): dict(v) for k, v in spec.per_layer_overrides.items()}
+    finally:
+        if spec is not None:
+            config.__dict__["_heterogeneity_spec"] = spec
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def pruned_class(stock: type) -> type:
+    """``Pruned<Stock>``: the stock class with per-layer shapes. One class object per stock class."""
+    stock = _stock_class(stock)
+    name = f"Pruned{stock.__name__}"
+    if name not in _CLASSES:
+        cls = type(name, (PrunedModelMixin, stock), {"__module__": __name__, "__qualname__": name})
+        _CLASSES[name] = cls
+    return _CLASSES[name]
+
+
+def __getattr__(name: str) -> type:
+    # ``auto_map`` names classes like ``modeling_pruned.PrunedBertForSequenceClassification``; they are made
+    # here on first use from the stock transformers class of the same name.
+    if name.startswith("Pruned") and not name.startswith("PrunedModel"):
+        stock = getattr(transformers, name[len("Pruned") :], None)
+        if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
+            return pruned_class(stock)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
