@@ -132,4 +132,7 @@ def _resolve_class(config: Any, auto_class: type | None) -> type:
             stock = auto_class._model_mapping[type(config)]
         except KeyError as e:
             raise ValueError(f"{auto_class.__name__} has no model class for {type(config).__name__}") from e
+        if isinstance(stock, tuple):  # several classes for one config: take the saved one if listed
+            saved = [a.removeprefix("Pruned") for a in config.architectures or []]
+            stock = next((c for c in stock if c.__name__ in saved), stock[0])
     return pruned_class(stock)

@@ -296,7 +296,8 @@ def _auto_map(model: nn.Module) -> dict[str, str]:
             resolved = auto._model_mapping[type(model.config)] if auto is not None else None
         except (KeyError, ValueError):
             resolved = None
-        if resolved is not None and resolved.__name__ == stock.__name__:
+        candidates = resolved if isinstance(resolved, tuple) else (resolved,)  # some map to several classes
+        if any(c is not None and c.__name__ == stock.__name__ for c in candidates):
             out[auto_name] = f"{module}.Pruned{stock.__name__}"
     return out
 
@@ -391,9 +392,8 @@ class PrunedModelMixin:
             data = json.loads(config_file.read_text(encoding="utf-8"))
             width = len(str(max(per_layer, default=0)))
             data["per_layer_config"] = {str(i).zfill(width): per_layer[i] for i in sorted(per_layer)}
-            # Not saved: code unaware of per-layer sizes should fail loudly on the global value, and
-            # transformers' config validation would warn on load. Pruned classes set it themselves.
-            data.pop("allow_global_per_layer_attribute_access", None)
+            # Saved: some configs' own validation (e.g. LlamaConfig's) reads the global head count on load.
+            data["allow_global_per_layer_attribute_access"] = True
             config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             shutil.copyfile(sys.modules[PrunedModelMixin.__module__].__file__, stage / MODELING_FILE)
             plan = self.prune_plan

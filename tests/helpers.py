@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import hf_prune as hp
+
+
+def random_plan(model, seed: int = 0, empty_layer: int | None = None) -> hp.PrunePlan:
+    """A plan keeping a different random subset in every layer (whole KV groups for GQA)."""
+    g = torch.Generator().manual_seed(seed)
+    dense = hp.PrunePlan.dense(model)
+    group = dense.group_size
+    heads, neurons = [], []
+    for i in range(dense.num_layers):
+        n_groups = dense.num_kv_heads
+        k = 0 if i == empty_layer else int(torch.randint(1, n_groups, (1,), generator=g))  # at least one goes
+        groups = torch.randperm(n_groups, generator=g)[:k].tolist()
+        heads.append([gi * group + j for gi in groups for j in range(group)])
+        n = 0 if i == empty_layer else int(torch.randint(1, dense.intermediate_size, (1,), generator=g))
+        neurons.append(torch.randperm(dense.intermediate_size, generator=g)[:n].tolist())
+    return hp.PrunePlan(
+        model_type=dense.model_type,
+        num_heads=dense.num_heads,
+        num_kv_heads=dense.num_kv_heads,
+        intermediate_size=dense.intermediate_size,
+        hidden_size=dense.hidden_size,
+        heads=heads,
+        neurons=neurons,
+    )
+
+
+def plan_masks(plan: hp.PrunePlan) -> hp.LayerMasks:
+    """0/1 masks equivalent to ``plan`` on the dense model."""
+    masks = hp.LayerMasks(plan.num_layers)
+    for i in range(plan.num_layers):
+        masks.heads[i] = torch.zeros(plan.num_heads)
+        masks.heads[i][plan.heads[i]] = 1.0
+        masks.neurons[i] = torch.zeros(plan.intermediate_size)
+        masks.neurons[i][plan.neurons[i]] = 1.0
+    return masks
+
+
+@torch.no_grad()
+def masked_output(model, plan, inputs, output_tensor):
+    ref = copy.deepcopy(model)
+    with hp.mask_hooks(ref, plan_masks(plan)):
+        return output_tensor(ref(**inputs))
