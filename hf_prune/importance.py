@@ -185,6 +185,8 @@ def _data_scores(
         for step, raw in enumerate(dataloader):
             batch = _to_device(raw, device)
             bsz = _batch_size(batch)
+            if step == 0 and total is not None:  # batches x first batch size: the bar's best guess
+                bar.total = min(max_samples or total * bsz, total * bsz)
             if criterion == "activation":
                 with torch.no_grad(), _ActivationStats(model, batch, head_acc, neuron_acc, head_dim):
                     model(**{k: v for k, v in batch.items() if k != "labels"})

