@@ -1,0 +1,336 @@
+"""``PruningCallback``: prune inside any existing ``transformers.Trainer`` by masking, on a schedule.
+
+The callback never reshapes parameters (the optimizer would keep stale tensors). It hooks head/neuron masks
+into the forward pass, keeps the weights of masked units at zero through optimizer steps, and leaves a plan
+that :func:`hf_prune.apply_plan_` turns into a physically smaller model with the same outputs::
+
+    trainer = Trainer(model, args, ..., callbacks=[PruningCallback(PruningConfig(flops_keep=0.5),
+                                                   PruningSchedule("gradual", start_step=100, end_step=600))])
+    trainer.train()
+    hf_prune.apply_plan_(trainer.model, trainer.callback_handler.callbacks[-1].plan)  # or callback.prune_model_()
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler, ExportableState
+
+from .adapters import get_adapter, model_dims
+from .config import PruningConfig
+from .costs import CostModel, count_params
+from .importance import GRADIENT_CRITERIA, ImportanceScores, compute_importance
+from .masks import LayerMasks, mask_hooks
+from .modeling_pruned import get_module, layer_list
+from .plan import PrunePlan, build_plan
+from .schedule import PruningSchedule
+from .surgery import apply_plan_
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+class MaskController:
+    """Masks, zeroed weights and gradient statistics for one model that is pruned without reshaping.
+
+    Args:
+        model: the model being trained (unwrapped).
+        criterion: importance criterion for gradient statistics (``fisher`` or ``taylor``).
+    """
+
+    def __init__(self, model: nn.Module, criterion: str = "fisher") -> None:
+        self.model = model
+        self.criterion = criterion
+        self.adapter = get_adapter(model)
+        self.dims = model_dims(model)
+        self.physical = PrunePlan.of(model)  # what the weights hold now (dense unless pruned before)
+        self.plan = self.physical
+        device = next(model.parameters()).device
+        self.masks = LayerMasks(self.physical.num_layers)
+        for i in range(self.physical.num_layers):
+            # leaf tensors: the training backward pass leaves dL/dm in .grad
+            self.masks.heads[i] = torch.ones(len(self.physical.heads[i]), device=device, requires_grad=True)
+            self.masks.neurons[i] = torch.ones(len(self.physical.neurons[i]), device=device, requires_grad=True)
+        self.acc_heads = [torch.zeros_like(m) for m in self.masks.heads]
+        self.acc_neurons = [torch.zeros_like(m) for m in self.masks.neurons]
+        self._hooks: Any = None
+
+    # hooks ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        if self._hooks is None:
+            self._hooks = mask_hooks(self.model, self.masks)
+            self._hooks.__enter__()
+
+    def remove(self) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+
+    # plan ----------------------------------------------------------------------------------------
+    def _positions(self, plan: PrunePlan) -> tuple[list[list[int]], list[list[int]]]:
+        """Positions, in the current weights, of the units ``plan`` keeps."""
+        def positions(ids: list[int], now: list[int]) -> list[int]:
+            where = {unit: p for p, unit in enumerate(now)}
+            return [where[u] for u in ids]
+
+        heads = [positions(hs, self.physical.heads[i]) for i, hs in enumerate(plan.heads)]
+        neurons = [positions(ns, self.physical.neurons[i]) for i, ns in enumerate(plan.neurons)]
+        return heads, neurons
+
+    @torch.no_grad()
+    def set_plan(self, plan: PrunePlan) -> None:
+        """Mask everything ``plan`` does not keep and zero those weights."""
+        self.plan = plan
+        heads, neurons = self._positions(plan)
+        for i in range(plan.num_layers):
+            self.masks.heads[i].zero_()[heads[i]] = 1.0
+            self.masks.neurons[i].zero_()[neurons[i]] = 1.0
+        self.zero_masked_weights_()
+
+    @torch.no_grad()
+    def zero_masked_weights_(self) -> None:
+        """Zero Q/K/V rows, O columns, FFN up/gate rows and down columns of masked units (biases too)."""
+        a, d = self.adapter, self.dims["head_dim"]
+        group = self.plan.group_size
+        for i, layer in enumerate(layer_list(self.model, a)):
+            hm = self.masks.heads[i]
+            if not bool((hm == 0).any()) and not bool((self.masks.neurons[i] == 0).any()):
+                continue
+            q_off = (hm == 0).repeat_interleave(d)  # (H * d,)
+            kv_off = (hm.view(-1, group).sum(1) == 0).repeat_interleave(d)  # (KV * d,)
+            n_off = self.masks.neurons[i] == 0  # (I,)
+            for path, off, dim in (
+                (a.q, q_off, 0), (a.k, kv_off, 0), (a.v, kv_off, 0), (a.o, q_off, 1),
+                (a.up, n_off, 0), (a.gate, n_off, 0), (a.down, n_off, 1),
+            ):
+                if path is None:
+                    continue
+                lin = get_module(layer, path)
+                if dim == 0:
+                    lin.weight[off] = 0
+                    if lin.bias is not None:
+                        lin.bias[off] = 0
+                else:
+                    lin.weight[:, off] = 0
+
+    # scores --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def accumulate_(self) -> None:
+        """Add this step's mask gradients to the running Fisher/Taylor statistics, then clear them."""
+        for acc, m in zip(self.acc_heads + self.acc_neurons, self.masks.heads + self.masks.neurons):
+            if m.grad is not None:
+                acc += m.grad.pow(2) if self.criterion == "fisher" else m.grad.abs()
+                m.grad = None
+
+    def gradient_scores(self) -> ImportanceScores:
+        """Accumulated statistics as (L, H) / (L, I) scores; summed over processes under DDP."""
+        accs = [a.clone() for a in self.acc_heads + self.acc_neurons]
+        if _distributed():
+            for t in accs:
+                torch.distributed.all_reduce(t)
+        L = self.physical.num_layers
+        return self._to_dense_ids(accs[:L], accs[L:], self.criterion)
+
+    def _to_dense_ids(self, heads: list[torch.Tensor], neurons: list[torch.Tensor], criterion: str) -> ImportanceScores:
+        h = torch.full((self.dims["num_layers"], self.dims["num_heads"]), float("nan"))
+        n = torch.full((self.dims["num_layers"], self.dims["intermediate_size"]), float("nan"))
+        for i in range(len(heads)):
+            h[i, self.physical.heads[i]] = heads[i].detach().float().cpu()
+            n[i, self.physical.neurons[i]] = neurons[i].detach().float().cpu()
+        return ImportanceScores(h, n, criterion)
+
+    def restrict(self, scores: ImportanceScores) -> ImportanceScores:
+        """Scores with masked units marked removed (NaN), so a new plan only ever removes more."""
+        h, n = scores.heads.clone(), scores.neurons.clone()
+        for i in range(self.plan.num_layers):
+            keep_h = torch.zeros(h.shape[1], dtype=torch.bool)
+            keep_h[self.plan.heads[i]] = True
+            keep_n = torch.zeros(n.shape[1], dtype=torch.bool)
+            keep_n[self.plan.neurons[i]] = True
+            h[i, ~keep_h] = float("nan")
+            n[i, ~keep_n] = float("nan")
+        return ImportanceScores(h, n, scores.criterion, scores.num_samples)
+
+    def reset_statistics(self) -> None:
+        for a in self.acc_heads + self.acc_neurons:
+            a.zero_()
+
+
+class PruningCallback(TrainerCallback, ExportableState):
+    """Mask heads and neurons on a schedule inside a ``Trainer`` run.
+
+    Args:
+        config: budget and importance criterion (:class:`PruningConfig`, or its dict).
+        schedule: when to prune (:class:`PruningSchedule`, or its dict); default one-shot at step 0.
+        calibration_dataloader: batches to score at each event. Without it, ``fisher``/``taylor`` scores
+            come from the mask gradients of the real training steps since the last event (batch-level
+            statistics; under DDP summed over processes), and ``magnitude``/``random`` need no data.
+    """
+
+    def __init__(
+        self,
+        config: PruningConfig | Mapping[str, Any],
+        schedule: PruningSchedule | Mapping[str, Any] | None = None,
+        calibration_dataloader: Iterable[Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, PruningConfig) else PruningConfig.from_dict(dict(config))
+        self.schedule = (
+            schedule if isinstance(schedule, PruningSchedule) else PruningSchedule(**dict(schedule or {}))
+        )
+        self.calibration_dataloader = calibration_dataloader
+        uses_gradients = calibration_dataloader is None and self.config.importance in GRADIENT_CRITERIA
+        if self.config.importance == "activation" and calibration_dataloader is None:
+            raise ValueError("importance='activation' needs a calibration_dataloader (it is not a gradient statistic)")
+        if uses_gradients and self.schedule.events()[0] == 0:
+            raise ValueError(
+                f"importance={self.config.importance!r} from training gradients cannot score at step 0 (no "
+                "gradients yet): pass a calibration_dataloader or start the schedule at step >= 1"
+            )
+        self.controller: MaskController | None = None
+        self.plan: PrunePlan | None = None
+        self.done_events: list[int] = []
+        self._restored: dict[str, Any] | None = None
+        self._stats: dict[str, float] = {}
+
+    # state for resume (stored in trainer_state.json with every checkpoint) -----------------------
+    def state(self) -> dict[str, Any]:
+        c = self.controller
+        return {
+            "args": {"config": self.config.to_dict(), "schedule": self.schedule.to_dict()},
+            "attributes": {
+                "done_events": list(self.done_events),
+                "plan_dict": self.plan.to_dict() if self.plan is not None else None,
+                "acc": None if c is None else [a.tolist() for a in c.acc_heads + c.acc_neurons],
+            },
+        }
+
+    def _restore(self, state: Any) -> None:
+        data = state[-1] if isinstance(state, list) else state
+        attrs = data.get("attributes", {})
+        self.done_events = list(attrs.get("done_events", []))
+        if attrs.get("plan_dict") is not None and self.controller is not None:
+            plan = PrunePlan.from_dict(attrs["plan_dict"])
+            if plan.is_subset_of(self.controller.physical) and plan != self.controller.physical:
+                self.controller.set_plan(plan)
+            self.plan = plan
+        if attrs.get("acc") and self.controller is not None:
+            c = self.controller
+            for t, values in zip(c.acc_heads + c.acc_neurons, attrs["acc"]):
+                if len(values) == t.numel():
+                    t.copy_(torch.tensor(values))
+
+    # events --------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, **kwargs):
+        self._move_to_front()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._move_to_front()
+        self.schedule.check_fits(state.max_steps)
+        model = _unwrap(model)
+        self.controller = MaskController(model, self.config.importance)
+        self.controller.install()
+        self._dense_params = count_params(model)
+        if state.global_step > 0:  # resuming: masks and statistics come from the checkpoint's trainer state
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+            if saved:
+                self._restore(saved)
+        if self.plan is None:
+            self.plan = self.controller.plan
+        if 0 in self.schedule.events() and 0 not in self.done_events and state.global_step == 0:
+            self._prune_event(model, 0)
+        self._update_stats(model)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.controller is not None and self.calibration_dataloader is None:
+            self.controller.accumulate_()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.zero_masked_weights_()  # optimizer moments move masked weights off zero
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step in self.schedule.events() and step not in self.done_events:
+            self._prune_event(_unwrap(model), step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._stats:
+            logs.update(self._stats)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(self._stats)  # Trainer copied the logs there before on_log
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.remove()  # masked weights are zero: outputs stay those of the masked model
+
+    # ---------------------------------------------------------------------------------------------
+    def _prune_event(self, model: nn.Module, step: int) -> None:
+        assert self.controller is not None
+        cfg = self.schedule.budget_at(self.config, step, self._dense_params)
+        if self.calibration_dataloader is not None or self.config.importance not in GRADIENT_CRITERIA:
+            scores = compute_importance(
+                model,
+                self.calibration_dataloader,
+                self.config.importance,
+                max_samples=self.config.max_calibration_samples,
+                seed=self.config.seed + step,
+                progress=self.config.progress and _is_main(),
+            )
+        else:
+            scores = self.controller.gradient_scores()
+        self.plan = build_plan(self.controller.restrict(scores), model, cfg)
+        self.controller.set_plan(self.plan)
+        self.controller.reset_statistics()
+        self.done_events.append(step)
+        self._update_stats(model)
+        self.on_plan_update(model, step)
+
+    def on_plan_update(self, model: nn.Module, step: int) -> None:
+        """Called after each pruning event (``PruningTrainer`` cuts the model here)."""
+
+    def _update_stats(self, model: nn.Module) -> None:
+        if self.plan is None:
+            return
+        cost = CostModel.for_model(model)
+        dense = PrunePlan.dense(model).layer_sizes()
+        kept = self.plan.kept_fraction()
+        flops = cost.total(self.plan.layer_sizes(), self.config.seq_len)["total"] / cost.total(
+            dense, self.config.seq_len
+        )["total"]
+        self._stats = {"prune/heads_kept": kept["heads"], "prune/neurons_kept": kept["neurons"], "prune/flops_kept": flops}
+
+    def prune_model_(self, model: nn.Module) -> nn.Module:
+        """Physically remove what the callback masked (call after training)."""
+        if self.plan is None:
+            raise RuntimeError("no plan yet: the callback has not run a pruning event")
+        if self.controller is not None:
+            self.controller.remove()
+        return apply_plan_(_unwrap(model), self.plan)
+
+    def _move_to_front(self) -> None:
+        """Run before the reporting callbacks (TensorBoard, W&B, ...) so they see the pruning stats in on_log.
+
+        Trainer appends user callbacks after its reporting ones and gives callbacks no handle on the list, so
+        the handler is read from the calling frame; if that ever fails, stats still reach later callbacks.
+        """
+        frame = sys._getframe(2)
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _is_main() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0

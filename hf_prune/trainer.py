@@ -1,0 +1,284 @@
+"""``PruningTrainer``: a ``transformers.Trainer`` that prunes, recovers (full or LoRA, optionally with
+knowledge distillation from the unpruned model) and saves a reloadable pruned checkpoint, in one ``train()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .adapters import _is_peft, get_adapter
+from .callbacks import PruningCallback, _distributed, _is_main
+from .checkpoint import load_plan
+from .config import PruningConfig
+from .importance import compute_importance
+from .plan import PlanMismatchError, PrunePlan, build_plan
+from .schedule import PruningSchedule
+from .surgery import apply_plan_
+
+
+@dataclass
+class DistillationConfig:
+    """Knowledge distillation from the unpruned (teacher) model during recovery.
+
+    Args:
+        alpha: weight of the distillation loss; the task loss gets ``1 - alpha`` (``alpha=1``: no labels needed).
+        temperature: softmax temperature of the logit KL (``T^2``-scaled, Hinton et al. 2015). Regression
+            heads (one output) use the mean squared error to the teacher instead.
+        hidden_weight: weight of the hidden-state MSE loss; 0 turns it off.
+        layer_map: ``(student_layer, teacher_layer)`` pairs of ``hidden_states`` indices (0 = embeddings) for the
+            hidden loss; default: every index to itself (pruning keeps depth and width).
+    """
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    hidden_weight: float = 0.0
+    layer_map: list[tuple[int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"distillation alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
+
+
+class _TrainerPruning(PruningCallback):
+    """The schedule inside ``PruningTrainer``: masks until the last event, then a physical cut."""
+
+    def __init__(self, trainer: "PruningTrainer", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+
+    def on_plan_update(self, model: nn.Module, step: int) -> None:
+        if step == self.schedule.events()[-1] and not _distributed():
+            self.trainer._cut_now(self.plan)
+
+
+class PruningTrainer(Trainer):
+    """``Trainer`` that prunes ``model`` under ``pruning_config`` and recovers it while training.
+
+    Args:
+        pruning_config: budget and importance criterion.
+        schedule: when to prune; default one-shot before the first step. Gradual/iterative schedules mask until
+            their last event, then cut the model and rebuild optimizer and LR scheduler (under DDP the cut
+            waits for the end of training: DDP's gradient buckets are bound to the parameter tensors).
+        calibration_dataloader: batches for importance scores; default: the first
+            ``pruning_config.max_calibration_samples`` samples of the training dataloader (sharded per process,
+            scores summed over processes so every rank builds the same plan).
+        distillation: knowledge-distillation settings, or None for plain task-loss recovery.
+        teacher_model: the teacher for distillation; default: a frozen copy of ``model`` before pruning.
+        recovery: ``"full"`` fine-tunes all weights; ``"lora"`` wraps the pruned model with peft LoRA, trains the
+            adapters and merges them at the end (the saved checkpoint needs no peft).
+        lora_config: a ``peft.LoraConfig``; default: rank 8 on the adapter's Q/K/V/O and FFN linears, with the
+            task head trained in full.
+        **kwargs: everything ``transformers.Trainer`` takes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *,
+        pruning_config: PruningConfig,
+        schedule: PruningSchedule | None = None,
+        calibration_dataloader: Iterable[Mapping[str, Any]] | None = None,
+        distillation: DistillationConfig | None = None,
+        teacher_model: nn.Module | None = None,
+        recovery: Literal["full", "lora"] = "full",
+        lora_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if recovery not in ("full", "lora"):
+            raise ValueError(f"recovery must be 'full' or 'lora', not {recovery!r}")
+        self.pruning_config = pruning_config
+        self.schedule = schedule or PruningSchedule()
+        self.calibration_dataloader = calibration_dataloader
+        self.distillation = distillation
+        self.recovery = recovery
+        self.lora_config = lora_config
+        one_shot_at_start = self.schedule.kind == "one_shot" and self.schedule.start_step == 0
+        if recovery == "lora" and not one_shot_at_start:
+            raise ValueError(
+                "LoRA recovery trains adapters on an already pruned model, so it needs the cut before training "
+                "(schedule one_shot at start_step=0); gradual and iterative schedules train all weights"
+            )
+        get_adapter(model)  # unsupported architectures and peft-wrapped models fail here, before any work
+        if distillation is not None and teacher_model is None:
+            if PrunePlan.of(model) != PrunePlan.dense(model):
+                raise ValueError(
+                    "distillation needs a teacher: this model is already pruned, so pass the unpruned model as "
+                    "teacher_model=..."
+                )
+            teacher_model = copy.deepcopy(model)
+        self.teacher = teacher_model.eval().requires_grad_(False) if teacher_model is not None else None
+        super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "PruningTrainer does not support FSDP or DeepSpeed: physical pruning reshapes parameters that "
+                "those engines shard. Use DDP (accelerate launch --num_processes N without an FSDP/DeepSpeed "
+                "config), or prune first and recover with your sharded setup."
+            )
+        if self.teacher is not None:
+            self.teacher.to(self.args.device)
+        self._pruner: _TrainerPruning | None = None
+        if not one_shot_at_start:
+            self._pruner = _TrainerPruning(self, pruning_config, self.schedule, calibration_dataloader)
+            self.add_callback(self._pruner)
+
+    # ------------------------------------------------------------------------------------ train
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        if resume_from_checkpoint:
+            self._rebuild_pruned_shapes(str(resume_from_checkpoint))
+        elif self._pruner is None and PrunePlan.of(self._base_model()) == PrunePlan.dense(self._base_model()):
+            self._one_shot_prune()
+        if self.recovery == "lora" and not _is_peft(self.model):
+            self._wrap_lora()
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self._pruner is not None and self._pruner.plan is not None:
+            plan = self._pruner.plan
+            if PrunePlan.of(self._base_model()) != plan:  # cut deferred (DDP) or schedule never finished
+                self._pruner.prune_model_(self._base_model())
+        if _is_peft(self.model):
+            self.model = self.model.merge_and_unload()
+            self.model_wrapped = self.model
+        return output
+
+    def _base_model(self) -> nn.Module:
+        return self.model.get_base_model() if _is_peft(self.model) else self.model
+
+    def _one_shot_prune(self) -> None:
+        cfg = self.pruning_config
+        data = self.calibration_dataloader if self.calibration_dataloader is not None else self.get_train_dataloader()
+        scores = compute_importance(
+            self.model, data, cfg.importance, max_samples=cfg.max_calibration_samples, seed=cfg.seed,
+            progress=cfg.progress and _is_main(),
+        )
+        apply_plan_(self.model, build_plan(scores, self.model, cfg))
+
+    def _rebuild_pruned_shapes(self, checkpoint: str) -> None:
+        """Give the model the checkpoint's pruned shapes before Trainer loads weights and optimizer state."""
+        plan = load_plan(checkpoint)
+        base = self._base_model()
+        if plan is None:
+            return  # saved before any cut: the dense shapes are right
+        plan.check_compatible(base)
+        current = PrunePlan.of(base)
+        if plan == current:
+            return
+        if not plan.is_subset_of(current):
+            raise PlanMismatchError(
+                f"{checkpoint} holds a model pruned with a different plan than this trainer's model; resume "
+                "with the unpruned base model (or the same pruned model) the run started from"
+            )
+        apply_plan_(base, plan)
+
+    def _wrap_lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        config = self.lora_config or default_lora_config(self.model)
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as e:
+            raise ValueError(
+                f"LoRA found no modules to adapt in {type(self.model).__name__} ({e}); pass a lora_config whose "
+                "target_modules name linears of this model"
+            ) from e
+        self.model_wrapped = self.model
+        self.optimizer, self.lr_scheduler = None, None
+
+    def _cut_now(self, plan: PrunePlan) -> None:
+        """Physically prune mid-training (single process) and rebuild optimizer and LR scheduler.
+
+        The new optimizer starts with empty moments: the old ones belong to tensors that no longer exist.
+        The scheduler is rebuilt and stepped to the current step, so the learning rate curve continues.
+        """
+        assert self._pruner is not None
+        if self._pruner.controller is not None:
+            self._pruner.controller.remove()
+            self._pruner.controller = None
+        apply_plan_(self.model, plan)
+        self.optimizer = None
+        self.create_optimizer()
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.lr_scheduler, self._created_lr_scheduler = None, False
+        self.create_scheduler(num_training_steps=self.state.max_steps, optimizer=self.optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+            for _ in range(self.state.global_step):
+                self.lr_scheduler.step()
+        self.callback_handler.optimizer = self.optimizer
+        self.callback_handler.lr_scheduler = self.lr_scheduler
+
+    # ------------------------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if _is_peft(self.model):
+            # The adapter (saved above) lets training resume; the merged model next to it is the reloadable
+            # pruned checkpoint.
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(output_dir or self.args.output_dir)
+
+    # ------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        kd = self.distillation
+        if kd is None or self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        hidden = kd.hidden_weight > 0
+        outputs = model(**inputs, output_hidden_states=hidden) if hidden else model(**inputs)
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_out = self.teacher(**features, output_hidden_states=hidden) if hidden else self.teacher(**features)
+        loss = kd.alpha * distillation_loss(outputs.logits, teacher_out.logits, kd.temperature, inputs.get("attention_mask"))
+        if kd.alpha < 1:
+            if outputs.get("loss") is None:
+                raise ValueError("the batch has no labels: set DistillationConfig(alpha=1.0) to train on the teacher alone")
+            loss = loss + (1 - kd.alpha) * outputs.loss
+        if hidden:
+            pairs = kd.layer_map or [(i, i) for i in range(len(outputs.hidden_states))]
+            hid = sum(F.mse_loss(outputs.hidden_states[s], teacher_out.hidden_states[t]) for s, t in pairs)
+            loss = loss + kd.hidden_weight * hid / len(pairs)
+        return (loss, outputs) if return_outputs else loss
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over examples (or tokens, for
+    per-token logits with their padding excluded); MSE for single-output regression heads."""
+    if student.shape[-1] == 1:
+        return F.mse_loss(student, teacher)
+    log_p = F.log_softmax(student.float() / temperature, dim=-1)
+    q = F.softmax(teacher.float() / temperature, dim=-1)
+    kl = (q * (q.clamp_min(1e-12).log() - log_p)).sum(-1)  # (B,) or (B, T)
+    if kl.dim() == 2 and attention_mask is not None:
+        w = attention_mask.to(kl.dtype)
+        return (kl * w).sum() / w.sum().clamp_min(1) * temperature**2
+    return kl.mean() * temperature**2
+
+
+def default_lora_config(model: nn.Module, r: int = 8) -> Any:
+    """LoRA on the adapter's attention and FFN linears; the task head (if any) trained in full."""
+    from peft import LoraConfig
+
+    a = get_adapter(model)
+    targets = [p for p in (a.q, a.k, a.v, a.o, a.up, a.gate, a.down) if p]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [
+        name for name, child in model.named_children()
+        if name != model.base_model_prefix and child is not out_emb and any(True for _ in child.parameters())
+    ]
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, modules_to_save=heads or None)
+

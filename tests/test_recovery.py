@@ -1,0 +1,221 @@
+"""PruningCallback inside a vanilla Trainer, and PruningTrainer (KD, LoRA, gradual cut, resume)."""
+
+import copy
+
+import datasets
+import pytest
+import torch
+import transformers as T
+from tiny import BY_NAME
+
+import hf_prune as hp
+from hf_prune.callbacks import PruningCallback
+from hf_prune.modeling_pruned import get_module, layer_list
+from hf_prune.schedule import PruningSchedule
+from hf_prune.trainer import DistillationConfig, PruningTrainer
+
+TINY = BY_NAME["bert"]
+
+
+def _dataset(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n, 8), generator=g)
+    labels = (ids[:, 0] > 50).long()  # learnable from the first token
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * n, "labels": labels.tolist()})
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=8, learning_rate=2e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+    )
+    base.update(kw)
+    return T.TrainingArguments(**base)
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _probe():
+    return {"input_ids": torch.randint(3, 97, (4, 8), generator=torch.Generator().manual_seed(9)),
+            "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+
+
+class _Recorder(PruningCallback):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.events = []
+
+    def on_plan_update(self, model, step):
+        self.events.append((step, [len(h) for h in self.plan.heads], [len(n) for n in self.plan.neurons]))
+
+
+def test_callback_masks_the_scheduled_fraction_and_the_cut_matches(tmp_path):
+    model = TINY.model()
+    cfg = hp.PruningConfig(heads_keep=0.5, neurons_keep=0.25, allocation="uniform", progress=False)
+    schedule = PruningSchedule("gradual", start_step=2, end_step=8, frequency=3)
+    cb = _Recorder(cfg, schedule)
+    trainer = T.Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=[cb])
+    trainer.train()
+
+    assert [s for s, _, _ in cb.events] == [2, 5, 8]
+    for step, heads, neurons in cb.events:
+        p = schedule.progress(step)
+        h_keep = 1 + (0.5 - 1) * p  # the cubic schedule, written out
+        n_keep = 1 + (0.25 - 1) * p
+        assert heads == [round(h_keep * 4)] * 3
+        assert neurons == [int(n_keep * 48)] * 3
+    logged = [h for h in trainer.state.log_history if "prune/heads_kept" in h]
+    assert logged[-1]["prune/heads_kept"] == 0.5 and logged[-1]["prune/neurons_kept"] == 0.25
+
+    # masked weights stayed zero through the optimizer steps after the last event
+    adapter = hp.get_adapter(model)
+    for i, layer in enumerate(layer_list(model, adapter)):
+        gone = [h for h in range(4) if h not in cb.plan.heads[i]]
+        q = get_module(layer, adapter.q).weight.view(4, 8, -1)
+        assert gone and q[gone].abs().sum() == 0
+        dropped = [n for n in range(48) if n not in cb.plan.neurons[i]]
+        assert get_module(layer, adapter.down).weight[:, dropped].abs().sum() == 0
+        assert get_module(layer, adapter.up).weight[dropped].abs().sum() == 0
+
+    model.eval()
+    with torch.no_grad():
+        masked = model(**_probe()).logits
+        cb.prune_model_(model)
+        pruned = model(**_probe()).logits
+    torch.testing.assert_close(pruned, masked, atol=1e-5, rtol=1e-5)
+    assert hp.count_params(model) < hp.count_params(TINY.model())
+
+
+def test_trainer_one_shot_with_distillation(tmp_path):
+    model = TINY.model()
+    dense_params = hp.count_params(model)
+    trainer = PruningTrainer(
+        model=model, args=_args(tmp_path, max_steps=24), train_dataset=_dataset(),
+        pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False),
+        distillation=DistillationConfig(alpha=0.5, temperature=2.0, hidden_weight=0.1),
+    )
+    trainer.train()
+    losses = _losses(trainer)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert hp.count_params(trainer.model) < dense_params
+    assert hp.count_flops(trainer.model, 128)["total"] <= 0.5 * hp.count_flops(TINY.model(), 128)["total"]
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = hp.load_pruned(tmp_path / "final")
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**_probe()).logits, trainer.model(**_probe()).logits, atol=0, rtol=0)
+
+
+def test_trainer_lora_recovery_merges_into_a_plain_pruned_model(tmp_path):
+    model = TINY.model()
+    trainer = PruningTrainer(
+        model=model, args=_args(tmp_path, max_steps=16, learning_rate=5e-3), train_dataset=_dataset(),
+        pruning_config=hp.PruningConfig(heads_keep=0.5, neurons_keep=0.5, importance="magnitude", progress=False),
+        recovery="lora", distillation=DistillationConfig(alpha=0.5),
+    )
+    pruned_before = None
+
+    class Snapshot(T.TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            nonlocal pruned_before
+            pruned_before = copy.deepcopy(model).merge_and_unload().state_dict()  # LoRA B = 0: the pruned base
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    losses = _losses(trainer)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert not any(c.__module__.startswith("peft") for c in type(trainer.model).__mro__)
+    q = "bert.encoder.layer.0.attention.self.query.weight"
+    assert trainer.model.state_dict()[q].shape == pruned_before[q].shape == (16, 32)
+    assert not torch.equal(trainer.model.state_dict()[q], pruned_before[q])  # LoRA update merged in
+    trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "adapter_model.safetensors").exists()
+    reloaded = hp.load_pruned(tmp_path / "final")
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**_probe()).logits, trainer.model(**_probe()).logits)
+
+
+def test_trainer_gradual_schedule_cuts_mid_training_and_keeps_training(tmp_path):
+    model = TINY.model()
+    trainer = PruningTrainer(
+        model=model, args=_args(tmp_path, max_steps=20), train_dataset=_dataset(),
+        pruning_config=hp.PruningConfig(flops_keep=0.5, importance="taylor", progress=False),
+        schedule=PruningSchedule("gradual", start_step=2, end_step=10, frequency=4),
+    )
+    trainer.train()
+    assert type(trainer.model).__name__ == "PrunedBertForSequenceClassification"
+    opt_shapes = sorted(tuple(p.shape) for g in trainer.optimizer.param_groups for p in g["params"])
+    model_shapes = sorted(tuple(p.shape) for p in trainer.model.parameters() if p.requires_grad)
+    assert opt_shapes == model_shapes  # optimizer rebuilt on the cut tensors
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # linear decay continues through the cut
+    losses = _losses(trainer)
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+@pytest.mark.parametrize("schedule", [None, PruningSchedule("gradual", start_step=2, end_step=8, frequency=3)],
+                         ids=["one_shot", "gradual"])
+@pytest.mark.parametrize("resume_at", [4, 10])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, schedule, resume_at):
+    cfg = hp.PruningConfig(flops_keep=0.5, importance="fisher" if schedule is None else "taylor", progress=False)
+    if schedule is None and resume_at == 10:
+        pytest.skip("one-shot: one checkpoint after the cut is enough")
+
+    def make(out):
+        return PruningTrainer(
+            model=TINY.model(), args=_args(tmp_path / out, max_steps=14, save_strategy="steps", save_steps=resume_at),
+            train_dataset=_dataset(), pruning_config=cfg, schedule=schedule,
+        )
+
+    full = make("a")
+    full.train()
+    resumed = make("b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / f"checkpoint-{resume_at}"))
+    a, b = _losses(full)[resume_at:], _losses(resumed)
+    b = b[-len(a):]
+    assert len(a) == 14 - resume_at
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-3, atol=1e-4)
+    assert PrunePlanOf(resumed.model) == PrunePlanOf(full.model)
+
+
+def PrunePlanOf(model):
+    return hp.PrunePlan.of(model)
+
+
+def test_bad_recovery_inputs_fail_before_training(tmp_path):
+    cfg = hp.PruningConfig(flops_keep=0.5, progress=False)
+    with pytest.raises(ValueError, match="end_step > start_step"):
+        PruningSchedule("gradual", start_step=5, end_step=5)
+    trainer = PruningTrainer(model=TINY.model(), args=_args(tmp_path, max_steps=6), train_dataset=_dataset(),
+                             pruning_config=cfg, schedule=PruningSchedule("gradual", start_step=2, end_step=50))
+    with pytest.raises(ValueError, match="ends at step 50 but training stops at max_steps=6"):
+        trainer.train()
+    from peft import LoraConfig
+
+    trainer = PruningTrainer(model=TINY.model(), args=_args(tmp_path), train_dataset=_dataset(), pruning_config=cfg,
+                             recovery="lora", lora_config=LoraConfig(target_modules=["no_such_linear"]))
+    with pytest.raises(ValueError, match="LoRA found no modules"):
+        trainer.train()
+    with pytest.raises(ValueError, match="needs the cut before training"):
+        PruningTrainer(model=TINY.model(), args=_args(tmp_path), pruning_config=cfg, recovery="lora",
+                       schedule=PruningSchedule("gradual", start_step=1, end_step=4))
+    pruned = hp.apply_plan_(TINY.model(), hp.PrunePlan.from_dict({**hp.PrunePlan.dense(TINY.model()).to_dict(),
+                                                                  "heads": [[0], [1], [2]]}))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        PruningTrainer(model=pruned, args=_args(tmp_path), pruning_config=cfg, distillation=DistillationConfig())
+    with pytest.raises(ValueError, match="gradients cannot score at step 0"):
+        PruningCallback(hp.PruningConfig(flops_keep=0.5), PruningSchedule())
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg = hp.PruningConfig(flops_keep=0.5, progress=False)
+    first = PruningTrainer(model=TINY.model(), args=_args(tmp_path / "a", max_steps=4, save_strategy="steps",
+                                                           save_steps=4), train_dataset=_dataset(), pruning_config=cfg)
+    first.train()
+    other = PruningTrainer(model=BY_NAME["distilbert"].model(), args=_args(tmp_path / "b"), train_dataset=_dataset(),
+                           pruning_config=cfg)
+    with pytest.raises(hp.PlanMismatchError, match="another model"):
+        other.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-4"))
