@@ -9,15 +9,21 @@ import hf_prune as hp
 from hf_prune.modeling_pruned import get_module, layer_list
 
 
-def test_masked_equals_pruned(tiny):
+def _cut_and_compare(tiny, plan_seed, empty_layer=None):
+    """Prune a tiny model with a random plan; its outputs must equal the masked dense model's."""
     model = tiny.model()
-    plan = random_plan(model, seed=1)
+    plan = random_plan(model, seed=plan_seed, empty_layer=empty_layer)
     inputs = inputs_only(tiny.batch())
     expected = masked_output(model, plan, inputs, output_tensor)
     hp.apply_plan_(model, plan)
     with torch.no_grad():
         got = output_tensor(model(**inputs))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return model
+
+
+def test_masked_equals_pruned(tiny):
+    model = _cut_and_compare(tiny, plan_seed=1)
     assert type(model).__name__ == "Pruned" + tiny.model_class.__name__
     assert isinstance(model, tiny.model_class)
 
@@ -57,14 +63,7 @@ def test_modules_and_config_follow_the_plan(tiny):
 
 
 def test_empty_attention_and_ffn_blocks_still_run(tiny):
-    model = tiny.model()
-    plan = random_plan(model, seed=4, empty_layer=1)
-    inputs = inputs_only(tiny.batch())
-    expected = masked_output(model, plan, inputs, output_tensor)
-    hp.apply_plan_(model, plan)
-    with torch.no_grad():
-        got = output_tensor(model(**inputs))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    model = _cut_and_compare(tiny, plan_seed=4, empty_layer=1)
     layer = layer_list(model, hp.get_adapter(model))[1]
     assert get_module(layer, hp.get_adapter(model).q).weight.numel() == 0
 
