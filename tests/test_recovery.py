@@ -219,3 +219,14 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path):
                            pruning_config=cfg)
     with pytest.raises(hp.PlanMismatchError, match="another model"):
         other.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-4"))
+
+
+def test_mixed_precision_flag_passes_through(tmp_path):
+    trainer = PruningTrainer(
+        model=TINY.model(), args=_args(tmp_path, max_steps=4, bf16=True), train_dataset=_dataset(),
+        pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False), distillation=DistillationConfig(),
+    )
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert all(torch.isfinite(torch.tensor(_losses(trainer))))
+    assert type(trainer.model).__name__.startswith("Pruned")
