@@ -18,6 +18,19 @@ from .importance import CRITERIA, ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import pruned_class
 from .plan import PlanMismatchError, PrunePlan, build_plan
+from .retraining_free import (
+    FisherInfo,
+    LatencyTable,
+    MaskTuning,
+    fisher_information,
+    fold_scales_,
+    measure_latency_table,
+    prune_retraining_free,
+    rearrange_masks,
+    search_latency,
+    search_masks,
+    tune_masks,
+)
 from .surgery import apply_plan_
 
 __version__ = "0.1.0"
@@ -27,9 +40,12 @@ __all__ = [
     "CRITERIA",
     "CorruptCheckpointError",
     "CostModel",
+    "FisherInfo",
     "ImportanceScores",
     "LayerMasks",
     "Latency",
+    "LatencyTable",
+    "MaskTuning",
     "PlanMismatchError",
     "PruningConfig",
     "PrunePlan",
@@ -40,14 +56,22 @@ __all__ = [
     "compute_importance",
     "count_flops",
     "count_params",
+    "fisher_information",
+    "fold_scales_",
     "get_adapter",
     "load_plan",
     "load_pruned",
     "mask_hooks",
+    "measure_latency_table",
     "plan_flops",
     "plan_params",
     "prune",
+    "prune_retraining_free",
     "pruned_class",
+    "rearrange_masks",
     "register_adapter",
+    "search_latency",
+    "search_masks",
     "supported_model_types",
+    "tune_masks",
 ]

@@ -10,19 +10,30 @@ from torch import nn
 from .config import PruningConfig
 from .importance import compute_importance
 from .plan import PrunePlan, build_plan
+from .retraining_free import LatencyTable, prune_retraining_free
 from .surgery import apply_plan_
 
 M = TypeVar("M", bound=nn.Module)
 
 
 def prune(
-    model: M, dataloader: Iterable[Mapping[str, Any]] | None, config: PruningConfig
+    model: M,
+    dataloader: Iterable[Mapping[str, Any]] | None,
+    config: PruningConfig,
+    *,
+    latency_table: LatencyTable | None = None,
 ) -> tuple[M, PrunePlan]:
     """Score heads and neurons on ``dataloader``, build a plan under ``config``'s budget and apply it in place.
 
     Returns the (same, now physically smaller) model and the plan. ``dataloader`` may be None for the
-    data-free criteria ``magnitude`` and ``random``.
+    data-free criteria ``magnitude`` and ``random`` of ``method="one_shot"``. ``method="retraining_free"``
+    runs :func:`hf_prune.prune_retraining_free` (``latency_table``: reuse a table measured earlier for a
+    ``latency_keep`` budget instead of timing the model again).
     """
+    if config.method == "retraining_free":
+        if dataloader is None:
+            raise ValueError("method='retraining_free' needs calibration data: pass a dataloader")
+        return prune_retraining_free(model, dataloader, config, latency_table=latency_table)
     scores = compute_importance(
         model,
         dataloader,

@@ -7,20 +7,34 @@ from typing import Any, Literal
 
 from .importance import CRITERIA
 
+METHODS = ("one_shot", "retraining_free")
+
 
 @dataclass
 class PruningConfig:
     """Settings of one pruning step. Set exactly one budget: ``heads_keep``/``neurons_keep`` (either or
-    both), ``flops_keep`` or ``target_params``.
+    both), ``flops_keep``, ``target_params`` or (``method="retraining_free"`` only) ``latency_keep``.
 
     Args:
+        method: ``one_shot`` scores units and cuts the lowest; ``retraining_free`` is Kwon et al. (2022):
+            Fisher mask search, mask rearrangement with per-layer Fisher blocks and least-squares mask
+            tuning folded into the kept weights (see :mod:`hf_prune.retraining_free`). It needs
+            ``importance="fisher"`` and calibration data.
         importance: scoring criterion, one of ``magnitude``, ``taylor``, ``fisher``, ``activation``, ``random``.
         heads_keep: fraction of the dense model's attention heads to keep, in (0, 1].
         neurons_keep: fraction of the dense model's FFN neurons to keep, in (0, 1].
         flops_keep: fraction of the dense model's layer FLOPs (at ``seq_len`` tokens) to keep, in (0, 1];
             heads and neurons compete for it.
         target_params: total parameter count of the pruned model (embeddings and heads included).
-        seq_len: sequence length at which FLOPs are counted.
+        latency_keep: fraction of the dense encoder layers' latency to keep, in (0, 1], predicted by a
+            per-layer latency table measured on the model's device at ``latency_batch_size`` x ``seq_len``
+            (``retraining_free`` only).
+        seq_len: sequence length at which FLOPs are counted (and latency is measured).
+        latency_batch_size: batch size at which the latency table for ``latency_keep`` is measured.
+        rearrange: ``retraining_free``: re-choose each layer's kept units (same counts) to minimise the
+            second-order loss estimate with the layer's full Fisher matrix.
+        mask_tuning: ``retraining_free``: fit per-unit scales by layer-wise least squares against the dense
+            model and fold them into the kept weights.
         allocation: ``global`` ranks units of all layers together; ``uniform`` keeps the same number in
             every layer.
         round_to: keep FFN neurons per layer in multiples of this (e.g. 8 or 64, for fast kernels).
@@ -31,12 +45,17 @@ class PruningConfig:
         progress: show progress bars.
     """
 
+    method: str = "one_shot"
     importance: str = "fisher"
     heads_keep: float | None = None
     neurons_keep: float | None = None
     flops_keep: float | None = None
     target_params: int | None = None
+    latency_keep: float | None = None
     seq_len: int = 128
+    latency_batch_size: int = 1
+    rearrange: bool = True
+    mask_tuning: bool = True
     allocation: Literal["global", "uniform"] = "global"
     round_to: int = 1
     allow_empty_layers: bool = False
@@ -45,9 +64,11 @@ class PruningConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.importance not in CRITERIA:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(CRITERIA)}")
-        for name in ("heads_keep", "neurons_keep", "flops_keep"):
+        for name in ("heads_keep", "neurons_keep", "flops_keep", "latency_keep"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name}={value} is outside (0, 1]: it is the fraction of the dense model to keep")
@@ -57,12 +78,22 @@ class PruningConfig:
             self.heads_keep is not None or self.neurons_keep is not None,
             self.flops_keep is not None,
             self.target_params is not None,
+            self.latency_keep is not None,
         ]
         if sum(kinds) != 1:
             raise ValueError(
                 "set exactly one budget: heads_keep/neurons_keep (fractions kept), flops_keep (fraction of "
-                "FLOPs kept) or target_params (parameter count)"
+                "FLOPs kept), target_params (parameter count) or latency_keep (fraction of latency kept)"
             )
+        if self.method == "retraining_free" and self.importance != "fisher":
+            raise ValueError(
+                f"method='retraining_free' ranks and rearranges units with the Fisher information of their "
+                f"masks; importance={self.importance!r} does not apply (leave importance='fisher')"
+            )
+        if self.latency_keep is not None and self.method != "retraining_free":
+            raise ValueError("latency_keep needs method='retraining_free' (its search uses a latency table)")
+        if self.latency_batch_size < 1:
+            raise ValueError(f"latency_batch_size must be >= 1, got {self.latency_batch_size}")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', not {self.allocation!r}")
         if self.round_to < 1:
@@ -72,7 +103,7 @@ class PruningConfig:
 
     def budget(self) -> dict[str, Any]:
         """The budget fields that are set."""
-        keys = ("heads_keep", "neurons_keep", "flops_keep", "target_params")
+        keys = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:

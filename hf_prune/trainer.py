@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
+from transformers.utils import logging
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import _is_peft, get_adapter
@@ -24,6 +25,8 @@ from .importance import compute_importance
 from .plan import PlanMismatchError, PrunePlan, build_plan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -221,6 +224,22 @@ class PruningTrainer(Trainer):
                 self.lr_scheduler.step()
         self.callback_handler.optimizer = self.optimizer
         self.callback_handler.lr_scheduler = self.lr_scheduler
+
+    def _load_best_model(self) -> None:
+        """Trainer's best-checkpoint reload, after giving the model that checkpoint's pruned shapes."""
+        best = self.state.best_model_checkpoint
+        base = self._base_model()
+        saved = load_plan(best) or PrunePlan.dense(base)
+        current = PrunePlan.of(base)
+        if saved != current:
+            if not saved.is_subset_of(current):
+                logger.warning(
+                    f"the best checkpoint {best} predates the physical cut (its model has other shapes); keeping "
+                    "the final pruned model instead"
+                )
+                return
+            apply_plan_(base, saved)
+        super()._load_best_model()
 
     # ------------------------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

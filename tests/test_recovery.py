@@ -111,7 +111,8 @@ def test_trainer_one_shot_with_distillation(tmp_path):
 def test_trainer_lora_recovery_merges_into_a_plain_pruned_model(tmp_path):
     model = TINY.model()
     trainer = PruningTrainer(
-        model=model, args=_args(tmp_path, max_steps=16, learning_rate=5e-3), train_dataset=_dataset(),
+        model=model, args=_args(tmp_path, max_steps=16, learning_rate=5e-3, save_strategy="steps", save_steps=8),
+        train_dataset=_dataset(),
         pruning_config=hp.PruningConfig(heads_keep=0.5, neurons_keep=0.5, importance="magnitude", progress=False),
         recovery="lora", distillation=DistillationConfig(alpha=0.5),
     )
@@ -130,6 +131,10 @@ def test_trainer_lora_recovery_merges_into_a_plain_pruned_model(tmp_path):
     q = "bert.encoder.layer.0.attention.self.query.weight"
     assert trainer.model.state_dict()[q].shape == pruned_before[q].shape == (16, 32)
     assert not torch.equal(trainer.model.state_dict()[q], pruned_before[q])  # LoRA update merged in
+    # a mid-training checkpoint holds the adapter (to resume) and the merged pruned model (to load)
+    ckpt = tmp_path / "out" / "checkpoint-8"
+    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "prune_plan.json").exists()
+    assert type(hp.load_pruned(ckpt)).__name__ == "PrunedBertForSequenceClassification"
     trainer.save_model(str(tmp_path / "final"))
     assert not (tmp_path / "final" / "adapter_model.safetensors").exists()
     reloaded = hp.load_pruned(tmp_path / "final")
@@ -230,3 +235,28 @@ def test_mixed_precision_flag_passes_through(tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16"
     assert all(torch.isfinite(torch.tensor(_losses(trainer))))
     assert type(trainer.model).__name__.startswith("Pruned")
+
+
+def test_task_metric_evaluation_and_best_checkpoint_reload(tmp_path):
+    import numpy as np
+
+    def accuracy(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    trainer = PruningTrainer(
+        model=TINY.model(),
+        args=_args(tmp_path, max_steps=16, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+                   load_best_model_at_end=True, metric_for_best_model="accuracy", per_device_eval_batch_size=16),
+        train_dataset=_dataset(), eval_dataset=_dataset(32, seed=1), compute_metrics=accuracy,
+        pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False),
+        callbacks=[T.EarlyStoppingCallback(early_stopping_patience=10)],
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    assert len(evals) == 4
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and trainer.state.best_metric == max(e["eval_accuracy"] for e in evals)
+    reloaded = hp.load_pruned(best)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(**_probe()).logits, reloaded(**_probe()).logits)
