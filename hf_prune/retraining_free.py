@@ -1,0 +1,842 @@
+"""Retraining-free structured pruning, after Kwon et al. (2022), "A Fast Post-Training Pruning Framework for
+Transformers". No gradient step touches the weights; one calibration pass gives mask gradients, and a few
+layer-by-layer forward passes fit per-unit scales that are folded into the kept weights.
+
+Stages (one function each, chained by :func:`prune_retraining_free`):
+
+1. :func:`fisher_information`: per-sample gradients of head and neuron masks (one forward+backward over the
+   calibration set) give, per layer, the full Fisher matrix of its head masks ``(H, H)`` and of its neuron
+   masks ``(I, I)``. Its diagonal is the ``fisher`` importance score.
+2. :func:`search_masks`: how many heads/neurons each layer keeps, maximising the kept diagonal Fisher under a
+   budget. FLOPs (and the other :class:`PruningConfig` budgets) go through :func:`hf_prune.build_plan`, which
+   is the paper's search: try every total number of kept heads, fill the rest with the best neurons. A
+   latency budget uses a per-layer latency lookup table (:class:`LatencyTable`, measured on the user's
+   device) and an exact knapsack over per-layer kept counts (:func:`search_latency`).
+3. :func:`rearrange_masks`: with each layer's counts fixed, swap kept/removed units to minimise the
+   second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` with the layer's full Fisher block ``F``.
+4. :func:`tune_masks`: layer by layer, least squares fits a scale per kept head/neuron so the pruned layer's
+   residual sums reconstruct the dense model's on the calibration set; :func:`fold_scales_` multiplies them
+   into the O-projection / down-projection input columns, so the cut model has no extra parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter, model_dims
+from .costs import _time_once, dummy_inputs
+from .importance import ImportanceScores, _batch_size, _per_sample_loss, _to_device
+from .masks import LayerMasks, mask_hooks
+from .modeling_pruned import get_module, layer_list, prune_layer_
+from .plan import PrunePlan, build_plan
+from .surgery import apply_plan_
+
+if TYPE_CHECKING:
+    from .config import PruningConfig
+
+M = TypeVar("M", bound=nn.Module)
+Batch = dict[str, Any]
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def collect_batches(dataloader: Iterable[Mapping[str, Any]], max_samples: int | None) -> list[Batch]:
+    """The calibration batches, up to ``max_samples`` samples (whole batches), held so that every stage
+    sees the same samples (a dataloader may reshuffle or be a one-shot iterator)."""
+    batches: list[Batch] = []
+    seen = 0
+    for raw in dataloader:
+        batches.append(dict(raw))
+        seen += _batch_size(raw)
+        if max_samples is not None and seen >= max_samples:
+            break
+    if not batches:
+        raise ValueError("the calibration dataloader yielded no batches: retraining-free pruning needs data")
+    return batches
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _current_positions(plan: PrunePlan, current: PrunePlan) -> tuple[list[list[int]], list[list[int]]]:
+    """Positions, in the layers as they are now, of the heads/neurons ``plan`` keeps (dense ids)."""
+    heads = [[cur.index(h) for h in kept] for cur, kept in zip(current.heads, plan.heads)]
+    neurons = [[{n: p for p, n in enumerate(cur)}[n] for n in kept] for cur, kept in zip(current.neurons, plan.neurons)]
+    return heads, neurons
+
+
+# ----------------------------------------------------------------------------------------------- 1. Fisher
+
+
+@dataclass
+class FisherInfo:
+    """Empirical Fisher of the head and neuron masks, one block per layer (positions in the layer as it is
+    now; ids of the dense model via ``current``).
+
+    Args:
+        heads: per layer, ``(H_l, H_l)`` sum over samples of ``g g^T``, ``g`` the head-mask gradient.
+        neurons: per layer, ``(I_l, I_l)`` likewise for the FFN neuron masks.
+        current: the plan the model carried when the Fisher was computed.
+        num_samples: calibration samples seen.
+    """
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    current: PrunePlan
+    num_samples: int
+
+    def scores(self) -> ImportanceScores:
+        """The diagonal as ``fisher`` importance scores ``(L, H)`` / ``(L, I)`` in dense ids (NaN = removed)."""
+        c = self.current
+        heads = torch.full((c.num_layers, c.num_heads), float("nan"))
+        neurons = torch.full((c.num_layers, c.intermediate_size), float("nan"))
+        for i in range(c.num_layers):
+            heads[i, c.heads[i]] = self.heads[i].diagonal().float().cpu()
+            neurons[i, c.neurons[i]] = self.neurons[i].diagonal().float().cpu()
+        return ImportanceScores(heads, neurons, "fisher", self.num_samples)
+
+
+def fisher_information(
+    model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, progress: bool = True
+) -> FisherInfo:
+    """Per-layer Fisher blocks of the head and neuron masks from per-sample mask gradients.
+
+    The loss is the one :func:`hf_prune.compute_importance` uses: the task loss with labels, the model's own
+    predicted class (classifiers) or a random output projection (regression / headless) without.
+    """
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    device = _device(model)
+    n_heads = [get_module(l, adapter.q).out_features // head_dim for l in layers]
+    n_neurons = [get_module(l, adapter.up).out_features for l in layers]
+    f_heads = [torch.zeros(h, h, device=device) for h in n_heads]
+    f_neurons = [torch.zeros(n, n, device=device) for n in n_neurons]
+    masks = LayerMasks(len(layers))
+    seen = 0
+    was_training = model.training
+    model.eval()  # dropout off: the Fisher must not depend on dropout noise
+    try:
+        for step, raw in enumerate(tqdm(batches, desc="fisher", unit="batch", disable=not progress)):
+            batch = _to_device(raw, device)
+            bsz = _batch_size(batch)
+            h_masks = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
+            n_masks = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
+            masks.heads, masks.neurons = list(h_masks), list(n_masks)
+            with mask_hooks(model, masks):
+                loss = _per_sample_loss(model, batch, seed + step)
+            grads = torch.autograd.grad(loss, h_masks + n_masks, allow_unused=True)
+            for acc, g in zip(f_heads + f_neurons, grads):
+                if g is not None:
+                    g = g.float()  # (B, n): row s is sample s's gradient
+                    acc += g.T @ g  # (n, n)
+            seen += bsz
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = torch.tensor([float(seen)], device=device)
+        for t in f_heads + f_neurons + [counts]:
+            torch.distributed.all_reduce(t)
+        seen = int(counts.item())
+    return FisherInfo(f_heads, f_neurons, PrunePlan.of(model), seen)
+
+
+# ----------------------------------------------------------------------------------------------- latency LUT
+
+
+@dataclass
+class LatencyTable:
+    """Measured latency of one transformer layer on one device, as a function of its kept sizes:
+    ``layer(k, n) = fixed_ms + attention(k) + ffn(n)``, each term interpolated piecewise-linearly between
+    measured points. ``attention(0) = ffn(0) = 0``: norms, residuals and output biases are in ``fixed_ms``.
+
+    Args:
+        head_points: query-head counts measured (ascending, from 0).
+        head_ms: ``attention(k)`` at those counts, milliseconds.
+        neuron_points: FFN neuron counts measured (ascending, from 0).
+        neuron_ms: ``ffn(n)`` at those counts.
+        fixed_ms: the rest of one layer.
+        num_layers: layers of the model (all share one table: they have the same shapes).
+        batch_size, seq_len: input shape of the measurement.
+        device: where it was measured.
+    """
+
+    head_points: list[int]
+    head_ms: list[float]
+    neuron_points: list[int]
+    neuron_ms: list[float]
+    fixed_ms: float
+    num_layers: int
+    batch_size: int = 1
+    seq_len: int = 128
+    device: str = "cpu"
+
+    def attention(self, k: float | np.ndarray) -> np.ndarray:
+        return np.interp(k, self.head_points, self.head_ms)
+
+    def ffn(self, n: float | np.ndarray) -> np.ndarray:
+        return np.interp(n, self.neuron_points, self.neuron_ms)
+
+    def layer_ms(self, num_heads: int, intermediate_size: int) -> float:
+        return float(self.fixed_ms + self.attention(num_heads) + self.ffn(intermediate_size))
+
+    def dense_ms(self) -> float:
+        """Encoder latency of the dense model predicted by the table."""
+        return self.num_layers * self.layer_ms(self.head_points[-1], self.neuron_points[-1])
+
+    def plan_ms(self, plan: PrunePlan) -> float:
+        """Encoder latency of the model ``plan`` gives, predicted by the table."""
+        return sum(self.layer_ms(s["num_heads"], s["intermediate_size"]) for s in plan.layer_sizes())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyTable":
+        return cls(**data)
+
+
+def _points(full: int, step: int, fractions: Sequence[float]) -> list[int]:
+    """Counts ``fraction * full`` rounded to multiples of ``step``, with 0 and ``full``."""
+    pts = {0, full} | {min(full, max(step, round(f * full / step) * step)) for f in fractions}
+    return sorted(pts)
+
+
+def _capture_layer_call(model: nn.Module, layer: nn.Module, inputs: Batch) -> tuple[tuple, dict]:
+    """The positional and keyword arguments ``layer`` receives when ``model`` runs on ``inputs``."""
+    captured: dict[str, Any] = {}
+
+    def hook(_m, args, kwargs):
+        captured["args"], captured["kwargs"] = args, dict(kwargs)
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**{k: v for k, v in inputs.items() if k != "labels"})
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    kwargs = captured["kwargs"]
+    if "past_key_values" in kwargs:
+        kwargs["past_key_values"] = None  # a cache would grow on every replay of the layer
+    return captured["args"], kwargs
+
+
+def measure_latency_table(
+    model: nn.Module,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    *,
+    head_fractions: Sequence[float] = (0.25, 0.5, 0.75),
+    neuron_fractions: Sequence[float] = (0.125, 0.25, 0.5, 0.75),
+    round_to: int = 1,
+    warmup: int = 2,
+    repeats: int = 20,
+    progress: bool = True,
+) -> LatencyTable:
+    """Time one layer of ``model`` (a dense model) cut to a few head counts (full FFN) and neuron counts
+    (all heads), on this device, and build a :class:`LatencyTable`.
+
+    All variants are timed interleaved, run by run, so machine noise hits them alike. Each variant's
+    fastest run is used: on a shared machine, interference only ever adds time, so the minimum is the most
+    repeatable estimate. Differences are then made non-decreasing in the kept count (a smaller block is never
+    slower; noise can say otherwise).
+    """
+    dense = PrunePlan.dense(model)
+    if PrunePlan.of(model).layer_sizes() != dense.layer_sizes():
+        raise ValueError("measure the latency table on the dense model (it is the reference of latency_keep)")
+    adapter = get_adapter(model)
+    dims = model_dims(model)
+    layer = layer_list(model, adapter)[0]
+    args, kwargs = _capture_layer_call(model, layer, dummy_inputs(model, batch_size, seq_len))
+    group = dense.group_size
+    head_points = _points(dims["num_heads"], group, head_fractions)
+    neuron_points = _points(dims["intermediate_size"], round_to, neuron_fractions)
+    variants: dict[tuple[int, int], nn.Module] = {}
+    for k in head_points:
+        variants[(k, dims["intermediate_size"])] = _cut_copy(layer, adapter, dims["head_dim"], group, k, None)
+    for n in neuron_points:
+        variants[(dims["num_heads"], n)] = _cut_copy(layer, adapter, dims["head_dim"], group, None, n)
+    times: dict[tuple[int, int], list[float]] = {key: [] for key in variants}
+    calls = {key: _LayerCall(v, args, kwargs).eval() for key, v in variants.items()}  # copies: no dropout
+    with torch.inference_mode():
+        for r in tqdm(range(warmup + repeats), desc="latency table", disable=not progress):
+            for key, call in calls.items():
+                ms = _time_once(call, {})
+                if r >= warmup:
+                    times[key].append(ms)
+    med = {key: min(t) for key, t in times.items()}
+    full = (dims["num_heads"], dims["intermediate_size"])
+    head_ms = _monotone([med[(k, full[1])] - med[(0, full[1])] for k in head_points])
+    neuron_ms = _monotone([med[(full[0], n)] - med[(full[0], 0)] for n in neuron_points])
+    fixed = max(0.0, med[full] - head_ms[-1] - neuron_ms[-1])
+    return LatencyTable(
+        head_points, head_ms, neuron_points, neuron_ms, fixed, dims["num_layers"], batch_size, seq_len,
+        str(_device(model)),
+    )
+
+
+class _LayerCall(nn.Module):
+    """A layer bound to captured arguments, callable with no inputs (for ``_time_once``)."""
+
+    def __init__(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.layer, self.args, self.kwargs = layer, args, kwargs
+
+    def forward(self) -> Any:
+        return self.layer(*self.args, **self.kwargs)
+
+
+def _cut_copy(layer: nn.Module, adapter, head_dim: int, group: int, heads: int | None, neurons: int | None):
+    c = copy.deepcopy(layer)
+    prune_layer_(
+        c, adapter, head_dim, group,
+        None if heads is None else list(range(heads)),
+        None if neurons is None else list(range(neurons)),
+    )
+    return c
+
+
+def _monotone(ms: list[float]) -> list[float]:
+    """Clip at 0 (the empty block) and make non-decreasing."""
+    return np.maximum.accumulate(np.maximum(0.0, np.asarray(ms))).tolist()
+
+
+# ----------------------------------------------------------------------------------------------- 2. search
+
+
+def search_masks(
+    fisher: FisherInfo, model: nn.Module, config: "PruningConfig", latency_table: LatencyTable | None = None
+) -> PrunePlan:
+    """Kept heads and neurons per layer maximising the kept diagonal Fisher under ``config``'s budget.
+
+    ``config.latency_keep`` uses ``latency_table`` (measured on ``model`` if None); every other budget is
+    :func:`hf_prune.build_plan` on the diagonal Fisher.
+    """
+    scores = fisher.scores()
+    if getattr(config, "latency_keep", None) is None:
+        plan = build_plan(scores, model, config)
+    else:
+        if latency_table is None:
+            latency_table = measure_latency_table(
+                model, config.latency_batch_size, config.seq_len, round_to=config.round_to, progress=config.progress
+            )
+        plan = search_latency(
+            scores, model, latency_table, config.latency_keep,
+            round_to=config.round_to, allow_empty_layers=config.allow_empty_layers,
+        )
+        plan.meta.update({"budget": config.budget(), "latency_table": latency_table.to_dict()})
+    plan.meta["search"] = "fisher"
+    return plan
+
+
+@dataclass
+class _Choice:
+    """Options for one block (one layer's attention or FFN): keep the first ``counts[j]`` ranked ids."""
+
+    layer: int
+    kind: str  # "heads" or "neurons"
+    ranked: list[int]  # ids, best first
+    counts: np.ndarray  # (K,) ids kept by option j
+    value: np.ndarray  # (K,) kept diagonal Fisher
+    cost: np.ndarray  # (K,) milliseconds
+
+
+def _head_choices(row: torch.Tensor, layer: int, group: int, floor: int, table: LatencyTable) -> _Choice:
+    # row: (H,) diagonal Fisher of one layer's heads, NaN = already removed; whole KV groups go together.
+    g = row.view(-1, group)  # (KV, group)
+    avail = [k for k in range(g.shape[0]) if not torch.isnan(g[k]).any()]
+    ranked_groups = sorted(avail, key=lambda k: -float(g[k].sum()))
+    ranked = [k * group + j for k in ranked_groups for j in range(group)]
+    n = np.arange(min(floor, len(ranked_groups)), len(ranked_groups) + 1)  # groups kept
+    prefix = np.concatenate([[0.0], np.cumsum([float(g[k].sum()) for k in ranked_groups])])
+    return _Choice(layer, "heads", ranked, n * group, prefix[n], table.attention(n * group))
+
+
+def _neuron_choices(row: torch.Tensor, layer: int, round_to: int, floor: int, table: LatencyTable) -> _Choice:
+    # row: (I,) diagonal Fisher of one layer's neurons, NaN = already removed.
+    avail = (~torch.isnan(row)).nonzero().view(-1)
+    ranked = avail[torch.argsort(row[avail], descending=True, stable=True)].tolist()
+    counts = sorted({min(len(ranked), b * round_to) for b in range(floor, math.ceil(len(ranked) / round_to) + 1)})
+    counts_a = np.asarray(counts)
+    prefix = np.concatenate([[0.0], np.cumsum(row[ranked].double().numpy())])
+    return _Choice(layer, "neurons", ranked, counts_a, prefix[counts_a], table.ffn(counts_a))
+
+
+def _knapsack(choices: list[_Choice], budget: float, bins: int) -> list[int]:
+    """Pick one option per block maximising total value with total cost <= ``budget`` (exact up to the cost
+    grid). Costs are rounded *up* to the grid, so the chosen options never exceed the true budget."""
+    unit = budget / bins
+    dp = np.zeros(bins + 1)  # (bins + 1,) best value with cost <= b grid units
+    picks = []
+    for c in choices:
+        cost = np.ceil(c.cost / unit).astype(np.int64)  # (K,)
+        idx = np.arange(bins + 1)[None, :] - cost[:, None]  # (K, bins + 1)
+        cand = np.where(idx >= 0, dp[np.clip(idx, 0, None)] + c.value[:, None], -np.inf)
+        picks.append(cand.argmax(0))  # (bins + 1,)
+        dp = cand.max(0)
+    if not np.isfinite(dp[bins]):
+        raise ValueError(
+            "latency budget unreachable: even the smallest allowed layers (one head group and one neuron block "
+            "each) are slower than it; raise latency_keep or set allow_empty_layers=True"
+        )
+    chosen, b = [], bins
+    for c, pick in zip(reversed(choices), reversed(picks)):
+        j = int(pick[b])
+        chosen.append(j)
+        b -= int(np.ceil(c.cost[j] / unit))
+    return chosen[::-1]
+
+
+def search_latency(
+    scores: ImportanceScores,
+    model: nn.Module,
+    table: LatencyTable,
+    latency_keep: float,
+    *,
+    round_to: int = 1,
+    allow_empty_layers: bool = False,
+    bins: int = 4000,
+) -> PrunePlan:
+    """Kept heads/neurons per layer maximising the kept diagonal Fisher with the table's predicted encoder
+    latency at most ``latency_keep`` of the dense model's.
+
+    Within a layer the best-scored units are kept; across layers the number kept per block is an exact
+    multiple-choice knapsack (dynamic programming over a grid of ``bins`` latency steps), which handles a
+    latency that is not proportional to the kept count (fixed overheads, kernel-size steps).
+    """
+    current = PrunePlan.of(model)
+    floor = 0 if allow_empty_layers else 1
+    L = current.num_layers
+    choices = []
+    for i in range(L):
+        choices.append(_head_choices(scores.heads[i], i, current.group_size, floor, table))
+        choices.append(_neuron_choices(scores.neurons[i], i, round_to, floor, table))
+    budget = latency_keep * table.dense_ms() - L * table.fixed_ms
+    if budget <= 0:
+        raise ValueError(
+            f"latency_keep={latency_keep} is unreachable: the parts of a layer pruning cannot remove (norms, "
+            f"residuals) already take {L * table.fixed_ms:.3g} of {table.dense_ms():.3g} ms"
+        )
+    picked = _knapsack(choices, budget, bins)
+    heads: list[list[int]] = [[] for _ in range(L)]
+    neurons: list[list[int]] = [[] for _ in range(L)]
+    for c, j in zip(choices, picked):
+        (heads if c.kind == "heads" else neurons)[c.layer] = c.ranked[: int(c.counts[j])]
+    return PrunePlan(
+        model_type=current.model_type, num_heads=current.num_heads, num_kv_heads=current.num_kv_heads,
+        intermediate_size=current.intermediate_size, hidden_size=current.hidden_size, heads=heads,
+        neurons=neurons, meta={**current.meta, "criterion": "fisher", "calibration_samples": scores.num_samples},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- 3. rearrange
+
+
+def quadratic_loss(fisher: torch.Tensor, keep: torch.Tensor) -> float:
+    """Second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` of keeping ``keep`` (bool ``(n,)``)."""
+    z = (~keep).double()
+    return 0.5 * float(z @ fisher.double() @ z)
+
+
+def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None = None) -> torch.Tensor:
+    """Local search over single swaps (one removed unit restored, one kept unit removed), which keeps the
+    count; stops when no swap strictly lowers ``1/2 z^T F z`` (``z = 1 - m``). Never increases it.
+
+    Each step first tries the cheap greedy pair, O(n): restore the unit whose return lowers the loss most,
+    then remove the unit whose removal then raises it least. Only when that pair does not help is the best
+    of all pairs searched, O(n^2), so the search ends at a point no single swap improves.
+
+    Args:
+        fisher: ``(n, n)`` Fisher block of one layer's units.
+        keep: ``(n,)`` bool, the starting mask.
+        max_swaps: cap on swaps (default ``n``).
+    """
+    F = fisher.double()
+    keep = keep.clone()
+    g = F @ (~keep).double()  # (n,) gradient of 1/2 z^T F z at z = 1 - m
+    d = F.diagonal()
+    tol = 1e-12 * max(float(d.sum()), 1e-30)
+    inf = torch.tensor(math.inf, dtype=F.dtype)
+    for _ in range(max_swaps if max_swaps is not None else len(keep)):
+        if keep.all() or not keep.any():
+            break
+        # restoring i changes the loss by -g_i + F_ii / 2; then removing j by g'_j + F_jj / 2, g' = g - F[:, i]
+        restore = torch.where(~keep, 0.5 * d - g, inf)  # (n,)
+        i = int(restore.argmin())
+        remove = torch.where(keep, g - F[:, i] + 0.5 * d, inf)  # (n,)
+        j = int(remove.argmin())
+        if float(restore[i] + remove[j]) >= -tol:
+            out, inn = (~keep).nonzero().view(-1), keep.nonzero().view(-1)
+            # all pairs: g_j - g_i + (F_ii + F_jj) / 2 - F_ij
+            delta = (g[inn] + 0.5 * d[inn])[None, :] - (g[out] - 0.5 * d[out])[:, None] - F[out][:, inn]
+            best = int(delta.argmin())
+            if float(delta.view(-1)[best]) >= -tol:
+                break
+            i, j = int(out[best // len(inn)]), int(inn[best % len(inn)])
+        keep[i], keep[j] = True, False
+        g += F[:, j] - F[:, i]
+    return keep
+
+
+def rearrange_masks(
+    plan: PrunePlan, fisher: FisherInfo, *, max_swaps: int | None = None, progress: bool = True
+) -> tuple[PrunePlan, list[dict[str, float]]]:
+    """Within each layer, re-choose which heads (whole KV groups) and neurons ``plan`` keeps, same counts,
+    minimising ``1/2 (1 - m)^T F (1 - m)`` with the layer's Fisher blocks.
+
+    Returns the new plan and, per layer, the loss estimate before and after for heads and neurons.
+    """
+    current = fisher.current
+    group = current.group_size
+    heads, neurons, stats = [], [], []
+    for i in tqdm(range(current.num_layers), desc="rearrange", disable=not progress):
+        # Heads: a KV group is removed whole, so its loss term is the group-summed block P^T F P.
+        ids = current.heads[i]
+        groups = sorted({h // group for h in ids})
+        P = torch.tensor([[float(h // group == k) for k in groups] for h in ids], dtype=torch.float64)
+        P = P.view(len(ids), len(groups))  # (H_l, G) membership
+        Fg = P.T @ fisher.heads[i].double().cpu() @ P  # (G, G)
+        keep_g = torch.tensor([k * group in plan.heads[i] for k in groups], dtype=torch.bool)
+        new_g = swap_descent(Fg, keep_g, max_swaps)
+        heads.append([k * group + j for k, kept in zip(groups, new_g.tolist()) if kept for j in range(group)])
+        # Neurons.
+        Fn = fisher.neurons[i].double().cpu()  # (I_l, I_l)
+        kept_set = set(plan.neurons[i])
+        keep_n = torch.tensor([n in kept_set for n in current.neurons[i]], dtype=torch.bool)
+        new_n = swap_descent(Fn, keep_n, max_swaps)
+        neurons.append([n for n, kept in zip(current.neurons[i], new_n.tolist()) if kept])
+        stats.append({
+            "heads_before": quadratic_loss(Fg, keep_g), "heads_after": quadratic_loss(Fg, new_g),
+            "neurons_before": quadratic_loss(Fn, keep_n), "neurons_after": quadratic_loss(Fn, new_n),
+        })
+    new = PrunePlan(**{**asdict(plan), "heads": heads, "neurons": neurons, "meta": {**plan.meta, "rearranged": True}})
+    return new, stats
+
+
+# ----------------------------------------------------------------------------------------------- 4. tuning
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to skip the rest of a forward pass whose remainder is not needed."""
+
+
+@dataclass
+class MaskTuning:
+    """Per-unit scales from :func:`tune_masks` (positions in the layers as they are now; 0 = removed).
+
+    Args:
+        heads: per layer, ``(H_l,)`` scale of each head.
+        neurons: per layer, ``(I_l,)`` scale of each neuron.
+        errors: per layer, mean squared reconstruction error per token of the attention and FFN residual sums
+            with the plain 0/1 mask (``*_before``) and with the tuned scales (``*_after``).
+    """
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    errors: list[dict[str, float]] = field(default_factory=list)
+
+    def layer_masks(self) -> LayerMasks:
+        """Scaled masks for :func:`hf_prune.mask_hooks`: what the folded, cut model computes."""
+        masks = LayerMasks(len(self.heads))
+        masks.heads, masks.neurons = list(self.heads), list(self.neurons)
+        return masks
+
+
+@dataclass
+class _LayerInput:
+    """What one layer receives for one calibration batch."""
+
+    hidden: torch.Tensor  # (B, T, D)
+    args: tuple
+    kwargs: dict
+    tokens: torch.Tensor | None  # (B, T) bool, real (non-padding) tokens; None = all
+
+
+def _layer_inputs(model: nn.Module, layer: nn.Module, batches: Sequence[Batch]) -> list[_LayerInput]:
+    device = _device(model)
+    out = []
+    for raw in batches:
+        batch = _to_device(raw, device)
+        args, kwargs = _capture_layer_call(model, layer, batch)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        mask = batch.get("attention_mask")
+        tokens = mask.bool() if mask is not None and tuple(mask.shape) == tuple(hidden.shape[:2]) else None
+        out.append(_LayerInput(hidden, tuple(args[1:]), kwargs, tokens))
+    return out
+
+
+def _run_layer(layer: nn.Module, x: _LayerInput, hidden: torch.Tensor) -> torch.Tensor:
+    out = layer(hidden, *x.args, **x.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _real(t: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T, ...)`` -> ``(N, ...)`` over real tokens."""
+    return t[tokens] if tokens is not None else t.reshape(-1, *t.shape[2:])
+
+
+@contextmanager
+def _capture(layer: nn.Module, adapter, stop_at: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the inputs and outputs of the O, up and down projections; raise ``_Stop`` at the input of
+    ``stop_at`` ("o" or "down") to skip the rest of the layer."""
+    rec: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in ("o", "up", "down"):
+        mod = get_module(layer, getattr(adapter, name))
+
+        def pre(_m, args, name=name):
+            rec[f"{name}_in"] = args[0]
+            if name == stop_at:
+                raise _Stop
+
+        def post(_m, _args, output, name=name):
+            rec[f"{name}_out"] = output
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _solve_scales(
+    G: torch.Tensor, rhs: torch.Tensor, rr: float, damping: float, scale_range: tuple[float, float]
+) -> tuple[torch.Tensor, float, float]:
+    """Minimise ``err(s) = s^T G s - 2 s^T rhs + rr`` (the summed squared reconstruction error).
+
+    Damping: the contributions of kept units are often nearly collinear (G ill-conditioned), and the exact
+    solution then has huge opposite-signed scales that fit the calibration set but not new data. So solve
+    ``(G + lam I) s = rhs + lam 1``, a ridge pulled towards the plain mask ``s = 1`` rather than 0, which keeps
+    ``err(s) <= err(1)``. Range: if a scale still leaves ``scale_range``, move back along the segment from
+    1 to the solution until all are inside; err is convex in that step and not above err(1) at either end,
+    so the guarantee holds, unlike clamping each scale on its own.
+
+    Returns the scales, err(1) and err(s).
+    """
+    k = G.shape[0]
+    ones = torch.ones(k, dtype=G.dtype)
+    if k == 0:  # an emptied block: nothing to scale
+        return ones, rr, rr
+
+    def err(s: torch.Tensor) -> float:
+        return float(s @ G @ s - 2 * s @ rhs + rr)
+
+    lam = damping * float(G.diagonal().mean()) + 1e-12
+    s = torch.linalg.solve(G + lam * torch.eye(k, dtype=G.dtype), rhs + lam * ones)
+    lo, hi = scale_range
+    step = s - 1
+    with torch.no_grad():
+        t_hi = torch.where(step > 0, (hi - 1) / step.clamp_min(1e-30), torch.full_like(step, math.inf))
+        t_lo = torch.where(step < 0, (lo - 1) / step.clamp_max(-1e-30), torch.full_like(step, math.inf))
+    t = min(1.0, float(torch.minimum(t_hi, t_lo).min())) if k else 1.0
+    s = ones + t * step
+    before, after = err(ones), err(s)
+    if after > before:  # only rounding can get here; the plain mask is then the answer
+        s, after = ones, before
+    return s, before, after
+
+
+def tune_masks(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    plan: PrunePlan,
+    *,
+    damping: float = 1e-2,
+    scale_range: tuple[float, float] = (-1.0, 3.0),
+    progress: bool = True,
+) -> MaskTuning:
+    """Least-squares scales for the heads and neurons ``plan`` keeps, layer by layer.
+
+    The model is not modified. Two streams of hidden states run through the layers: the dense model's and
+    the pruned one's (layers before the current one already cut and tuned, run as cut copies, so the pruned
+    passes cost only the kept FLOPs). For layer ``l``, head scales ``s`` minimise over the calibration tokens
+    (padding excluded) ``|| x_p + b_O + sum_h s_h W_O^h ctx_p,h - (x_d + O_d) ||^2``, the residual sum that
+    feeds the next norm: pruned input ``x_p`` against the dense layer's sum on the dense input. Then, with
+    those heads, the neuron scales do the same for the FFN residual sum. Fitting against the dense stream
+    lets each layer also correct the error the layers before it left.
+
+    Residual of the FFN sum: in pre-norm models (residual stream, detected per layer from the first batch:
+    ``out = x + O + down``) it is ``x + O``; otherwise (post-norm BERT-style encoders) it is the FFN input.
+    """
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    current = PrunePlan.of(model)
+    keep_h, keep_n = _current_positions(plan, current)
+    was_training = model.training
+    model.eval()
+    result = MaskTuning([], [], [])
+    try:
+        with torch.no_grad():
+            inputs = _layer_inputs(model, layers[0], batches)
+            dense_x = [x.hidden for x in inputs]  # per batch (B, T, D)
+            pruned_x = list(dense_x)  # the embeddings are not pruned: both streams start equal
+            for i in tqdm(range(len(layers)), desc="mask tuning", disable=not progress):
+                targets, pre_norm, dense_x = _dense_targets(layers[i], adapter, inputs, dense_x)
+                cut = copy.deepcopy(layers[i]).eval()
+                prune_layer_(cut, adapter, head_dim, current.group_size, keep_h[i], keep_n[i])
+                h_scale, h_err = _tune_heads(cut, adapter, head_dim, inputs, pruned_x, targets, damping, scale_range)
+                _scale_columns_(get_module(cut, adapter.o), h_scale.repeat_interleave(head_dim))
+                n_scale, n_err = _tune_neurons(cut, adapter, inputs, pruned_x, targets, pre_norm, damping, scale_range)
+                _scale_columns_(get_module(cut, adapter.down), n_scale)
+                pruned_x = [_run_layer(cut, x, h) for x, h in zip(inputs, pruned_x)]
+                result.heads.append(_scatter(h_scale, keep_h[i], len(current.heads[i])))
+                result.neurons.append(_scatter(n_scale, keep_n[i], len(current.neurons[i])))
+                result.errors.append({**h_err, **n_err, "pre_norm": float(pre_norm)})
+                del cut
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _scatter(values: torch.Tensor, positions: list[int], size: int) -> torch.Tensor:
+    out = torch.zeros(size)
+    out[positions] = values.float().cpu()
+    return out
+
+
+def _scale_columns_(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """Multiply input column ``j`` of ``linear`` by ``scale[j]`` (what a mask of ``scale`` does before it)."""
+    linear.weight.mul_(scale.to(linear.weight.device, linear.weight.dtype)[None, :])
+
+
+def _dense_targets(
+    layer: nn.Module, adapter, inputs: list[_LayerInput], dense_x: list[torch.Tensor]
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], bool, list[torch.Tensor]]:
+    """Dense residual sums ``(x + O, FFN residual + down)`` over real tokens, per batch ``((N, D), (N, D))``,
+    whether the layer is pre-norm, and the dense stream's next hidden states."""
+    targets, nxt, pre_norm = [], [], None
+    for x, h in zip(inputs, dense_x):
+        with _capture(layer, adapter, None) as rec:
+            out = _run_layer(layer, x, h)
+        attn_sum = h + rec["o_out"]  # (B, T, D)
+        if pre_norm is None:
+            stream = attn_sum + rec["down_out"]
+            pre_norm = bool(torch.allclose(stream, out, rtol=1e-4, atol=1e-4 * float(out.abs().mean())))
+        ffn_res = attn_sum if pre_norm else rec["up_in"]
+        targets.append((_real(attn_sum, x.tokens), _real(ffn_res + rec["down_out"], x.tokens)))
+        nxt.append(out)
+    return targets, bool(pre_norm), nxt
+
+
+def _run_until(layer: nn.Module, adapter, x: _LayerInput, hidden: torch.Tensor, stop_at: str) -> dict:
+    """Run ``layer`` up to the input of projection ``stop_at`` and return the captured tensors."""
+    with _capture(layer, adapter, stop_at) as rec:
+        try:
+            _run_layer(layer, x, hidden)
+        except _Stop:
+            pass
+    return rec
+
+
+def _tune_heads(cut, adapter, head_dim, inputs, pruned_x, targets, damping, scale_range):
+    """Scales ``(k,)`` of the heads of ``cut`` (a layer cut to its kept units) and the errors."""
+    o = get_module(cut, adapter.o)
+    k = o.in_features // head_dim
+    W = o.weight.view(o.out_features, k, head_dim)  # (D, k, d)
+    bias = o.bias if o.bias is not None else 0.0
+    G, rhs, rr, ntok = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0.0, 0
+    for x, h, (t_attn, _) in zip(inputs, pruned_x, targets):
+        ctx = _real(_run_until(cut, adapter, x, h, "o")["o_in"], x.tokens)  # (N, k * d)
+        C = torch.einsum("nkd,Dkd->nkD", ctx.view(ctx.shape[0], k, head_dim), W)  # (N, k, D) per-head outputs
+        r = t_attn - _real(h, x.tokens) - bias  # (N, D) what the kept heads must supply
+        G += torch.einsum("nkD,njD->kj", C, C).double().cpu()
+        rhs += torch.einsum("nkD,nD->k", C, r).double().cpu()
+        rr += float(r.double().pow(2).sum())
+        ntok += r.shape[0]
+    s, before, after = _solve_scales(G, rhs, rr, damping, scale_range)
+    return s, {"attention_before": before / ntok, "attention_after": after / ntok}
+
+
+def _tune_neurons(cut, adapter, inputs, pruned_x, targets, pre_norm, damping, scale_range):
+    """Scales ``(k,)`` of the FFN neurons of ``cut`` (head scales already folded in) and the errors."""
+    down = get_module(cut, adapter.down)
+    W = down.weight  # (D, k)
+    bias = down.bias if down.bias is not None else 0.0
+    k = down.in_features
+    AtA, rhs, rr, ntok = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0.0, 0
+    for x, h, (_, t_ffn) in zip(inputs, pruned_x, targets):
+        rec = _run_until(cut, adapter, x, h, "down")
+        A = _real(rec["down_in"], x.tokens)  # (N, k) activations of the kept neurons
+        res = (h + rec["o_out"]) if pre_norm else rec["up_in"]  # (B, T, D) FFN residual
+        r = t_ffn - _real(res, x.tokens) - bias  # (N, D)
+        AtA += (A.T @ A).double().cpu()
+        rhs += ((r @ W) * A).sum(0).double().cpu()  # sum_n a_nk (w_k . r_n)
+        rr += float(r.double().pow(2).sum())
+        ntok += r.shape[0]
+    G = AtA * (W.T @ W).double().cpu()  # (k, k): <a_j w_j, a_k w_k> summed over tokens
+    s, before, after = _solve_scales(G, rhs, rr, damping, scale_range)
+    return s, {"ffn_before": before / ntok, "ffn_after": after / ntok}
+
+
+@torch.no_grad()
+def fold_scales_(model: M, tuning: MaskTuning) -> M:
+    """Multiply each head's scale into its O-projection input columns and each neuron's into its
+    down-projection input column, in place. The model then computes what the scaled masks compute, except
+    that removed units (scale 0) still run until :func:`hf_prune.apply_plan_` cuts them."""
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    for layer, hs, ns in zip(layer_list(model, adapter), tuning.heads, tuning.neurons):
+        o = get_module(layer, adapter.o).weight  # (D, H_l * d)
+        o.mul_(hs.to(o.device, o.dtype).repeat_interleave(head_dim)[None, :])
+        down = get_module(layer, adapter.down).weight  # (D, I_l)
+        down.mul_(ns.to(down.device, down.dtype)[None, :])
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- entry
+
+
+def prune_retraining_free(
+    model: M,
+    dataloader: Iterable[Mapping[str, Any]],
+    config: "PruningConfig",
+    *,
+    latency_table: LatencyTable | None = None,
+) -> tuple[M, PrunePlan]:
+    """Fisher mask search, rearrangement (``config.rearrange``), mask tuning (``config.mask_tuning``),
+    folding and cut, in place. Returns the smaller model and its plan; ``plan.meta["retraining_free"]``
+    holds per-stage wall times, the rearrangement's loss estimates and the tuning's reconstruction errors.
+    """
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    batches = collect_batches(dataloader, config.max_calibration_samples)
+    fisher = fisher_information(model, batches, seed=config.seed, progress=config.progress)
+    times["fisher_s"] = time.perf_counter() - start
+    t = time.perf_counter()
+    plan = search_masks(fisher, model, config, latency_table)
+    times["search_s"] = time.perf_counter() - t
+    info: dict[str, Any] = {"calibration_samples": fisher.num_samples}
+    if config.rearrange:
+        t = time.perf_counter()
+        plan, info["rearrangement"] = rearrange_masks(plan, fisher, progress=config.progress)
+        times["rearrange_s"] = time.perf_counter() - t
+    del fisher
+    if config.mask_tuning:
+        t = time.perf_counter()
+        tuning = tune_masks(model, batches, plan, progress=config.progress)
+        fold_scales_(model, tuning)
+        info["mask_tuning"] = tuning.errors
+        times["tuning_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plan.meta["retraining_free"] = info
+    apply_plan_(model, plan)
+    times["cut_s"] = time.perf_counter() - t
+    info["times"] = {**times, "total_s": time.perf_counter() - start}
+    return model, plan

@@ -1,0 +1,303 @@
+"""Retraining-free pruning (Kwon et al. 2022): Fisher blocks, search, rearrangement, mask tuning, folding."""
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from helpers import plan_masks
+from tiny import BY_NAME, inputs_only, output_tensor
+
+import hf_prune as hp
+from hf_prune.modeling_pruned import get_module, layer_list
+from hf_prune.retraining_free import quadratic_loss, swap_descent
+
+FAMILIES = ["bert", "distilbert", "vit", "llama"]
+
+
+def _batches(name, n=4, batch_size=4, seq_len=9, labels=True):
+    return [BY_NAME[name].batch(batch_size=batch_size, seq_len=seq_len, seed=s, labels=labels) for s in range(n)]
+
+
+def _minilm_shaped(seed=0):
+    """Random-weight BERT with all-MiniLM-L6-v2's shapes (no download)."""
+    torch.manual_seed(seed)
+    cfg = T.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                       vocab_size=200, num_labels=2, max_position_embeddings=64)
+    return T.BertForSequenceClassification(cfg).eval()
+
+
+def _text_batches(vocab, n=2, batch_size=4, seq_len=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (batch_size,), generator=g)})
+    return out
+
+
+def _searched(name, flops_keep=0.5):
+    model = BY_NAME[name].model()
+    batches = _batches(name)
+    fisher = hp.fisher_information(model, batches, progress=False)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=flops_keep, seq_len=16, progress=False)
+    plan, _ = hp.rearrange_masks(hp.search_masks(fisher, model, config), fisher, progress=False)
+    return model, batches, fisher, plan
+
+
+# ----------------------------------------------------------------------------------------------- Fisher
+
+
+def test_fisher_diagonal_is_the_fisher_importance_score():
+    model = BY_NAME["bert"].model()
+    batches = _batches("bert")
+    fisher = hp.fisher_information(model, batches, progress=False)
+    scores = hp.compute_importance(model, batches, "fisher", progress=False)
+    torch.testing.assert_close(fisher.scores().heads, scores.heads, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(fisher.scores().neurons, scores.neurons, rtol=1e-4, atol=1e-12)
+    for f in fisher.heads + fisher.neurons:  # a sum of outer products: symmetric positive semi-definite
+        torch.testing.assert_close(f, f.T)
+        assert torch.linalg.eigvalsh(f.double()).min() > -1e-6 * f.diagonal().sum()
+
+
+# ----------------------------------------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_folded_pruned_model_equals_masked_scaled_model(name):
+    model, batches, _, plan = _searched(name)
+    tuning = hp.tune_masks(model, batches, plan, progress=False)
+    assert any(not torch.allclose(h[h != 0], torch.ones(1)) for h in tuning.heads + tuning.neurons)
+    inputs = inputs_only(_batches(name, n=1, seq_len=11)[0])
+    with torch.no_grad(), hp.mask_hooks(model, tuning.layer_masks()):
+        expected = output_tensor(model(**inputs))
+    folded = hp.apply_plan_(hp.fold_scales_(copy.deepcopy(model), tuning), plan)
+    with torch.no_grad():
+        got = output_tensor(folded(**inputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert hp.count_params(folded) < hp.count_params(model)  # an ordinary smaller model, no extra parameters
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+
+
+def _residual_sums(model, masks, batches, layer):
+    """BERT (post-norm) layer ``layer``: the attention sum ``x + O`` and FFN sum ``FFN input + down`` over
+    real tokens, measured with hooks on the whole model under ``masks``."""
+    adapter = hp.get_adapter(model)
+    lay = layer_list(model, adapter)[layer]
+    rec = {}
+    hooks = [
+        lay.register_forward_pre_hook(lambda m, a, k: rec.__setitem__("x", (a[0] if a else k["hidden_states"])),
+                                      with_kwargs=True),
+        get_module(lay, adapter.o).register_forward_hook(lambda m, a, o: rec.__setitem__("o", o)),
+        get_module(lay, adapter.up).register_forward_pre_hook(lambda m, a: rec.__setitem__("up", a[0])),
+        get_module(lay, adapter.down).register_forward_hook(lambda m, a, o: rec.__setitem__("down", o)),
+    ]
+    attn, ffn = [], []
+    try:
+        with torch.no_grad(), hp.mask_hooks(model, masks):
+            for b in batches:
+                model(**inputs_only(b))
+                real = b["attention_mask"].bool()
+                attn.append((rec["x"] + rec["o"])[real])
+                ffn.append((rec["up"] + rec["down"])[real])
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(attn), torch.cat(ffn)
+
+
+def test_mask_tuning_reduces_each_layers_reconstruction_error():
+    model, batches, _, plan = _searched("bert", flops_keep=0.4)
+    tuning = hp.tune_masks(model, batches, plan, progress=False)
+    binary = plan_masks(plan)
+    improved = 0
+    for i in range(plan.num_layers):
+        dense_attn, dense_ffn = _residual_sums(model, hp.LayerMasks(plan.num_layers), batches, i)
+        # layers before i tuned, as tune_masks leaves them; layer i with the plain 0/1 mask vs tuned
+        masks = tuning.layer_masks()
+        masks.heads[i], masks.neurons[i] = binary.heads[i], binary.neurons[i]
+        attn_before, _ = _residual_sums(model, masks, batches, i)
+        masks.heads[i] = tuning.heads[i]
+        attn_after, ffn_before = _residual_sums(model, masks, batches, i)
+        masks.neurons[i] = tuning.neurons[i]
+        _, ffn_after = _residual_sums(model, masks, batches, i)
+        errs = {
+            "attention_before": (attn_before - dense_attn).pow(2).sum(1).mean().item(),
+            "attention_after": (attn_after - dense_attn).pow(2).sum(1).mean().item(),
+            "ffn_before": (ffn_before - dense_ffn).pow(2).sum(1).mean().item(),
+            "ffn_after": (ffn_after - dense_ffn).pow(2).sum(1).mean().item(),
+        }
+        assert errs["attention_after"] <= errs["attention_before"] * (1 + 1e-4) + 1e-9
+        assert errs["ffn_after"] <= errs["ffn_before"] * (1 + 1e-4) + 1e-9
+        improved += errs["ffn_after"] < 0.99 * errs["ffn_before"]
+        for key, value in errs.items():  # the solver's own bookkeeping agrees with the measurement
+            assert tuning.errors[i][key] == pytest.approx(value, rel=1e-3, abs=1e-7)
+    assert improved >= 2
+
+
+def test_scale_solver_damps_and_keeps_the_range_without_losing_the_guarantee():
+    from hf_prune.retraining_free import _solve_scales
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    A[:, 5] = A[:, 4] + 1e-7 * torch.randn(50, generator=g, dtype=torch.float64)  # collinear: ill-conditioned
+    y = A @ torch.tensor([1.0, 2.0, 0.5, 1.0, 30.0, -28.0], dtype=torch.float64)
+    G, rhs, rr = A.T @ A, A.T @ y, float(y @ y)
+    s, before, after = _solve_scales(G, rhs, rr, damping=1e-2, scale_range=(-1.0, 3.0))
+    assert float(s.min()) >= -1.0 - 1e-9 and float(s.max()) <= 3.0 + 1e-9
+    assert after <= before
+    assert after == pytest.approx(float((A @ s - y).pow(2).sum()), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs search
+
+
+@pytest.fixture(scope="module")
+def minilm_fisher():
+    model = _minilm_shaped()
+    return model, hp.fisher_information(model, _text_batches(200), progress=False)
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.6, 0.5, 0.4])
+def test_flops_budget_is_met_within_one_percent_on_a_minilm_sized_model(keep, minilm_fisher):
+    model, fisher = minilm_fisher
+    config = hp.PruningConfig(method="retraining_free", flops_keep=keep, progress=False)
+    plan, _ = hp.rearrange_masks(hp.search_masks(fisher, model, config), fisher, progress=False)
+    dense = hp.count_flops(model)["total"]
+    got = hp.plan_flops(plan, model)["total"]
+    assert 0.99 * keep * dense <= got <= keep * dense
+
+
+def test_prune_retraining_free_end_to_end_meets_the_budget_and_reports_stages():
+    model = _minilm_shaped(seed=1)
+    batches = _text_batches(200, seed=1)
+    inputs = inputs_only(batches[0])
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, progress=False)
+    dense_flops = hp.count_flops(model)["total"]
+    pruned, plan = hp.prune(model, batches, config)
+    assert 0.99 * 0.5 * dense_flops <= hp.count_flops(pruned)["total"] <= 0.5 * dense_flops
+    info = plan.meta["retraining_free"]
+    assert set(info["times"]) >= {"fisher_s", "search_s", "rearrange_s", "tuning_s", "total_s"}
+    assert len(info["mask_tuning"]) == 6 and len(info["rearrangement"]) == 6
+    assert torch.isfinite(pruned(**inputs).logits).all()
+
+
+def test_without_rearrangement_and_tuning_it_is_the_fisher_one_shot_plan():
+    model = BY_NAME["bert"].model()
+    batches = _batches("bert", labels=False)  # unlabelled calibration data works too
+    rf = hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=16, rearrange=False,
+                          mask_tuning=False, progress=False)
+    one_shot = hp.PruningConfig(flops_keep=0.5, seq_len=16, progress=False)
+    _, plan_rf = hp.prune(copy.deepcopy(model), batches, rf)
+    _, plan_os = hp.prune(copy.deepcopy(model), batches, one_shot)
+    assert plan_rf.heads == plan_os.heads and plan_rf.neurons == plan_os.neurons
+
+
+# ----------------------------------------------------------------------------------------------- rearrangement
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_swap_descent_never_increases_the_loss_and_ends_at_a_swap_local_optimum(seed):
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(40, 12, generator=g) * torch.rand(12, generator=g)  # per-sample gradients
+    F = grads.T @ grads  # (12, 12)
+    keep = torch.randperm(12, generator=g) < 5
+    new = swap_descent(F, keep)
+    assert int(new.sum()) == int(keep.sum())
+    loss = quadratic_loss(F, new)
+    assert loss <= quadratic_loss(F, keep) + 1e-12
+    for i, j in itertools.product((~new).nonzero().view(-1).tolist(), new.nonzero().view(-1).tolist()):
+        swapped = new.clone()
+        swapped[i], swapped[j] = True, False
+        assert quadratic_loss(F, swapped) >= loss - 1e-9
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_rearrange_masks_keeps_counts_and_never_increases_the_estimate(name):
+    model = BY_NAME[name].model()
+    fisher = hp.fisher_information(model, _batches(name), progress=False)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, seq_len=16, progress=False)
+    plan = hp.search_masks(fisher, model, config)
+    new, stats = hp.rearrange_masks(plan, fisher, progress=False)
+    assert new.layer_sizes() == plan.layer_sizes()
+    for s in stats:
+        assert s["heads_after"] <= s["heads_before"] + 1e-12
+        assert s["neurons_after"] <= s["neurons_before"] + 1e-12
+    assert any(s["neurons_after"] < s["neurons_before"] for s in stats)
+
+
+# ----------------------------------------------------------------------------------------------- latency
+
+
+def _table(num_layers=3):
+    # Heads: a big first step then flat (fixed kernel overheads); FFN: steps every 16 neurons.
+    return hp.LatencyTable(
+        head_points=[0, 1, 2, 3, 4], head_ms=[0.0, 2.0, 2.5, 3.0, 3.5],
+        neuron_points=[0, 16, 32, 48], neuron_ms=[0.0, 1.0, 3.0, 4.0],
+        fixed_ms=0.5, num_layers=num_layers,
+    )
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.7, 0.5, 0.35])
+def test_latency_search_meets_its_budget_on_the_lut(keep):
+    model = BY_NAME["bert"].model()
+    scores = hp.fisher_information(model, _batches("bert"), progress=False).scores()
+    table = _table()
+    plan = hp.search_latency(scores, model, table, keep)
+    predicted = table.plan_ms(plan)
+    assert predicted <= keep * table.dense_ms() + 1e-9
+    assert predicted >= keep * table.dense_ms() - 1.0  # leaves less than one neuron step (16 neurons) unused
+
+
+def test_latency_search_is_optimal_over_per_layer_counts():
+    model = BY_NAME["bert"].model()
+    scores = hp.fisher_information(model, _batches("bert"), progress=False).scores()
+    table, keep, round_to = _table(), 0.6, 8
+    plan = hp.search_latency(scores, model, table, keep, round_to=round_to)
+    kept = lambda row, n: float(row.sort(descending=True).values[:n].sum())  # noqa: E731
+    best = -1.0
+    options = [(h, n) for h in range(1, 5) for n in range(8, 49, 8)]
+    for combo in itertools.product(options, repeat=3):
+        ms = sum(table.layer_ms(h, n) for h, n in combo)
+        if ms <= keep * table.dense_ms():
+            best = max(best, sum(kept(scores.heads[i], h) + kept(scores.neurons[i], n) for i, (h, n) in enumerate(combo)))
+    got = sum(float(scores.heads[i, hs].sum() + scores.neurons[i, ns].sum())
+              for i, (hs, ns) in enumerate(zip(plan.heads, plan.neurons)))
+    assert got == pytest.approx(best, rel=1e-6)
+
+
+def test_measured_latency_table_and_latency_budget_through_prune():
+    model = BY_NAME["bert"].model()
+    table = hp.measure_latency_table(model, batch_size=2, seq_len=16, repeats=3, progress=False)
+    assert table.head_points[0] == 0 and table.head_points[-1] == 4 and table.neuron_points[-1] == 48
+    assert np.all(np.diff(table.head_ms) >= 0) and np.all(np.diff(table.neuron_ms) >= 0)
+    assert table.dense_ms() > 0
+    # A budget the measured table can reach: a tiny layer's time is mostly fixed overhead, so take what
+    # keeping half the heads and neurons is predicted to cost.
+    keep = min(1.0, 3 * table.layer_ms(2, 24) / table.dense_ms() + 1e-9)
+    config = hp.PruningConfig(method="retraining_free", latency_keep=keep, seq_len=16, progress=False)
+    pruned, plan = hp.prune(model, _batches("bert"), config, latency_table=table)
+    assert table.plan_ms(plan) <= keep * table.dense_ms() + 1e-9
+    assert hp.LatencyTable.from_dict(plan.meta["latency_table"]) == table
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def test_config_validates_the_method_and_its_budgets():
+    with pytest.raises(ValueError, match="unknown method"):
+        hp.PruningConfig(method="prune_harder", flops_keep=0.5)
+    with pytest.raises(ValueError, match="latency_keep needs method='retraining_free'"):
+        hp.PruningConfig(latency_keep=0.5)
+    with pytest.raises(ValueError, match="Fisher"):
+        hp.PruningConfig(method="retraining_free", importance="magnitude", flops_keep=0.5)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        hp.PruningConfig(method="retraining_free", flops_keep=0.5, latency_keep=0.5)
+    cfg = hp.PruningConfig(method="retraining_free", latency_keep=0.5)
+    assert hp.PruningConfig.from_dict(cfg.to_dict()) == cfg and cfg.budget() == {"latency_keep": 0.5}
