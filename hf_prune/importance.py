@@ -155,6 +155,21 @@ def _per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torc
     return (target * r).sum()
 
 
+def per_sample_mask_grads(
+    model: nn.Module, batch: dict[str, Any], n_heads: list[int], n_neurons: list[int], seed: int
+) -> tuple[torch.Tensor | None, ...]:
+    """Each sample's gradient of the loss w.r.t. every head and neuron mask: ``(B, H_l)`` tensors for the
+    layers' heads, then ``(B, I_l)`` for their neurons (None where a mask does not reach the loss)."""
+    bsz = _batch_size(batch)
+    device = next(model.parameters()).device
+    masks = LayerMasks(len(n_heads))
+    masks.heads = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
+    masks.neurons = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
+    with mask_hooks(model, masks):
+        loss = _per_sample_loss(model, batch, seed)
+    return torch.autograd.grad(loss, masks.heads + masks.neurons, allow_unused=True)
+
+
 def _data_scores(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
@@ -171,7 +186,6 @@ def _data_scores(
     n_neurons = [get_module(l, adapter.up).out_features for l in layers]
     head_acc = [torch.zeros(h, device=device) for h in n_heads]
     neuron_acc = [torch.zeros(n, device=device) for n in n_neurons]
-    masks = LayerMasks(len(layers))
     seen = 0
     was_training = model.training
     model.eval()  # dropout off: scores must not depend on dropout noise
@@ -191,12 +205,7 @@ def _data_scores(
                 with torch.no_grad(), _ActivationStats(model, batch, head_acc, neuron_acc, head_dim):
                     model(**{k: v for k, v in batch.items() if k != "labels"})
             else:
-                h_masks = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
-                n_masks = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
-                masks.heads, masks.neurons = list(h_masks), list(n_masks)
-                with mask_hooks(model, masks):
-                    loss = _per_sample_loss(model, batch, seed + step)
-                grads = torch.autograd.grad(loss, h_masks + n_masks, allow_unused=True)
+                grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step)
                 for acc, g in zip(head_acc + neuron_acc, grads):
                     if g is not None:
                         acc += g.pow(2).sum(0) if criterion == "fisher" else g.abs().sum(0)

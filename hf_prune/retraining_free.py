@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter, model_dims
 from .costs import _time_once, dummy_inputs
-from .importance import ImportanceScores, _batch_size, _per_sample_loss, _to_device
-from .masks import LayerMasks, mask_hooks
+from .importance import ImportanceScores, _batch_size, _to_device, per_sample_mask_grads
+from .masks import LayerMasks
 from .modeling_pruned import get_module, layer_list, prune_layer_
 from .plan import PrunePlan, build_plan
 from .surgery import apply_plan_
@@ -124,7 +124,6 @@ def fisher_information(
     n_neurons = [get_module(l, adapter.up).out_features for l in layers]
     f_heads = [torch.zeros(h, h, device=device) for h in n_heads]
     f_neurons = [torch.zeros(n, n, device=device) for n in n_neurons]
-    masks = LayerMasks(len(layers))
     seen = 0
     was_training = model.training
     model.eval()  # dropout off: the Fisher must not depend on dropout noise
@@ -132,12 +131,7 @@ def fisher_information(
         for step, raw in enumerate(tqdm(batches, desc="fisher", unit="batch", disable=not progress)):
             batch = _to_device(raw, device)
             bsz = _batch_size(batch)
-            h_masks = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
-            n_masks = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
-            masks.heads, masks.neurons = list(h_masks), list(n_masks)
-            with mask_hooks(model, masks):
-                loss = _per_sample_loss(model, batch, seed + step)
-            grads = torch.autograd.grad(loss, h_masks + n_masks, allow_unused=True)
+            grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step)
             for acc, g in zip(f_heads + f_neurons, grads):
                 if g is not None:
                     g = g.float()  # (B, n): row s is sample s's gradient
