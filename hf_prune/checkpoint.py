@@ -88,6 +88,8 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ``token``, ...).
     """
     path = str(pretrained)
+    if (Path(path).is_absolute() or path.startswith((".", "~"))) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"no checkpoint folder at {path!r} (a Hub id looks like 'user/name')")
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = AutoConfig.from_pretrained(path, **hub)
     section = config_get(config, CONFIG_KEY)

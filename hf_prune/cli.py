@@ -1,11 +1,14 @@
 """``hf-prune``: command-line entry point.
 
-``hf-prune prune`` scores, prunes, measures, saves and reloads a model in one go; with no arguments it prunes
-the embedded all-MiniLM-L6-v2 to half its layer FLOPs using 256 SST-2 sentences, offline.
+    hf-prune run CONFIG [--key value ...]     run a recipe (recipes/glue/sst2.yaml, recipes/image/mnist_vit.yaml)
+    hf-prune prune [options]                  one-shot prune (default: embedded MiniLM to 50% FLOPs), save, reload
+    hf-prune inspect CHECKPOINT               per-layer heads/neurons, params and FLOPs vs the dense model
+    hf-prune bench CHECKPOINT [--base PATH]   CPU/GPU latency of the checkpoint vs its base (dense) model
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -127,15 +130,197 @@ def cmd_prune(argv: list[str]) -> int:
     return 0 if same else 1
 
 
-COMMANDS = {"prune": cmd_prune}
+def cmd_run(argv: list[str]) -> int:
+    from .recipes import RECIPES, ConfigError, run_recipe
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: hf-prune run CONFIG [--key value ...]\n")
+        print("Run the recipe named in CONFIG (YAML/JSON, key 'recipe': " + ", ".join(RECIPES) + ").")
+        print("Flags override the config's keys; 'hf-prune run CONFIG --help' lists every key of that recipe.")
+        print("Examples: hf-prune run recipes/glue/sst2.yaml")
+        print("          hf-prune run recipes/glue/mrpc.yaml --flops_keep 0.6 0.4 --recovery lora")
+        return 0 if argv else 2
+    try:
+        run_recipe(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"hf-prune run: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@dataclass
+class InspectArgs:
+    """Arguments of ``hf-prune inspect``.
+
+    Args:
+        checkpoint: a pruned checkpoint folder or Hub id.
+        seq_len: tokens (or patches) per sequence for FLOPs.
+        json: print JSON instead of tables.
+    """
+
+    checkpoint: str = field(metadata={"help": "Pruned checkpoint folder or Hub id."})
+    seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOPs."})
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of tables."})
+
+
+def checkpoint_summary(model: torch.nn.Module, seq_len: int = 128) -> dict:
+    """Per-layer kept sizes, params and FLOPs of a (pruned) model next to its dense base, analytically."""
+    from . import costs
+    from .plan import PrunePlan
+
+    cost = costs.CostModel.for_model(model)
+    sizes = costs.model_layer_sizes(model)
+    dense_sizes = PrunePlan.dense(model).layer_sizes()
+    layers = []
+    for i, (s, d) in enumerate(zip(sizes, dense_sizes)):
+        layers.append({
+            "layer": i, "heads": s["num_heads"], "dense_heads": d["num_heads"], "kv_heads": s["num_kv_heads"],
+            "neurons": s["intermediate_size"], "dense_neurons": d["intermediate_size"],
+            "params": sum(cost.layer_params(s).values()), "gflops": sum(cost.layer_flops(s, seq_len).values()) / 1e9,
+        })
+    params = costs.count_params(model)
+    dense_params = params - cost.total(sizes)["total"] + cost.total(dense_sizes)["total"]
+    flops, dense_flops = cost.total(sizes, seq_len)["total"], cost.total(dense_sizes, seq_len)["total"]
+    return {"model_type": model.config.model_type, "class": type(model).__name__, "seq_len": seq_len,
+            "layers": layers, "params": params, "dense_params": dense_params, "layer_flops": flops,
+            "dense_layer_flops": dense_flops}
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    import json
+
+    from transformers import HfArgumentParser
+
+    from . import report
+    from .checkpoint import load_pruned
+
+    parser = HfArgumentParser(InspectArgs, prog="hf-prune inspect")
+    parser.description = "Per-layer heads/neurons, parameters and FLOPs of a pruned checkpoint vs its dense model."
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    model = load_pruned(args.checkpoint)
+    info = checkpoint_summary(model, args.seq_len)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{args.checkpoint}: {info['class']} ({info['model_type']})\n")
+    rows = [{"layer": r["layer"], "heads": f"{r['heads']}/{r['dense_heads']}",
+             "kv heads": r["kv_heads"], "FFN neurons": f"{r['neurons']}/{r['dense_neurons']}",
+             "params": r["params"], f"GFLOPs@{args.seq_len}": r["gflops"]} for r in info["layers"]]
+    print(report.markdown_table(rows, formats={f"GFLOPs@{args.seq_len}": ".3f"}))
+    print()
+    print(report.markdown_table([
+        {"": "params (all)", "pruned": f"{info['params']:,d}", "dense": f"{info['dense_params']:,d}",
+         "kept": f"{info['params'] / info['dense_params']:.1%}"},
+        {"": f"layer GFLOPs@{args.seq_len}", "pruned": f"{info['layer_flops'] / 1e9:.3f}",
+         "dense": f"{info['dense_layer_flops'] / 1e9:.3f}",
+         "kept": f"{info['layer_flops'] / info['dense_layer_flops']:.1%}"},
+    ]))
+    return 0
+
+
+@dataclass
+class BenchArgs:
+    """Arguments of ``hf-prune bench``.
+
+    Args:
+        checkpoint: a pruned checkpoint folder or Hub id.
+        base: the dense model to compare with; default: the checkpoint's architecture at its dense sizes (random
+            weights: latency does not depend on weight values).
+        batch_sizes: batch sizes to time.
+        seq_len: tokens per sequence (text models).
+        repeats: timed repeats per model and batch size (median reported).
+        threads: torch CPU threads (default: torch's).
+        device: ``cpu`` or ``cuda``.
+        json: print JSON instead of a table.
+    """
+
+    checkpoint: str = field(metadata={"help": "Pruned checkpoint folder or Hub id."})
+    base: str | None = field(default=None, metadata={"help": "Dense model to compare with (default: dense sizes)."})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Batch sizes."})
+    seq_len: int = field(default=128, metadata={"help": "Tokens per sequence."})
+    repeats: int = field(default=10, metadata={"help": "Timed repeats (median reported)."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    json: bool = field(default=False, metadata={"help": "Print JSON instead of a table."})
+
+
+def dense_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The stock architecture of a pruned model at its dense sizes, randomly initialised (a latency baseline)."""
+    from .modeling_pruned import _homogeneous, _stock_class
+
+    config = copy.deepcopy(model.config)
+    with _homogeneous(config):
+        config.__dict__.pop("per_layer_config", None)
+        return _stock_class(type(model))(config).eval()
+
+
+def cmd_bench(argv: list[str]) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+    from transformers import HfArgumentParser
+
+    from . import costs, report
+    from .checkpoint import load_pruned
+
+    parser = HfArgumentParser(BenchArgs, prog="hf-prune bench")
+    parser.description = "Latency of a pruned checkpoint vs its dense base, timed interleaved (median of repeats)."
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_pruned(args.checkpoint).eval().to(args.device)
+    if args.base:
+        import transformers
+
+        base = getattr(transformers, type(model).__name__.removeprefix("Pruned")).from_pretrained(args.base)
+    else:
+        base = dense_base(model)
+    base = base.eval().to(args.device)
+    seq = args.seq_len
+    if model.config.model_type in ("vit", "deit"):
+        seq = costs.dummy_inputs(model, 1, seq)["pixel_values"].shape[-1] // model.config.patch_size
+        seq = seq * seq + 1 + (model.config.model_type == "deit")
+    ideal = costs.count_flops(base, seq)["total"] / costs.count_flops(model, seq)["total"]
+    rows = []
+    for bs in tqdm(args.batch_sizes, desc="timing", disable=args.json):
+        lat = costs.compare_latency({"dense": base, "pruned": model}, bs, args.seq_len, repeats=args.repeats)
+        speed = lat["dense"].median_ms / lat["pruned"].median_ms
+        rows.append({"batch": bs, "dense ms": lat["dense"].median_ms, "pruned ms": lat["pruned"].median_ms,
+                     "speedup": speed, "FLOPs-ideal": ideal, "of ideal": speed / ideal})
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "device": args.device, "threads": torch.get_num_threads(),
+                          "seq_len": args.seq_len, "rows": rows}, indent=2))
+        return 0
+    print(f"{args.checkpoint} vs {args.base or 'its dense architecture'}: {args.device}, "
+          f"{torch.get_num_threads()} threads, seq {args.seq_len}, median of {args.repeats}")
+    print(report.markdown_table(rows, formats={"dense ms": ".2f", "pruned ms": ".2f", "speedup": ".2f",
+                                               "FLOPs-ideal": ".2f", "of ideal": ".0%"}))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "prune": cmd_prune, "inspect": cmd_inspect, "bench": cmd_bench}
+HELP = """usage: hf-prune COMMAND [options]     (hf-prune COMMAND --help for its options)
+
+commands:
+  run CONFIG     run a recipe: (dense fine-tune) -> prune -> recover -> evaluate -> save -> report -> (push)
+                 e.g. hf-prune run recipes/glue/sst2.yaml --flops_keep 0.6 0.4
+  prune          one-shot prune, measure, save and reload (default: embedded MiniLM, 50% FLOPs, offline)
+  inspect CKPT   per-layer heads/neurons, parameters and FLOPs of a pruned checkpoint vs its dense model
+  bench CKPT     latency of a pruned checkpoint vs its dense base (batch 1 and 32, interleaved)"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: hf-prune {prune} [options]   (hf-prune prune --help for options)")
-        print("  prune   score, prune, measure, save and reload a model (default: embedded MiniLM, 50% FLOPs)")
+        print(HELP)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nhf-prune: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] in ("inspect", "bench") and len(argv) > 1 and not argv[1].startswith("-"):
+        argv = [argv[0], "--checkpoint", *argv[1:]]  # positional CHECKPOINT
+    from .recipes.common import quiet_expected_warnings
+
+    quiet_expected_warnings()
     return COMMANDS[argv[0]](argv[1:])
 
 
