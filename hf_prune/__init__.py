@@ -14,6 +14,7 @@ from .costs import (
     plan_flops,
     plan_params,
 )
+from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .importance import CRITERIA, ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import pruned_class
@@ -52,6 +53,7 @@ __all__ = [
     "apply_plan_",
     "benchmark_latency",
     "build_plan",
+    "check_can_push",
     "compare_latency",
     "compute_importance",
     "count_flops",
@@ -63,15 +65,18 @@ __all__ = [
     "load_pruned",
     "mask_hooks",
     "measure_latency_table",
+    "model_card",
     "plan_flops",
     "plan_params",
     "prune",
     "prune_retraining_free",
     "pruned_class",
+    "push_pruned",
     "rearrange_masks",
     "register_adapter",
     "search_latency",
     "search_masks",
     "supported_model_types",
     "tune_masks",
+    "write_model_card",
 ]

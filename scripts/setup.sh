@@ -14,5 +14,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC" \
     || .venv/bin/python -m pip install -q "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[${HF_PRUNE_EXTRAS:-dev}]"   # HF_PRUNE_EXTRAS=dev,bench for benchmarks
 .venv/bin/python -c "import torch, transformers, hf_prune; print(f'hf_prune {hf_prune.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"

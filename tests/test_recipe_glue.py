@@ -199,3 +199,24 @@ def test_stsb_regression_with_lora_recovery(tiny_bert, glue_dir, tmp_path):
     model = hp.load_pruned(out / run["name"])
     assert model.config.num_labels == 1
     assert not any("lora" in n for n, _ in model.named_parameters())  # LoRA merged into the saved weights
+
+
+def test_recipe_runs_under_accelerate_launch_two_processes(tiny_bert, glue_dir, tmp_path):
+    """`accelerate launch recipes/run_glue.py ...` with 2 CPU processes (gloo): one plan, one set of reports."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = tmp_path / "ddp"
+    flags = _flags(tiny_bert, glue_dir, out, flops_keep=[0.5], bench_latency="false", use_cpu="true")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(launcher + [str(ROOT / "recipes" / "run_glue.py"), *flags], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["runs"][0]["metrics_recovered"] is not None
+    model = hp.load_pruned(out / "flops50")
+    assert hp.count_flops(model, 128)["total"] <= 0.5 * saved["dense"]["layer_flops"]
+    assert r.stdout.count("| recovered |") == 1  # the table is written by the main process only
