@@ -59,7 +59,7 @@ def missing_files(checkpoint_dir: str | Path) -> list[str]:
     ]
 
 
-def _stats(folder: Path) -> dict[str, Any]:
+def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
     """Dense and kept sizes, parameters and FLOPs of a pruned checkpoint, without reading any weights."""
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if not raw.get(CONFIG_KEY):
@@ -77,7 +77,7 @@ def _stats(folder: Path) -> dict[str, Any]:
         "dense": dense_plan.layer_sizes()[0],
         "sizes": model_layer_sizes(model),
         "params": (count_params(model), plan_params(dense_plan, model)),
-        "flops": (count_flops(model, FLOPS_SEQ_LEN)["total"], plan_flops(dense_plan, model, FLOPS_SEQ_LEN)["total"]),
+        "flops": (count_flops(model, seq_len)["total"], plan_flops(dense_plan, model, seq_len)["total"]),
         "plan_meta": json.loads(plan_file.read_text(encoding="utf-8")).get("meta", {}) if plan_file.exists() else {},
     }
 
@@ -162,12 +162,14 @@ def model_card(
     speedup: Mapping[str, Any] | None = None,
     recipe: Mapping[str, Any] | str | None = None,
     extra_tags: Sequence[str] = (),
+    seq_len: int = FLOPS_SEQ_LEN,
 ) -> str:
     """README.md text (YAML front matter + markdown) for a pruned checkpoint folder written by save_pretrained.
 
     Args:
         checkpoint_dir: the folder holding config.json, prune_plan.json and the safetensors weights.
         repo_id: Hub id used in the loading snippets; default: the folder name.
+        seq_len: tokens (or patches + 1 for ViT) per sequence at which FLOPs are counted.
         base_model: Hub id of the dense model that was pruned.
         task: what the model does, e.g. ``"SST-2 sentiment classification"``.
         dataset: Hub id of the evaluation/training dataset, e.g. ``"nyu-mll/glue"``.
@@ -180,7 +182,7 @@ def model_card(
         extra_tags: Hub tags added to ``hf_prune``, ``pruned``, ``structured-pruning``.
     """
     folder = Path(checkpoint_dir)
-    s = _stats(folder)
+    s = _stats(folder, seq_len)
     config, dense, sizes = s["config"], s["dense"], s["sizes"]
     repo_id = repo_id or folder.resolve().name
     auto = _auto_class(config)
@@ -196,7 +198,7 @@ def model_card(
         + f": attention heads kept {_kept(heads, dense['num_heads'] * n)}, "
         f"FFN neurons kept {_kept(neurons, dense['intermediate_size'] * n)}, "
         f"parameters kept {_kept(*s['params'])}, "
-        f"layer FLOPs kept at sequence length {FLOPS_SEQ_LEN} {_kept(*s['flops'])}.",
+        f"layer FLOPs kept at sequence length {seq_len} {_kept(*s['flops'])}.",
         "",
         (
             "Whole heads and neurons are removed, so the weights are physically smaller and the model is faster "

@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "speedup": {"device": "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda",
                                 "threads": torch.get_num_threads(), "seq_len": bench_args.bench_seq_len,
                                 "rows": run.get("latency", [])},
-                    "recipe": results["args"]}
+                    "recipe": results["args"], "seq_len": seq}
             write_model_card(out / res.name, repo_id=training_args.hub_model_id, **card)
             if training_args.push_to_hub:
                 repo = training_args.hub_model_id if len(budgets) == 1 else f"{training_args.hub_model_id}-{res.name}"

@@ -7,7 +7,8 @@ classifiers on a Hub image dataset, an image folder, or MNIST rows in a CSV.
 
 Arguments are the dataclasses below plus ``PruneArguments``, ``RecoveryArguments``, ``DenseArguments``,
 ``BenchArguments`` and transformers' ``TrainingArguments`` (for the recovery run); a YAML/JSON config gives
-defaults and command-line flags override them.
+defaults and command-line flags override them. ``flops_seq_len`` and the latency inputs follow the model: one
+token per patch plus CLS (and DeiT's distillation token), images at the model's resolution.
 """
 
 from __future__ import annotations
@@ -42,14 +43,27 @@ from ..hub import check_can_push, push_pruned, write_model_card
 from ..metrics import hub_offline
 from ..plan import PrunePlan
 from .common import (
-    BenchArguments, ConfigError, DenseArguments, PruneArguments, RecoveryArguments, args_dict, evaluate,
-    is_main_process, measure_latency, model_stats, parse_recipe_args, prune_and_recover, training_args_for,
+    BenchArguments,
+    ConfigError,
+    DenseArguments,
+    PruneArguments,
+    RecoveryArguments,
+    args_dict,
+    evaluate,
+    is_main_process,
+    measure_latency,
+    model_stats,
+    parse_recipe_args,
+    prune_and_recover,
+    training_args_for,
     write_reports,
 )
 
 RECIPE = "image_classification"
 #: The ViT built when no pretrained model is given (fields of ``transformers.ViTConfig``; ``vit_config`` overrides).
-DEFAULT_VIT = {"image_size": 28, "patch_size": 4, "num_channels": 1, "hidden_size": 128, "num_hidden_layers": 4,
+#: 7x7 patches (17 tokens at 28px): trained from scratch on 4,500 digits it reaches ~94% in 10 epochs on 2 CPU
+#: cores, where 4x4 patches (50 tokens) are 3-4x slower per step and reach ~60% in the same time.
+DEFAULT_VIT = {"image_size": 28, "patch_size": 7, "num_channels": 1, "hidden_size": 128, "num_hidden_layers": 4,
                "num_attention_heads": 4, "intermediate_size": 512}
 
 
@@ -102,9 +116,10 @@ class DataArguments:
         max_train_samples: subsample the training set (quick runs).
         max_eval_samples: subsample the evaluation set.
         image_size: input resolution of a ViT built from config (a pretrained model keeps its own).
-        augment: random crop with padding + small rotation/scale while training (dense and recovery).
+        augment: random crop with padding + small rotation/scale of the recovery's training images.
+        augment_dense: augment the dense training too (slows the convergence of a short from-scratch run).
         augment_shift: largest crop offset, as a fraction of the image size.
-        augment_degrees: largest rotation, in degrees (scale varies by the same fraction of 100 degrees).
+        augment_degrees: largest rotation, in degrees; the zoom range is the same number in percent.
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub image dataset."})
@@ -118,7 +133,8 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Subsample training data."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Subsample evaluation data."})
     image_size: int | None = field(default=None, metadata={"help": "Resolution of a ViT built from config."})
-    augment: bool = field(default=False, metadata={"help": "Augment training images."})
+    augment: bool = field(default=False, metadata={"help": "Augment training images during recovery."})
+    augment_dense: bool = field(default=False, metadata={"help": "Augment during dense training too."})
     augment_shift: float = field(default=0.1, metadata={"help": "Max crop offset (fraction of size)."})
     augment_degrees: float = field(default=10.0, metadata={"help": "Max rotation in degrees."})
 
@@ -183,23 +199,35 @@ def load_image_data(args: DataArguments, seed: int, cache_dir: str | None = None
             raise ConfigError(f"cannot load dataset {args.dataset_name!r}: {e}") from e
     if "train" not in data:
         raise ConfigError(f"{args.source()} has no train split (splits: {', '.join(data)})")
-    missing = [c for c in (image_col, label_col) if c not in data["train"].column_names]
-    if missing:
-        raise ConfigError(f"{args.source()} has no column {', '.join(map(repr, missing))} (columns: "
-                          f"{', '.join(data['train'].column_names)}); set image_column / label_column")
-    data = data.select_columns([image_col, label_col])
-    if (image_col, label_col) != ("image", "label"):
-        data = data.rename_columns({image_col: "image", label_col: "label"})
-    if not isinstance(data["train"].features["label"], datasets.ClassLabel):
-        data = data.class_encode_column("label")  # string or int labels -> class ids with names
     eval_split = next((s for s in ("validation", "val", "test") if s in data), None)
-    if eval_split is None:
+    out = datasets.DatasetDict(train=data["train"], **({"validation": data[eval_split]} if eval_split else {}))
+    for split, ds in out.items():
+        missing = [c for c in (image_col, label_col) if c not in ds.column_names]
+        if missing:
+            hint = "put the images in <class>/ subfolders" if args.train_dir else "set image_column / label_column"
+            raise ConfigError(f"{args.source()} ({split} split) has no column {', '.join(map(repr, missing))} "
+                              f"(columns: {', '.join(ds.column_names)}): {hint}")
+    out = out.select_columns([image_col, label_col])
+    if (image_col, label_col) != ("image", "label"):
+        out = out.rename_columns({image_col: "image", label_col: "label"})
+    if not isinstance(out["train"].features["label"], datasets.ClassLabel):
+        # Class ids from the training labels, and the same ids for the eval split (encoding each split on its
+        # own, as DatasetDict.class_encode_column does, can number the classes differently).
+        out["train"] = out["train"].class_encode_column("label")
+        classes = out["train"].features["label"]
+        if "validation" in out:
+            try:
+                out["validation"] = out["validation"].map(
+                    lambda b: {"label": [classes.str2int(str(v)) for v in b["label"]]}, batched=True
+                ).cast_column("label", classes)
+            except ValueError as e:
+                raise ConfigError(f"{args.source()}: an evaluation label is not a training label ({e})") from e
+    if "validation" not in out:
         if not 0 < args.validation_split_percentage < 100:
             raise ConfigError(f"{args.source()} has no validation split: set validation_split_percentage in (0, 100)")
-        parts = data["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=seed,
-                                               stratify_by_column="label")
-        data, eval_split = datasets.DatasetDict(train=parts["train"], validation=parts["test"]), "validation"
-    out = datasets.DatasetDict(train=data["train"], validation=data[eval_split])
+        parts = out["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=seed,
+                                              stratify_by_column="label")
+        out = datasets.DatasetDict(train=parts["train"], validation=parts["test"])
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None and limit < len(out[split]):
             out[split] = out[split].shuffle(seed=seed).select(range(limit))
@@ -234,9 +262,11 @@ def augment_batch(x: torch.Tensor, shift: float, degrees: float) -> torch.Tensor
     if degrees:
         angle = (torch.rand(n) * 2 - 1) * math.radians(degrees)
         scale = 1 + (torch.rand(n) * 2 - 1) * degrees / 100  # 10 degrees -> zoom in/out by up to 10%
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        cos, sin = (torch.cos(angle) / scale).view(n, 1, 1), (torch.sin(angle) / scale).view(n, 1, 1)
+        # The sampling grid by hand: F.affine_grid is ~100x slower here (a batched matmul on a tiny batch).
+        ys, xs = torch.meshgrid(torch.linspace(-1 + 1 / h, 1 - 1 / h, h), torch.linspace(-1 + 1 / w, 1 - 1 / w, w),
+                                indexing="ij")
+        grid = torch.stack([cos * xs - sin * ys, sin * xs + cos * ys], -1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return x
 
@@ -287,7 +317,7 @@ def accuracy_metric() -> tuple[Callable[[Any], dict[str, float]], str]:
             import evaluate as hf_evaluate
 
             module = hf_evaluate.load("accuracy")
-        except Exception:  # no network or no cached script: the offline computation gives the same number
+        except Exception:  # noqa: BLE001 -- no network or no cached script: the offline number is the same
             module = None
 
     def compute(eval_pred: Any) -> dict[str, float]:
@@ -323,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # ---- everything that can be wrong is checked before any long work
     budgets = prune_args.budgets()
+    vit_fields = {} if model_args.model_name_or_path else model_args.vit_fields()
     if training_args.push_to_hub:
         check_can_push(training_args.hub_model_id, training_args.hub_token)
     data = load_image_data(data_args, training_args.seed, model_args.cache_dir)
@@ -334,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(path, cache_dir=model_args.cache_dir,
                                             trust_remote_code=model_args.trust_remote_code)
     else:
-        fields_ = {**DEFAULT_VIT, "num_channels": _channels_of(data["train"][0]["image"]), **model_args.vit_fields()}
+        fields_ = {**DEFAULT_VIT, "num_channels": _channels_of(data["train"][0]["image"]), **vit_fields}
         fields_["image_size"] = data_args.image_size or fields_["image_size"]
         config = ViTConfig(**fields_, **label_kw)
     try:
@@ -359,21 +390,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mean, std = _data_stats(data["train"], channels, size)
         processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std)
     tf = {"size": size, "channels": channels, "mean": mean, "std": std}
-    train = data["train"].with_transform(ImageTransform(**tf, augment=data_args.augment, shift=data_args.augment_shift,
-                                                        degrees=data_args.augment_degrees))
+    aug = {"shift": data_args.augment_shift, "degrees": data_args.augment_degrees}
+    train = data["train"].with_transform(ImageTransform(**tf, augment=data_args.augment, **aug))
+    train_dense = data["train"].with_transform(ImageTransform(**tf, augment=data_args.augment_dense, **aug))
     evals = {"validation": data["validation"].with_transform(ImageTransform(**tf))}
     compute_metrics, metric_source = accuracy_metric()
     main_metric = "accuracy"
     log(f"data {data_args.source()}: {len(train)} train, {len(evals['validation'])} validation, {len(names)} classes"
-        f"{', augmented' if data_args.augment else ''}; {size}px, {seq} tokens; metrics via {metric_source}")
+        f"; {size}px, {seq} tokens; augment: recovery {data_args.augment}, dense {data_args.augment_dense}; "
+        f"metrics via {metric_source}")
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        return evaluate(model, training_args, evals, compute_metrics, default_data_collator, processor)
+        metrics = evaluate(model, training_args, evals, compute_metrics, default_data_collator, processor)
+        return {k: v for k, v in metrics.items() if k != "model_preparation_time"}  # Trainer timing, not a metric
 
     # ---- dense model: trained here (cached), or already fine-tuned
     model_name = path or f"ViT from config ({config.num_hidden_layers}x{config.hidden_size})"
     dense_dir = out / "dense"
-    key = {"model": path, "vit_config": model_args.vit_config, "data": asdict(data_args),
+    key = {"model": path, "vit_config": model_args.vit_config,
+           "data": {k: v for k, v in asdict(data_args).items() if k != "augment"},  # recovery-only setting
            "dense": asdict(dense_args), "batch_size": training_args.per_device_train_batch_size,
            "seed": training_args.seed}
     key_file = dense_dir / "hf_prune_dense.json"
@@ -400,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
                                      push_to_hub=False)
             start = time.perf_counter()
-            Trainer(dense, args, train_dataset=train, data_collator=default_data_collator,
+            Trainer(dense, args, train_dataset=train_dense, data_collator=default_data_collator,
                     processing_class=processor).train()
             log(f"dense: trained in {time.perf_counter() - start:.0f}s")
             if main_proc:
@@ -458,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "metrics": metrics,
                     "speedup": {"device": "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda",
                                 "threads": torch.get_num_threads(), "tokens": seq, "rows": run.get("latency", [])},
-                    "recipe": results["args"]}
+                    "recipe": results["args"], "seq_len": seq}
             write_model_card(out / res.name, repo_id=training_args.hub_model_id, **card)
             if training_args.push_to_hub:
                 repo = training_args.hub_model_id if len(budgets) == 1 else f"{training_args.hub_model_id}-{res.name}"
