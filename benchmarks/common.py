@@ -1,0 +1,185 @@
+"""Pieces the benchmarks share: the GLUE task table, dense fine-tuning (cached), dev evaluation, calibration data,
+timing helpers. Imported by ``bench_retraining_free.py`` and ``bench_compare.py`` (run from the repo root as
+``.venv/bin/python benchmarks/<script>.py``: Python puts ``benchmarks/`` on the path).
+
+Data: the original GLUE TSVs under ``<repo>/../shared/data/glue/<task>/{train,dev}.tsv``, read with
+:func:`hf_prune.tasks.load_task_data` (which knows every task's columns and label names). Metrics:
+:func:`hf_prune.metrics.compute_glue_metrics`, in percent, with the GLUE keys (``accuracy``, ``f1``,
+``spearmanr``, ``pearson``, ``matthews_correlation``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from hf_prune.metrics import compute_glue_metrics
+from hf_prune.resources import embedded_model_path, text_batches
+from hf_prune.tasks import TaskSpec, get_task, load_task_data
+
+HERE = Path(__file__).resolve().parent
+GLUE = HERE.parents[1] / "shared" / "data" / "glue"  # /work/shared/data/glue next to the checkout
+CACHE = HERE / "cache"  # gitignored
+
+
+@dataclass(frozen=True)
+class Task:
+    """One GLUE task as the benchmarks use it: its registry entry and the tokens per (pair of) sentence(s).
+
+    Args:
+        name: ``hf_prune.tasks`` registry name, also the folder under ``GLUE``.
+        max_len: tokens per example for fine-tuning, calibration, recovery and evaluation.
+    """
+
+    name: str
+    max_len: int
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.name)
+
+    @property
+    def num_labels(self) -> int:
+        return self.spec.num_labels
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Reported metrics, the main one first."""
+        main = MAIN_METRIC[self.name]
+        return (main, *(m for m in self.spec.metric_names if m != main))
+
+    def read(self, split: str) -> tuple[list[Any], list[float] | list[int]]:
+        """``split`` is ``train`` or ``dev``: texts (strings, or pairs as tuples) and labels, in file order."""
+        return _read(self.name, split)
+
+
+@functools.cache
+def _read(name: str, split: str) -> tuple[list[Any], list[float] | list[int]]:
+    spec = get_task(name)
+    hf_split = "train" if split == "train" else spec.eval_splits[0]
+    ds = load_task_data(spec, GLUE, splits=[hf_split], seed=None)[hf_split]
+    cols = [ds[c] for c in spec.text_fields]
+    texts = cols[0] if len(cols) == 1 else list(zip(cols[0], cols[1]))
+    labels = [float(v) for v in ds["label"]] if spec.is_regression else [int(v) for v in ds["label"]]
+    return list(texts), labels
+
+
+TASKS = {
+    "sst2": Task("sst2", 64),
+    "mrpc": Task("mrpc", 128),
+    "stsb": Task("stsb", 128),
+    "rte": Task("rte", 128),
+    "cola": Task("cola", 64),
+}
+
+#: The metric each task is judged by (first column of its tables).
+MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "spearmanr", "rte": "accuracy",
+               "cola": "matthews_correlation"}
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def finetune_dir(task: Task, steps: int, batch_size: int, seed: int) -> Path:
+    return CACHE / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-seed{seed}"
+
+
+def epochs_to_steps(task: Task, epochs: float, batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` passes over the task's training set."""
+    n = len(task.read("train")[0])
+    return max(1, round(epochs * n / batch_size))
+
+
+def finetune(task: Task, tok: Any, steps: int, batch_size: int, lr: float, seed: int) -> Path:
+    """Fine-tune MiniLM on ``task`` once; later calls load the cached folder."""
+    out = finetune_dir(task, steps, batch_size, seed)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path(), num_labels=task.num_labels)
+    texts, labels = task.read("train")
+    order = list(range(len(texts)))
+    rng = random.Random(seed)
+    idx: list[int] = []
+    while len(idx) < steps * batch_size:  # epochs of fresh shuffles until the step budget is covered
+        rng.shuffle(order)
+        idx += order
+    idx = idx[: steps * batch_size]
+    batches = text_batches(
+        tok, [texts[i] for i in idx], [labels[i] for i in idx], batch_size=batch_size, max_length=task.max_len
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    model.train()
+    start = time.perf_counter()
+    for step, batch in enumerate(batches):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"[{task.name}] fine-tune step {step}/{steps} loss {loss.item():.4f} "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+    model.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def dev_batches(task: Task, tok: Any, batch_size: int = 64) -> tuple[list[dict], list[float] | list[int]]:
+    """Dev batches sorted by length (less padding, same predictions), and the labels in that order."""
+    texts, labels = task.read("dev")
+    order = sorted(range(len(texts)), key=lambda i: len(str(texts[i])))
+    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
+    return text_batches(tok, texts, None, batch_size=batch_size, max_length=task.max_len), labels
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, task: Task, batches: list[dict], labels: list) -> dict[str, float]:
+    """The task's GLUE metrics on the dev set, in percent (``hf_prune.metrics.compute_glue_metrics``)."""
+    model.eval()
+    logits = torch.cat([model(**b).logits.float() for b in batches])  # (N, C)
+    preds = logits.squeeze(-1).numpy() if task.num_labels == 1 else logits.argmax(-1).numpy()
+    return {k: 100 * v for k, v in compute_glue_metrics(task.name, preds, labels).items()}
+
+
+def calibration(task: Task, tok: Any, samples: int, seed: int, batch_size: int = 32) -> list[dict]:
+    """``samples`` labelled training examples (a fixed random subset), batches of ``batch_size``."""
+    texts, labels = task.read("train")
+    idx = random.Random(seed + 1).sample(range(len(texts)), min(samples, len(texts)))
+    return text_batches(tok, [texts[i] for i in idx], [labels[i] for i in idx], batch_size=batch_size,
+                        max_length=task.max_len)
+
+
+def forward_backward_s(model: torch.nn.Module, batches: list[dict]) -> float:
+    """Wall time of one forward+backward pass (parameter gradients) over ``batches``."""
+    m = copy.deepcopy(model).eval()
+    start = time.perf_counter()
+    for b in batches:
+        m(**b).loss.backward()
+    return time.perf_counter() - start
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start

@@ -1,0 +1,224 @@
+"""Torch-Pruning (``pip install torch-pruning``, tested with 1.6.1) as a baseline: whole attention heads and FFN
+neurons of a Hugging Face BERT-style encoder, cut to a given fraction of the hf_prune layer FLOPs.
+
+How TP is driven (its HF BERT example, ``examples/transformers/prune_hf_bert.py``, adapted):
+
+* ``tp.pruner.MetaPruner`` with ``num_heads={q, k, v: heads}``, ``prune_num_heads=True``,
+  ``prune_head_dims=False`` (whole heads go; the head size stays), ``head_pruning_ratio`` for heads and
+  ``pruning_ratio`` for the FFN width. The word embeddings, pooler and classifier are ``ignored_layers``: that
+  makes the residual-stream group (embeddings, LayerNorms, every output projection) unprunable, so only the
+  per-layer attention groups (Q/K/V rows + O columns) and FFN groups (up rows + down columns) are cut.
+* Budget: hf_prune's cost model counts a head (Q/K/V rows, O columns, attention products) and an FFN neuron at
+  fixed FLOPs, so the counts that meet a FLOPs target are known in closed form: heads removed =
+  round((1 - keep) * heads) (TP's usual same-ratio-for-everything setting), FFN neurons removed = the fewest
+  that bring the FLOPs under the target. ``local`` scope (uniform per layer, TP's ``global_pruning=False``):
+  the ratios that make TP remove exactly those counts are set directly. ``global`` scope
+  (``global_pruning=True``): TP ranks FFN channels together with (unpruned) attention channels, so the FFN
+  ratio is found by bisection over dry runs (``pruner.step(interactive=True)`` without ``prune()``).
+  Either way the result is checked with ``hf_prune.count_flops``.
+* transformers 5's ``BertSelfAttention.forward`` reshapes with ``(-1, attention_head_size)``, so a model with
+  fewer heads already runs; the module attributes (``num_attention_heads``, ``all_head_size``) are still set
+  from the new shapes, as TP's example does.
+
+:func:`kept_units` reads back which heads/neurons TP kept (by matching weight rows with the dense model), so a
+TP-pruned model can be compared with the dense model under hf_prune masks (:func:`max_diff_vs_masked`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import hf_prune as hp
+from hf_prune.adapters import get_adapter, model_dims
+from hf_prune.costs import dummy_inputs
+from hf_prune.masks import LayerMasks, mask_hooks
+from hf_prune.modeling_pruned import get_module, layer_list
+
+
+def _tp():
+    try:
+        import torch_pruning
+    except ImportError as e:
+        raise ImportError("the Torch-Pruning baseline needs torch-pruning: pip install torch-pruning==1.6.1") from e
+    return torch_pruning
+
+
+def _linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
+    """Per layer: the q/k/v/o/up/down linears (hf_prune's adapter knows where they are)."""
+    a = get_adapter(model)
+    return [{k: get_module(layer, getattr(a, k)) for k in ("q", "k", "v", "o", "up", "down")}
+            for layer in layer_list(model, a)]
+
+
+def target_counts(model: nn.Module, flops_keep: float, scope: str, seq_len: int = 128) -> dict[str, Any]:
+    """Heads and FFN neurons to remove (per layer for ``local``, in total for ``global``) for ``flops_keep``."""
+    d = model_dims(model)
+    cost = hp.CostModel.for_model(model)
+    c_head = cost.head_flops(seq_len) + cost.kv_flops(seq_len)  # no GQA in BERT: one KV head per query head
+    c_neuron = cost.neuron_flops(seq_len)
+    n = d["num_layers"] if scope == "global" else 1
+    heads, neurons = n * d["num_heads"], n * d["intermediate_size"]
+    budget = flops_keep * (heads * c_head + neurons * c_neuron)
+    heads_rm = min(heads - n, round((1 - flops_keep) * heads))  # keep >= 1 head per layer (on average)
+    neurons_keep = math.floor((budget - (heads - heads_rm) * c_head) / c_neuron)
+    neurons_keep = max(n, min(neurons, neurons_keep))
+    return {"heads_removed": heads_rm, "neurons_removed": neurons - neurons_keep, "heads": heads, "neurons": neurons}
+
+
+def _pruner(model: nn.Module, example: Mapping[str, torch.Tensor], importance: Any, scope: str,
+            head_ratio: float, ffn_ratio: float) -> Any:
+    tp = _tp()
+    layers = _linears(model)
+    heads = model_dims(model)["num_heads"]
+    num_heads = {lin[k]: heads for lin in layers for k in ("q", "k", "v")}
+    ignored = [m for m in (model.get_input_embeddings(), *_head_modules(model)) if m is not None]
+    return tp.pruner.MetaPruner(
+        model, dict(example), importance=importance, global_pruning=scope == "global",
+        pruning_ratio=ffn_ratio, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=head_ratio, ignored_layers=ignored,
+        output_transform=lambda out: out.logits.sum(),
+    )
+
+
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    """Linears outside the encoder layers (pooler, classifier): never pruned."""
+    inside = {id(m) for lin in _linears(model) for m in lin.values()}
+    a = get_adapter(model)
+    layer_ids = {id(m) for layer in layer_list(model, a) for m in layer.modules()}
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in inside and id(m) not in layer_ids]
+
+
+def _ratio_for(count: int, total: int) -> float:
+    """A ratio that makes TP remove exactly ``count`` of ``total`` (TP: ``total - int(total * (1 - r))`` for
+    widths, ``ceil(r * total)`` for local heads; the half-unit offset keeps float error off the boundary)."""
+    return 0.0 if count <= 0 else (count - 0.5) / total
+
+
+def _dry_ffn_removed(model: nn.Module, example: Mapping[str, torch.Tensor], importance: Any, scope: str,
+                     head_ratio: float, ffn_ratio: float) -> int:
+    ups = {id(lin["up"]) for lin in _linears(model)}
+    pruner = _pruner(model, example, importance, scope, head_ratio, ffn_ratio)
+    return sum(len(g[0][1]) for g in pruner.step(interactive=True) if id(g[0][0].target.module) in ups)
+
+
+def tp_prune(
+    model: nn.Module,
+    flops_keep: float,
+    importance: str,
+    calib: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    *,
+    scope: str = "local",
+    seq_len: int = 128,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune ``model`` in place with Torch-Pruning to ``flops_keep`` of its layer FLOPs.
+
+    Args:
+        importance: ``taylor`` (|w * dL/dw|, gradients of the task loss summed over ``calib``) or ``magnitude``
+            (L2 norm of the weights).
+        calib: labelled batches, for ``taylor``.
+        scope: ``local`` (same counts in every layer) or ``global`` (TP ranks units across layers).
+    Returns:
+        the model and what was set (ratios, counts).
+    """
+    tp = _tp()
+    t0 = time.perf_counter()
+    if importance == "taylor":
+        if calib is None:
+            raise ValueError("Taylor importance needs calibration batches")
+        model.eval().zero_grad(set_to_none=True)
+        example = None
+        for batch in calib:
+            model(**batch).loss.backward()
+            example = example or {k: v[:2] for k, v in batch.items() if k != "labels"}
+        imp = tp.importance.TaylorImportance()
+    elif importance == "magnitude":
+        imp = tp.importance.MagnitudeImportance(p=2)
+        example = None
+    else:
+        raise ValueError(f"unknown TP importance {importance!r}")
+    if example is None:
+        example = dummy_inputs(model, 2, 16)
+    model.eval()
+    t1 = time.perf_counter()
+    want = target_counts(model, flops_keep, scope, seq_len)
+    head_ratio = _ratio_for(want["heads_removed"], want["heads"])
+    if scope == "local":
+        ffn_ratio = _ratio_for(want["neurons_removed"], want["neurons"])
+    elif scope == "global":  # bisection: the smallest ratio whose dry run removes at least the wanted FFN neurons
+        lo, hi = 0.0, 0.999
+        for _ in range(16):  # resolution 1.5e-5, below one FFN channel in 1e4
+            mid = (lo + hi) / 2
+            removed = _dry_ffn_removed(model, example, imp, scope, head_ratio, mid)
+            if removed == want["neurons_removed"]:
+                hi = mid
+                break
+            if removed > want["neurons_removed"]:
+                hi = mid
+            else:
+                lo = mid
+        ffn_ratio = hi
+    else:
+        raise ValueError(f"scope must be 'local' or 'global', not {scope!r}")
+    t2 = time.perf_counter()
+    pruner = _pruner(model, example, imp, scope, head_ratio, ffn_ratio)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    fix_attention_attrs_(model)
+    model.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    return model, {"scope": scope, "importance": importance, "head_pruning_ratio": head_ratio,
+                   "pruning_ratio": ffn_ratio, "target": want,
+                   "times": {"gradients_s": t1 - t0, "ratio_search_s": t2 - t1, "tp_prune_s": t3 - t2}}
+
+
+def fix_attention_attrs_(model: nn.Module) -> None:
+    """Set the head counts BERT-style attention modules keep as attributes from the pruned Q shapes."""
+    head_dim = model_dims(model)["head_dim"]
+    for module in model.modules():
+        q = getattr(module, "query", None)
+        if isinstance(q, nn.Linear) and hasattr(module, "num_attention_heads"):
+            module.num_attention_heads = q.out_features // head_dim
+            module.attention_head_size = head_dim
+            module.all_head_size = q.out_features
+
+
+def kept_units(pruned: nn.Module, dense: nn.Module) -> hp.PrunePlan:
+    """The plan (ids of the dense model) of the heads and neurons ``pruned`` kept, found by matching weights."""
+    d = model_dims(dense)
+    hd = d["head_dim"]
+    heads, neurons = [], []
+    for lp, ld in zip(_linears(pruned), _linears(dense)):
+        dq = ld["q"].weight.detach().view(d["num_heads"], hd, -1)
+        pq = lp["q"].weight.detach().view(-1, hd, dq.shape[-1])
+        heads.append([next(i for i in range(len(dq)) if torch.equal(dq[i], block)) for block in pq])
+        rows = {row.numpy().tobytes(): i for i, row in enumerate(ld["up"].weight.detach())}
+        neurons.append([rows[row.numpy().tobytes()] for row in lp["up"].weight.detach()])
+    return dataclasses.replace(hp.PrunePlan.dense(dense), heads=heads, neurons=neurons,
+                               meta={"source": "torch-pruning"})
+
+
+@torch.inference_mode()
+def max_diff_vs_masked(pruned: nn.Module, dense: nn.Module, plan: hp.PrunePlan,
+                       batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Largest |logit difference| between ``pruned`` and ``dense`` with the units ``plan`` drops masked to 0."""
+    d = model_dims(dense)
+    masks = LayerMasks(plan.num_layers)
+    for i in range(plan.num_layers):
+        masks.heads[i] = torch.zeros(d["num_heads"]).index_fill_(0, torch.tensor(plan.heads[i]), 1.0)
+        masks.neurons[i] = torch.zeros(d["intermediate_size"]).index_fill_(0, torch.tensor(plan.neurons[i]), 1.0)
+    pruned.eval()
+    dense.eval()
+    worst = 0.0
+    for b in batches:
+        feats = {k: v for k, v in b.items() if k != "labels"}
+        with mask_hooks(dense, masks):
+            ref = dense(**feats).logits
+        worst = max(worst, float((pruned(**feats).logits - ref).abs().max()))
+    return worst
