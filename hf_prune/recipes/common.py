@@ -432,7 +432,7 @@ def write_reports(output_dir: str | Path, results: dict[str, Any], main_metric: 
         if run.get("metrics_recovered") is not None:
             rows.append({"model": "recovered", main_metric: run["metrics_recovered"].get(main_metric), **common,
                          "prune s": run["prune_seconds"], "recovery s": run["recovery_seconds"]})
-    for bs in {r["batch_size"] for run in results["runs"] for r in run.get("latency", [])}:
+    for bs in sorted({r["batch_size"] for run in results["runs"] for r in run.get("latency", [])}):
         first = next(r for run in results["runs"] for r in run.get("latency", []) if r["batch_size"] == bs)
         rows[0][f"b{bs} ms"] = first["dense_ms"]
         rows[0][f"b{bs} speedup"] = 1.0
