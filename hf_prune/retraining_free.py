@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .adapters import get_adapter, model_dims
 from .costs import _time_once, dummy_inputs
 from .importance import ImportanceScores, _batch_size, _to_device, per_sample_mask_grads
-from .masks import LayerMasks
+from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list, prune_layer_
 from .plan import PrunePlan, build_plan
 from .surgery import apply_plan_
@@ -794,6 +794,91 @@ def fold_scales_(model: M, tuning: MaskTuning) -> M:
     return model
 
 
+# ------------------------------------------------------------------------------------------- selection
+
+
+def split_batches(
+    batches: Sequence[Batch], tuning_samples: int | None, held_out_samples: int
+) -> tuple[list[Batch], list[Batch]]:
+    """The first whole batches up to ``tuning_samples`` samples (all if None) for mask tuning, and up to
+    ``held_out_samples`` samples of the batches after them for stage selection (empty if none are left)."""
+    tune: list[Batch] = []
+    seen = 0
+    for b in batches:
+        if tuning_samples is not None and seen >= tuning_samples:
+            break
+        tune.append(b)
+        seen += _batch_size(b)
+    held: list[Batch] = []
+    seen = 0
+    for b in batches[len(tune):]:
+        if seen >= held_out_samples:
+            break
+        held.append(b)
+        seen += _batch_size(b)
+    return tune, held
+
+
+def plan_layer_masks(plan: PrunePlan, current: PrunePlan) -> LayerMasks:
+    """0/1 masks over the layers as they are now (``current``) that keep what ``plan`` keeps."""
+    heads, neurons = _current_positions(plan, current)
+    masks = LayerMasks(len(heads))
+    for i, (h, n) in enumerate(zip(heads, neurons)):
+        masks.heads[i] = torch.zeros(len(current.heads[i]))
+        masks.heads[i][h] = 1.0
+        masks.neurons[i] = torch.zeros(len(current.neurons[i]))
+        masks.neurons[i][n] = 1.0
+    return masks
+
+
+def _model_output(out: Any) -> tuple[torch.Tensor, bool]:
+    """The output compared across candidates, and whether it is logits over classes/tokens (KL) or not (MSE)."""
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        return out.last_hidden_state.float(), False
+    return logits.float(), logits.shape[-1] > 1
+
+
+def _divergence(ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample ``(B,)`` divergence: KL(ref || out) of the softmax over the last axis for logits, squared
+    error otherwise (regression heads, hidden states); token outputs are averaged over ``attention_mask``."""
+    if kl:
+        d = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
+    else:
+        d = (ref - out).pow(2).sum(-1)
+    if d.dim() == 2:  # (B, T): per-token outputs
+        m = attention_mask.to(d.dtype) if attention_mask is not None else torch.ones_like(d)
+        d = (d * m).sum(-1) / m.sum(-1).clamp_min(1)
+    return d
+
+
+@torch.no_grad()
+def output_divergence(
+    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, LayerMasks]
+) -> dict[str, float]:
+    """Mean per-sample divergence of the model's outputs under each candidate's masks from its unmasked outputs."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    totals = dict.fromkeys(candidates, 0.0)
+    count = 0
+    try:
+        for raw in batches:
+            batch = _to_device({k: v for k, v in raw.items() if k != "labels"}, device)
+            ref, kl = _model_output(model(**batch))
+            for name, masks in candidates.items():
+                moved = LayerMasks(len(masks.heads))
+                moved.heads = [m.to(device) if m is not None else None for m in masks.heads]
+                moved.neurons = [m.to(device) if m is not None else None for m in masks.neurons]
+                with mask_hooks(model, moved):
+                    out, _ = _model_output(model(**batch))
+                totals[name] += float(_divergence(ref, out, kl, batch.get("attention_mask")).sum())
+            count += int(ref.shape[0])
+    finally:
+        model.train(was_training)
+    return {k: v / max(count, 1) for k, v in totals.items()}
+
+
 # ----------------------------------------------------------------------------------------------- entry
 
 
@@ -816,18 +901,40 @@ def prune_retraining_free(
     t = time.perf_counter()
     plan = search_masks(fisher, model, config, latency_table)
     times["search_s"] = time.perf_counter() - t
+    stages = {"search": plan}
     info: dict[str, Any] = {"calibration_samples": fisher.num_samples}
     if config.rearrange:
         t = time.perf_counter()
         plan, info["rearrangement"] = rearrange_masks(plan, fisher, progress=config.progress)
+        stages["rearranged"] = plan
         times["rearrange_s"] = time.perf_counter() - t
     del fisher
+    tune_batches, held_out = split_batches(batches, config.tuning_samples, config.selection_samples)
+    tuning = None
     if config.mask_tuning:
         t = time.perf_counter()
-        tuning = tune_masks(model, batches, plan, progress=config.progress)
-        fold_scales_(model, tuning)
+        tuning = tune_masks(model, tune_batches, plan, progress=config.progress)
         info["mask_tuning"] = tuning.errors
+        info["tuning_samples"] = sum(_batch_size(b) for b in tune_batches)
         times["tuning_s"] = time.perf_counter() - t
+    if config.select_stages and held_out and (len(stages) > 1 or tuning is not None):
+        # The search, the rearrangement and the tuning each optimise a proxy (diagonal Fisher, block Fisher,
+        # layer-wise reconstruction); keep the stage whose masked model stays closest to the dense model's
+        # outputs on calibration samples none of them was fitted to (measured through masks: no copies).
+        t = time.perf_counter()
+        current = PrunePlan.of(model)
+        candidates = {name: plan_layer_masks(p, current) for name, p in stages.items()}
+        if tuning is not None:
+            candidates["tuned"] = tuning.layer_masks()
+        divergence = output_divergence(model, held_out, candidates)
+        chosen = min(divergence, key=divergence.get)
+        info["selection"] = {"divergence": divergence, "chosen": chosen,
+                             "samples": sum(_batch_size(b) for b in held_out)}
+        if chosen != "tuned":
+            plan, tuning = stages[chosen], None
+        times["selection_s"] = time.perf_counter() - t
+    if tuning is not None:
+        fold_scales_(model, tuning)
     t = time.perf_counter()
     plan.meta["retraining_free"] = info
     apply_plan_(model, plan)

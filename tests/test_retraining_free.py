@@ -301,3 +301,51 @@ def test_config_validates_the_method_and_its_budgets():
         hp.PruningConfig(method="retraining_free", flops_keep=0.5, latency_keep=0.5)
     cfg = hp.PruningConfig(method="retraining_free", latency_keep=0.5)
     assert hp.PruningConfig.from_dict(cfg.to_dict()) == cfg and cfg.budget() == {"latency_keep": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------- stage selection
+
+
+def test_split_batches_keeps_tuning_and_held_out_samples_apart():
+    from hf_prune.retraining_free import split_batches
+
+    batches = _text_batches(200, n=8, batch_size=8, seed=2)
+    tune, held = split_batches(batches, 16, 16)
+    assert tune == batches[:2] and held == batches[2:4]
+    tune, held = split_batches(batches, None, 16)
+    assert tune == batches and held == []
+
+
+def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
+    from hf_prune.retraining_free import _divergence, _model_output, split_batches
+
+    model = _minilm_shaped(seed=3)
+    dense = copy.deepcopy(model)
+    batches = _text_batches(200, n=16, batch_size=8, seed=3)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, tuning_samples=48, selection_samples=32,
+                              progress=False)
+    pruned, plan = hp.prune(model, batches, config)
+    sel = plan.meta["retraining_free"]["selection"]
+    assert set(sel["divergence"]) == {"search", "rearranged", "tuned"} and sel["samples"] == 32
+    assert sel["divergence"][sel["chosen"]] == min(sel["divergence"].values())
+    # the cut (and, if chosen, folded) model computes exactly the chosen candidate's outputs
+    _, held = split_batches(batches, 48, 32)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in held:
+            x = inputs_only(b)
+            ref, kl = _model_output(dense(**x))
+            out, _ = _model_output(pruned(**x))
+            total += float(_divergence(ref, out, kl, x["attention_mask"]).sum())
+            n += ref.shape[0]
+    assert total / n == pytest.approx(sel["divergence"][sel["chosen"]], rel=1e-3, abs=1e-6)
+
+
+def test_selection_off_keeps_the_tuned_rearranged_plan():
+    model = _minilm_shaped(seed=4)
+    batches = _text_batches(200, n=16, batch_size=8, seed=4)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, tuning_samples=48, select_stages=False,
+                              progress=False)
+    _, plan = hp.prune(model, batches, config)
+    info = plan.meta["retraining_free"]
+    assert "selection" not in info and info["tuning_samples"] == 48
