@@ -29,4 +29,4 @@ def run_recipe(config: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return importlib.import_module(RECIPES[name]).main([config, *overrides])
 
 
-__all__ = ["ConfigError", "RECIPES", "run_recipe"]
+__all__ = ["RECIPES", "ConfigError", "run_recipe"]

@@ -390,6 +390,86 @@ def prune_and_recover(
     return result
 
 
+def barrier() -> None:
+    """Wait for every process (no-op outside torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def run_budgets(
+    dense: nn.Module,
+    budgets: Sequence[Mapping[str, Any]],
+    results: dict[str, Any],
+    *,
+    prune_args: PruneArguments,
+    recovery_args: RecoveryArguments,
+    bench_args: BenchArguments,
+    training_args: TrainingArguments,
+    calibration: Sequence[Mapping[str, Any]],
+    train_dataset: Any,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]],
+    trainer_kwargs: Mapping[str, Any],
+    card: Mapping[str, Any],
+    title: str,
+    main_metric: str,
+    latency_seq_len: int,
+    inputs_fn: Callable[[nn.Module, int], Mapping[str, Any]] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every budget's prune → recover → measure → save (+ model card, heatmap, push), then the reports.
+
+    ``results`` (with ``dense`` filled in) gains one entry per budget under ``runs``; the main process writes
+    the checkpoints and reports, the others only train and wait.
+    """
+    from ..hub import push_pruned, write_model_card
+
+    out = Path(training_args.output_dir)
+    main_proc = is_main_process(training_args)
+    seq = prune_args.flops_seq_len
+    processing_class = trainer_kwargs.get("processing_class")
+    for budget in budgets:
+        res = prune_and_recover(
+            dense, budget, prune_args=prune_args, recovery_args=recovery_args, training_args=training_args,
+            calibration=calibration, train_dataset=train_dataset, evaluate_fn=evaluate_fn,
+            trainer_kwargs=trainer_kwargs, log=log,
+        )
+        run = {"name": res.name, "budget": res.budget, "prune_seconds": res.prune_seconds,
+               "recovery_seconds": res.recovery_seconds, "metrics_pruned": res.metrics_pruned,
+               "metrics_recovered": res.metrics_recovered, **model_stats(res.model, seq),
+               "checkpoint": str(out / res.name)}
+        if main_proc:
+            model = res.model.eval()
+            if bench_args.bench_latency:
+                run["latency"] = measure_latency(dense, model, bench_args, latency_seq_len, inputs_fn=inputs_fn,
+                                                 flops_seq_len=seq)
+            model.save_pretrained(out / res.name)
+            if processing_class is not None:
+                processing_class.save_pretrained(out / res.name)
+            report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), out / f"layers_{res.name}.png",
+                                      title=f"{title} {res.name}: kept heads and FFN neurons")
+            metrics = {"dense": results["dense"]["metrics"], "pruned": res.metrics_pruned}
+            if res.metrics_recovered is not None:
+                metrics["recovered"] = res.metrics_recovered
+            device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
+            speedup = {"device": device, "threads": torch.get_num_threads(), "seq_len": latency_seq_len,
+                       "rows": run.get("latency", [])}
+            write_model_card(out / res.name, repo_id=training_args.hub_model_id, metrics=metrics, speedup=speedup,
+                             recipe=results["args"], seq_len=seq, **card)
+            if training_args.push_to_hub:
+                hub_id = training_args.hub_model_id
+                repo = hub_id if len(budgets) == 1 else f"{hub_id}-{res.name}"
+                run["pushed"] = push_pruned(out / res.name, repo, token=training_args.hub_token,
+                                            private=training_args.hub_private_repo)
+                log(f"[{res.name}] pushed to {run['pushed']}")
+        results["runs"].append(run)
+        barrier()
+    if main_proc:
+        table = write_reports(out, results, main_metric)
+        print(f"\n{table}\n\nwrote {out / 'results.json'}, {out / 'results.md'} and plots; checkpoints: "
+              + ", ".join(r["checkpoint"] for r in results["runs"]))
+    return results
+
+
 def measure_latency(
     dense: nn.Module, pruned: nn.Module, bench: BenchArguments, seq_len: int,
     inputs_fn: Callable[[nn.Module, int], Mapping[str, Any]] | None = None, flops_seq_len: int | None = None,

@@ -29,9 +29,8 @@ from transformers import (
 )
 
 from .. import report
-from ..hub import check_can_push, push_pruned, write_model_card
+from ..hub import check_can_push
 from ..metrics import glue_compute_metrics, load_metric
-from ..plan import PrunePlan
 from ..resources import resolve_model_path
 from ..tasks import GLUE_TASKS, TaskSpec, get_task, load_task_data
 from .common import (
@@ -41,15 +40,14 @@ from .common import (
     PruneArguments,
     RecoveryArguments,
     args_dict,
+    barrier,
     evaluate,
     is_main_process,
-    measure_latency,
     model_stats,
     parse_recipe_args,
-    prune_and_recover,
     quiet_expected_warnings,
+    run_budgets,
     training_args_for,
-    write_reports,
 )
 
 RECIPE = "glue"
@@ -155,11 +153,6 @@ def _dense_key(model_args: ModelArguments, data_args: DataArguments, dense_args:
             "batch_size": args.per_device_train_batch_size, "seed": args.seed}
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, prune_args, rec_args, dense_args, bench_args, training_args = parse_args(argv)
     quiet_expected_warnings()
@@ -221,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 dense.save_pretrained(dense_dir)
                 tokenizer.save_pretrained(dense_dir)
                 report.write_json(key_file, key)
-            _barrier()
+            barrier()
         elif untrained_head:
             log(f"warning: {model_args.model_name_or_path} has no trained head for {task.name} "
                 f"(missing {info['missing_keys'][:4]}) and dense_train=no: its scores will be near chance")
@@ -238,51 +231,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     calibration = _calibration(train, prune_args.calibration_samples, training_args.per_device_train_batch_size,
                                collator, training_args)
 
-    # ---- one prune + recover per budget
-    for budget in budgets:
-        res = prune_and_recover(
-            dense, budget, prune_args=prune_args, recovery_args=rec_args, training_args=training_args,
-            calibration=calibration, train_dataset=train, evaluate_fn=eval_fn, log=log,
-            trainer_kwargs={"data_collator": collator, "processing_class": tokenizer,
-                            "eval_dataset": next(iter(evals.values())), "compute_metrics": compute_metrics},
-        )
-        run = {"name": res.name, "budget": res.budget, "prune_seconds": res.prune_seconds,
-               "recovery_seconds": res.recovery_seconds, "metrics_pruned": res.metrics_pruned,
-               "metrics_recovered": res.metrics_recovered, **model_stats(res.model, seq),
-               "checkpoint": str(out / res.name)}
-        if main_proc:
-            model = res.model.eval()
-            if bench_args.bench_latency:
-                run["latency"] = measure_latency(dense, model, bench_args, bench_args.bench_seq_len,
-                                                 flops_seq_len=seq)
-            model.save_pretrained(out / res.name)
-            tokenizer.save_pretrained(out / res.name)
-            report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), out / f"layers_{res.name}.png",
-                                      title=f"{task.name} {res.name}: kept heads and FFN neurons")
-            metrics = {"dense": dense_metrics, "pruned": res.metrics_pruned}
-            if res.metrics_recovered is not None:
-                metrics["recovered"] = res.metrics_recovered
-            card = {"base_model": model_args.model_name_or_path, "task": task.name,
-                    "dataset": task.hub_path or data_args.dataset_name, "metrics": metrics,
-                    "speedup": {"device": "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda",
-                                "threads": torch.get_num_threads(), "seq_len": bench_args.bench_seq_len,
-                                "rows": run.get("latency", [])},
-                    "recipe": results["args"], "seq_len": seq}
-            write_model_card(out / res.name, repo_id=training_args.hub_model_id, **card)
-            if training_args.push_to_hub:
-                repo = training_args.hub_model_id if len(budgets) == 1 else f"{training_args.hub_model_id}-{res.name}"
-                run["pushed"] = push_pruned(out / res.name, repo, token=training_args.hub_token,
-                                            private=training_args.hub_private_repo)
-                log(f"[{res.name}] pushed to {run['pushed']}")
-        results["runs"].append(run)
-        _barrier()
-
-    if main_proc:
-        table = write_reports(out, results, main_metric)
-        print(f"\n{table}\n\nwrote {out / 'results.json'}, {out / 'results.md'} and plots; checkpoints: "
-              + ", ".join(r["checkpoint"] for r in results["runs"]))
-    return results
-
+    # ---- one prune + recover per budget, then the reports
+    return run_budgets(
+        dense, budgets, results, prune_args=prune_args, recovery_args=rec_args, bench_args=bench_args,
+        training_args=training_args, calibration=calibration, train_dataset=train, evaluate_fn=eval_fn,
+        trainer_kwargs={"data_collator": collator, "processing_class": tokenizer,
+                        "eval_dataset": next(iter(evals.values())), "compute_metrics": compute_metrics},
+        card={"base_model": model_args.model_name_or_path, "task": task.name,
+              "dataset": task.hub_path or data_args.dataset_name},
+        title=task.name, main_metric=main_metric, latency_seq_len=bench_args.bench_seq_len, log=log,
+    )
 
 if __name__ == "__main__":
     main()

@@ -39,9 +39,8 @@ from transformers import (
 
 from .. import report
 from ..adapters import get_adapter
-from ..hub import check_can_push, push_pruned, write_model_card
+from ..hub import check_can_push
 from ..metrics import hub_offline
-from ..plan import PrunePlan
 from .common import (
     BenchArguments,
     ConfigError,
@@ -49,14 +48,13 @@ from .common import (
     PruneArguments,
     RecoveryArguments,
     args_dict,
+    barrier,
     evaluate,
     is_main_process,
-    measure_latency,
     model_stats,
     parse_recipe_args,
-    prune_and_recover,
+    run_budgets,
     training_args_for,
-    write_reports,
 )
 
 RECIPE = "image_classification"
@@ -335,11 +333,6 @@ def num_tokens(config: Any) -> int:
     return (config.image_size // config.patch_size) ** 2 + (2 if config.model_type == "deit" else 1)
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -442,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 dense.save_pretrained(dense_dir)
                 processor.save_pretrained(dense_dir)
                 report.write_json(key_file, key)
-            _barrier()
+            barrier()
         elif untrained_head:
             log(f"warning: {model_name} has no trained head for these {len(names)} classes and dense_train=no: "
                 "its scores will be near chance")
@@ -463,52 +456,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bs = training_args.per_device_train_batch_size
     calibration = [calib[i : i + bs] for i in range(0, len(calib), bs)]
 
-    # ---- one prune + recover per budget
-    for budget in budgets:
-        res = prune_and_recover(
-            dense, budget, prune_args=prune_args, recovery_args=rec_args, training_args=training_args,
-            calibration=calibration, train_dataset=train, evaluate_fn=eval_fn, log=log,
-            trainer_kwargs={"data_collator": default_data_collator, "processing_class": processor,
-                            "eval_dataset": evals["validation"], "compute_metrics": compute_metrics},
-        )
-        run = {"name": res.name, "budget": res.budget, "prune_seconds": res.prune_seconds,
-               "recovery_seconds": res.recovery_seconds, "metrics_pruned": res.metrics_pruned,
-               "metrics_recovered": res.metrics_recovered, **model_stats(res.model, seq),
-               "checkpoint": str(out / res.name)}
-        if main_proc:
-            model = res.model.eval()
-            if bench_args.bench_latency:
-                from ..costs import dummy_inputs
+    # ---- one prune + recover per budget, then the reports
+    from ..costs import dummy_inputs
 
-                run["latency"] = measure_latency(dense, model, bench_args, seq, flops_seq_len=seq,
-                                                 inputs_fn=lambda m, b: dummy_inputs(m, b, seq))
-            model.save_pretrained(out / res.name)
-            processor.save_pretrained(out / res.name)
-            report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), out / f"layers_{res.name}.png",
-                                      title=f"{data_args.source()} {res.name}: kept heads and FFN neurons")
-            metrics = {"dense": dense_metrics, "pruned": res.metrics_pruned}
-            if res.metrics_recovered is not None:
-                metrics["recovered"] = res.metrics_recovered
-            card = {"base_model": path, "task": "image classification", "dataset": data_args.dataset_name,
-                    "metrics": metrics,
-                    "speedup": {"device": "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda",
-                                "threads": torch.get_num_threads(), "tokens": seq, "rows": run.get("latency", [])},
-                    "recipe": results["args"], "seq_len": seq}
-            write_model_card(out / res.name, repo_id=training_args.hub_model_id, **card)
-            if training_args.push_to_hub:
-                repo = training_args.hub_model_id if len(budgets) == 1 else f"{training_args.hub_model_id}-{res.name}"
-                run["pushed"] = push_pruned(out / res.name, repo, token=training_args.hub_token,
-                                            private=training_args.hub_private_repo)
-                log(f"[{res.name}] pushed to {run['pushed']}")
-        results["runs"].append(run)
-        _barrier()
-
-    if main_proc:
-        table = write_reports(out, results, main_metric)
-        print(f"\n{table}\n\nwrote {out / 'results.json'}, {out / 'results.md'} and plots; checkpoints: "
-              + ", ".join(r["checkpoint"] for r in results["runs"]))
-    return results
-
+    return run_budgets(
+        dense, budgets, results, prune_args=prune_args, recovery_args=rec_args, bench_args=bench_args,
+        training_args=training_args, calibration=calibration, train_dataset=train, evaluate_fn=eval_fn,
+        trainer_kwargs={"data_collator": default_data_collator, "processing_class": processor,
+                        "eval_dataset": evals["validation"], "compute_metrics": compute_metrics},
+        card={"base_model": path, "task": "image classification", "dataset": data_args.dataset_name},
+        title=data_args.source(), main_metric=main_metric, latency_seq_len=seq,
+        inputs_fn=lambda m, b: dummy_inputs(m, b, seq), log=log,
+    )
 
 if __name__ == "__main__":
     main()
