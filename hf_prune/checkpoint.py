@@ -57,7 +57,15 @@ def _stored_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
 def _check_weights(model_cls: type, config: Any, files: list[str]) -> None:
     """Compare stored tensor shapes with the shapes the config's per-layer sizes imply."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in model_cls(config).state_dict().items()}
+        model = model_cls(config)
+        state = model.state_dict()
+        try:  # the names save_pretrained writes (transformers 5 renames e.g. ViT's q_proj back to attention.query)
+            from transformers.modeling_utils import revert_weight_conversion
+
+            state = revert_weight_conversion(model, state)
+        except Exception:  # older/newer transformers without it: compare the names both sides share
+            pass
+        expected = {k: tuple(v.shape) for k, v in state.items()}
     stored = _stored_shapes(files)
     bad = [
         f"{k}: checkpoint {stored[k]} vs config {shape}"
