@@ -390,6 +390,39 @@ def prune_and_recover(
     return result
 
 
+DENSE_KEY_FILE = "hf_prune_dense.json"
+
+
+def dense_cache_matches(dense_dir: Path, key: Mapping[str, Any], dense_args: DenseArguments) -> bool:
+    """Whether ``dense_dir`` holds a dense model trained by an earlier run with the same settings ``key``."""
+    key_file = dense_dir / DENSE_KEY_FILE
+    return dense_args.dense_cache and key_file.is_file() and json.loads(key_file.read_text()) == key
+
+
+def train_dense_(
+    model: nn.Module, *, dense_args: DenseArguments, training_args: TrainingArguments, train_dataset: Any,
+    data_collator: Any, processing_class: Any, dense_dir: Path, key: Mapping[str, Any], what: str,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Train the dense model in place with the ``dense_*`` settings, then cache it in ``dense_dir`` with ``key``."""
+    steps = dense_args.dense_max_steps
+    log(f"dense: {what} ({steps if steps > 0 else dense_args.dense_num_train_epochs} "
+        f"{'steps' if steps > 0 else 'epochs'}, lr {dense_args.dense_learning_rate})")
+    args = training_args_for(training_args, Path(training_args.output_dir) / "trainer" / "dense",
+                             learning_rate=dense_args.dense_learning_rate,
+                             num_train_epochs=dense_args.dense_num_train_epochs, max_steps=steps,
+                             eval_strategy="no", save_strategy="no", load_best_model_at_end=False, push_to_hub=False)
+    start = time.perf_counter()
+    Trainer(model, args, train_dataset=train_dataset, data_collator=data_collator,
+            processing_class=processing_class).train()
+    log(f"dense: trained in {time.perf_counter() - start:.0f}s")
+    if is_main_process(training_args):
+        model.save_pretrained(dense_dir)
+        processing_class.save_pretrained(dense_dir)
+        report.write_json(dense_dir / DENSE_KEY_FILE, key)
+    barrier()
+
+
 def barrier() -> None:
     """Wait for every process (no-op outside torch.distributed)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -12,8 +12,6 @@ defaults and command-line flags override them.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +22,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     TrainingArguments,
 )
 
@@ -40,14 +37,14 @@ from .common import (
     PruneArguments,
     RecoveryArguments,
     args_dict,
-    barrier,
+    dense_cache_matches,
     evaluate,
     is_main_process,
     model_stats,
     parse_recipe_args,
     quiet_expected_warnings,
     run_budgets,
-    training_args_for,
+    train_dense_,
 )
 
 RECIPE = "glue"
@@ -189,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not task.is_regression:
         label_kw.update(id2label=task.id2label, label2id=task.label2id)
     dense_dir, key = out / "dense", _dense_key(model_args, data_args, dense_args, training_args)
-    key_file = dense_dir / "hf_prune_dense.json"
-    if dense_args.dense_cache and key_file.is_file() and json.loads(key_file.read_text()) == key:
+    if dense_cache_matches(dense_dir, key, dense_args):
         log(f"dense: reusing the fine-tuned model in {dense_dir}")
         dense = AutoModelForSequenceClassification.from_pretrained(dense_dir)
     else:
@@ -200,21 +196,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         untrained_head = bool(info.get("missing_keys"))
         if dense_args.dense_train == "yes" or (dense_args.dense_train == "auto" and untrained_head):
-            steps = dense_args.dense_max_steps
-            log(f"dense: fine-tuning {model_args.model_name_or_path} on {task.name} "
-                f"({steps if steps > 0 else dense_args.dense_num_train_epochs} {'steps' if steps > 0 else 'epochs'})")
-            args = training_args_for(training_args, out / "trainer" / "dense", learning_rate=dense_args.dense_learning_rate,
-                                     num_train_epochs=dense_args.dense_num_train_epochs, max_steps=steps,
-                                     eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-                                     push_to_hub=False)
-            start = time.perf_counter()
-            Trainer(dense, args, train_dataset=train, data_collator=collator, processing_class=tokenizer).train()
-            log(f"dense: fine-tuned in {time.perf_counter() - start:.0f}s")
-            if main_proc:
-                dense.save_pretrained(dense_dir)
-                tokenizer.save_pretrained(dense_dir)
-                report.write_json(key_file, key)
-            barrier()
+            train_dense_(dense, dense_args=dense_args, training_args=training_args, train_dataset=train,
+                         data_collator=collator, processing_class=tokenizer, dense_dir=dense_dir, key=key,
+                         what=f"fine-tuning {model_args.model_name_or_path} on {task.name}", log=log)
         elif untrained_head:
             log(f"warning: {model_args.model_name_or_path} has no trained head for {task.name} "
                 f"(missing {info['missing_keys'][:4]}) and dense_train=no: its scores will be near chance")

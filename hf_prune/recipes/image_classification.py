@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    Trainer,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -48,13 +46,13 @@ from .common import (
     PruneArguments,
     RecoveryArguments,
     args_dict,
-    barrier,
+    dense_cache_matches,
     evaluate,
     is_main_process,
     model_stats,
     parse_recipe_args,
     run_budgets,
-    training_args_for,
+    train_dense_,
 )
 
 RECIPE = "image_classification"
@@ -394,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"metrics via {metric_source}")
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        metrics = evaluate(model, training_args, evals, compute_metrics, default_data_collator, processor)
-        return {k: v for k, v in metrics.items() if k != "model_preparation_time"}  # Trainer timing, not a metric
+        return evaluate(model, training_args, evals, compute_metrics, default_data_collator, processor)
 
     # ---- dense model: trained here (cached), or already fine-tuned
     model_name = path or f"ViT from config ({config.num_hidden_layers}x{config.hidden_size})"
@@ -404,8 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            "data": {k: v for k, v in asdict(data_args).items() if k != "augment"},  # recovery-only setting
            "dense": asdict(dense_args), "batch_size": training_args.per_device_train_batch_size,
            "seed": training_args.seed}
-    key_file = dense_dir / "hf_prune_dense.json"
-    if dense_args.dense_cache and key_file.is_file() and json.loads(key_file.read_text()) == key:
+    if dense_cache_matches(dense_dir, key, dense_args):
         log(f"dense: reusing the trained model in {dense_dir}")
         dense = AutoModelForImageClassification.from_pretrained(dense_dir)
     else:
@@ -420,22 +416,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             set_seed(training_args.seed)  # the random init is part of the run, like the training order
             dense, untrained_head = ViTForImageClassification(config), True
         if dense_args.dense_train == "yes" or (dense_args.dense_train == "auto" and untrained_head):
-            steps = dense_args.dense_max_steps
-            log(f"dense: training {model_name} ({steps if steps > 0 else dense_args.dense_num_train_epochs} "
-                f"{'steps' if steps > 0 else 'epochs'}, lr {dense_args.dense_learning_rate})")
-            args = training_args_for(training_args, out / "trainer" / "dense", learning_rate=dense_args.dense_learning_rate,
-                                     num_train_epochs=dense_args.dense_num_train_epochs, max_steps=steps,
-                                     eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-                                     push_to_hub=False)
-            start = time.perf_counter()
-            Trainer(dense, args, train_dataset=train_dense, data_collator=default_data_collator,
-                    processing_class=processor).train()
-            log(f"dense: trained in {time.perf_counter() - start:.0f}s")
-            if main_proc:
-                dense.save_pretrained(dense_dir)
-                processor.save_pretrained(dense_dir)
-                report.write_json(key_file, key)
-            barrier()
+            train_dense_(dense, dense_args=dense_args, training_args=training_args, train_dataset=train_dense,
+                         data_collator=default_data_collator, processing_class=processor, dense_dir=dense_dir,
+                         key=key, what=f"training {model_name}", log=log)
         elif untrained_head:
             log(f"warning: {model_name} has no trained head for these {len(names)} classes and dense_train=no: "
                 "its scores will be near chance")
