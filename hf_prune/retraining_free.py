@@ -860,16 +860,19 @@ def output_divergence(
     device = _device(model)
     was_training = model.training
     model.eval()
+    on_device = {}
+    for name, masks in candidates.items():  # moved once, not per batch
+        moved = LayerMasks(len(masks.heads))
+        moved.heads = [m.to(device) if m is not None else None for m in masks.heads]
+        moved.neurons = [m.to(device) if m is not None else None for m in masks.neurons]
+        on_device[name] = moved
     totals = dict.fromkeys(candidates, 0.0)
     count = 0
     try:
         for raw in batches:
             batch = _to_device({k: v for k, v in raw.items() if k != "labels"}, device)
             ref, kl = _model_output(model(**batch))
-            for name, masks in candidates.items():
-                moved = LayerMasks(len(masks.heads))
-                moved.heads = [m.to(device) if m is not None else None for m in masks.heads]
-                moved.neurons = [m.to(device) if m is not None else None for m in masks.neurons]
+            for name, moved in on_device.items():
                 with mask_hooks(model, moved):
                     out, _ = _model_output(model(**batch))
                 totals[name] += float(_divergence(ref, out, kl, batch.get("attention_mask")).sum())
