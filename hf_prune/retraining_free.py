@@ -16,7 +16,12 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
    second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` with the layer's full Fisher block ``F``.
 4. :func:`tune_masks`: layer by layer, least squares fits a scale per kept head/neuron so the pruned layer's
    residual sums reconstruct the dense model's on the calibration set; :func:`fold_scales_` multiplies them
-   into the O-projection / down-projection input columns, so the cut model has no extra parameters.
+   into the O-projection / down-projection input columns, so the cut model has no extra parameters. In the
+   last layer only the positions the model's output reads are fitted (a classifier's [CLS]).
+5. Selection (:func:`prune_retraining_free`, ``config.select_stages``): each stage optimises a proxy, so the
+   searched, rearranged and tuned candidates (the search plan tuned too when rearrangement changed it) are
+   compared on held-out calibration samples by how far their outputs are from the dense model's, and the
+   closest is cut.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 import numpy as np
@@ -574,6 +579,58 @@ def _layer_inputs(model: nn.Module, layer: nn.Module, batches: Sequence[Batch]) 
     return out
 
 
+def _read_positions(
+    model: nn.Module, layer: nn.Module, batches: Sequence[Batch], inputs: Sequence[_LayerInput]
+) -> list[torch.Tensor | None]:
+    """Per batch, the ``(B, T)`` bool positions of ``layer``'s output (the last layer) that the model's output
+    depends on; None = every real token (``inputs[b].tokens``).
+
+    A sequence classifier reads one token of the last layer (BERT/ViT pool the first, decoder classifiers the
+    last real one), so only those positions need reconstructing there; fitting all tokens spends the last
+    layer's few degrees of freedom on outputs nobody reads. Found by autograd, not by architecture name: the
+    gradient of a random projection of the output is exactly zero at positions the model does not read. One
+    batch decides; if it reads only the first token, every batch does (no more backward passes), otherwise each
+    batch is checked.
+    """
+    device = _device(model)
+
+    def read(raw: Batch, x: _LayerInput) -> torch.Tensor:
+        batch = _to_device({k: v for k, v in raw.items() if k != "labels"}, device)
+        grabbed: dict[str, torch.Tensor] = {}
+
+        def hook(_m, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            out = out.detach().requires_grad_(True)
+            grabbed["h"] = out
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                y, _ = _model_output(model(**batch))
+                gen = torch.Generator().manual_seed(0)
+                proj = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
+                (grad,) = torch.autograd.grad((y * proj).sum(), grabbed["h"])
+        finally:
+            handle.remove()
+        pos = grad.abs().sum(-1) > 0  # (B, T)
+        return pos & x.tokens if x.tokens is not None else pos
+
+    first = read(batches[0], inputs[0])
+    real = inputs[0].tokens if inputs[0].tokens is not None else torch.ones_like(first)
+    if bool((first == real).all()):
+        return [None] * len(batches)
+    if first[:, 0].all() and not first[:, 1:].any():
+        return [_first_position(x.hidden) for x in inputs]
+    return [first] + [read(b, x) for b, x in zip(batches[1:], inputs[1:])]
+
+
+def _first_position(hidden: torch.Tensor) -> torch.Tensor:
+    pos = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # (B, T)
+    pos[:, 0] = True
+    return pos
+
+
 def _run_layer(layer: nn.Module, x: _LayerInput, hidden: torch.Tensor) -> torch.Tensor:
     out = layer(hidden, *x.args, **x.kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -653,6 +710,7 @@ def tune_masks(
     *,
     damping: float = 1e-2,
     scale_range: tuple[float, float] = (-1.0, 3.0),
+    read_positions_only: bool = True,
     progress: bool = True,
 ) -> MaskTuning:
     """Least-squares scales for the heads and neurons ``plan`` keeps, layer by layer.
@@ -664,6 +722,10 @@ def tune_masks(
     feeds the next norm: pruned input ``x_p`` against the dense layer's sum on the dense input. Then, with
     those heads, the neuron scales do the same for the FFN residual sum. Fitting against the dense stream
     lets each layer also correct the error the layers before it left.
+
+    In the last layer, with ``read_positions_only``, only the positions the model's output reads are fitted
+    (the first token of a BERT/ViT classifier; found by autograd, see :func:`_read_positions`), as Kwon et al.
+    do for classification; a model that reads every token (a base model, token classification) is unaffected.
 
     Residual of the FFN sum: in pre-norm models (residual stream, detected per layer from the first batch:
     ``out = x + O + down``) it is ``x + O``; otherwise (post-norm BERT-style encoders) it is the FFN input.
@@ -681,7 +743,10 @@ def tune_masks(
             inputs = _layer_inputs(model, layers[0], batches)
             dense_x = [x.hidden for x in inputs]  # per batch (B, T, D)
             pruned_x = list(dense_x)  # the embeddings are not pruned: both streams start equal
+            last_read = _read_positions(model, layers[-1], batches, inputs) if read_positions_only else None
             for i in tqdm(range(len(layers)), desc="mask tuning", disable=not progress):
+                if i == len(layers) - 1 and last_read is not None:
+                    inputs = [x if r is None else replace(x, tokens=r) for x, r in zip(inputs, last_read)]
                 targets, pre_norm, dense_x = _dense_targets(layers[i], adapter, inputs, dense_x)
                 cut = copy.deepcopy(layers[i]).eval()
                 prune_layer_(cut, adapter, head_dim, current.group_size, keep_h[i], keep_n[i])
@@ -819,18 +884,6 @@ def split_batches(
     return tune, held
 
 
-def plan_layer_masks(plan: PrunePlan, current: PrunePlan) -> LayerMasks:
-    """0/1 masks over the layers as they are now (``current``) that keep what ``plan`` keeps."""
-    heads, neurons = _current_positions(plan, current)
-    masks = LayerMasks(len(heads))
-    for i, (h, n) in enumerate(zip(heads, neurons)):
-        masks.heads[i] = torch.zeros(len(current.heads[i]))
-        masks.heads[i][h] = 1.0
-        masks.neurons[i] = torch.zeros(len(current.neurons[i]))
-        masks.neurons[i][n] = 1.0
-    return masks
-
-
 def _model_output(out: Any) -> tuple[torch.Tensor, bool]:
     """The output compared across candidates, and whether it is logits over classes/tokens (KL) or not (MSE)."""
     logits = getattr(out, "logits", None)
@@ -854,27 +907,34 @@ def _divergence(ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: 
 
 @torch.no_grad()
 def output_divergence(
-    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, LayerMasks]
+    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, LayerMasks | nn.Module]
 ) -> dict[str, float]:
-    """Mean per-sample divergence of the model's outputs under each candidate's masks from its unmasked outputs."""
+    """Mean per-sample divergence from ``model``'s outputs of each candidate's: ``model`` under the candidate's
+    masks (a :class:`LayerMasks`), or a candidate model (e.g. already cut, which runs at its kept FLOPs)."""
     device = _device(model)
     was_training = model.training
     model.eval()
-    on_device = {}
-    for name, masks in candidates.items():  # moved once, not per batch
-        moved = LayerMasks(len(masks.heads))
-        moved.heads = [m.to(device) if m is not None else None for m in masks.heads]
-        moved.neurons = [m.to(device) if m is not None else None for m in masks.neurons]
-        on_device[name] = moved
+    runners = {}
+    for name, cand in candidates.items():  # masks moved to the device once, not per batch
+        if isinstance(cand, nn.Module):
+            runners[name] = (cand.eval(), None)
+            continue
+        moved = LayerMasks(len(cand.heads))
+        moved.heads = [m.to(device) if m is not None else None for m in cand.heads]
+        moved.neurons = [m.to(device) if m is not None else None for m in cand.neurons]
+        runners[name] = (model, moved)
     totals = dict.fromkeys(candidates, 0.0)
     count = 0
     try:
         for raw in batches:
             batch = _to_device({k: v for k, v in raw.items() if k != "labels"}, device)
             ref, kl = _model_output(model(**batch))
-            for name, moved in on_device.items():
-                with mask_hooks(model, moved):
-                    out, _ = _model_output(model(**batch))
+            for name, (net, masks) in runners.items():
+                if masks is None:
+                    out, _ = _model_output(net(**batch))
+                else:
+                    with mask_hooks(net, masks):
+                        out, _ = _model_output(net(**batch))
                 totals[name] += float(_divergence(ref, out, kl, batch.get("attention_mask")).sum())
             count += int(ref.shape[0])
     finally:
@@ -913,27 +973,42 @@ def prune_retraining_free(
         times["rearrange_s"] = time.perf_counter() - t
     del fisher
     tune_batches, held_out = split_batches(batches, config.tuning_samples, config.selection_samples)
-    tuning = None
+    selecting = config.select_stages and bool(held_out)
+    # Tuned candidates: the final plan; with selection on, also the search plan when rearrangement changed it
+    # (which of the two tunes better differs by model and budget, and the held-out check is cheap next to it).
+    to_tune = {"tuned": plan}
+    if selecting and "rearranged" in stages and stages["rearranged"].heads + stages["rearranged"].neurons != (
+        stages["search"].heads + stages["search"].neurons
+    ):
+        to_tune["tuned_search"] = stages["search"]
+    tuned: dict[str, MaskTuning] = {}
     if config.mask_tuning:
         t = time.perf_counter()
-        tuning = tune_masks(model, tune_batches, plan, progress=config.progress)
-        info["mask_tuning"] = tuning.errors
+        for name, p in to_tune.items():
+            tuned[name] = tune_masks(model, tune_batches, p, progress=config.progress)
+        info["mask_tuning"] = tuned["tuned"].errors
+        if "tuned_search" in tuned:
+            info["mask_tuning_search"] = tuned["tuned_search"].errors
         info["tuning_samples"] = sum(_batch_size(b) for b in tune_batches)
         times["tuning_s"] = time.perf_counter() - t
-    if config.select_stages and held_out and (len(stages) > 1 or tuning is not None):
+    tuning = tuned.get("tuned")
+    if selecting and (len(stages) > 1 or tuned):
         # The search, the rearrangement and the tuning each optimise a proxy (diagonal Fisher, block Fisher,
         # layer-wise reconstruction); keep the stage whose masked model stays closest to the dense model's
-        # outputs on calibration samples none of them was fitted to (measured through masks: no copies).
+        # outputs on calibration samples none of them was fitted to. Each candidate runs as a cut copy, at its
+        # kept FLOPs (about half the time of the full model under masks).
         t = time.perf_counter()
-        current = PrunePlan.of(model)
-        candidates = {name: plan_layer_masks(p, current) for name, p in stages.items()}
-        if tuning is not None:
-            candidates["tuned"] = tuning.layer_masks()
+        candidates: dict[str, nn.Module] = {name: apply_plan_(copy.deepcopy(model), p) for name, p in stages.items()}
+        for name, tn in tuned.items():
+            candidates[name] = apply_plan_(fold_scales_(copy.deepcopy(model), tn), to_tune[name])
         divergence = output_divergence(model, held_out, candidates)
+        del candidates
         chosen = min(divergence, key=divergence.get)
         info["selection"] = {"divergence": divergence, "chosen": chosen,
                              "samples": sum(_batch_size(b) for b in held_out)}
-        if chosen != "tuned":
+        if chosen in tuned:
+            plan, tuning = to_tune[chosen], tuned[chosen]
+        else:
             plan, tuning = stages[chosen], None
         times["selection_s"] = time.perf_counter() - t
     if tuning is not None:

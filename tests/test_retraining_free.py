@@ -85,9 +85,10 @@ def test_folded_pruned_model_equals_masked_scaled_model(name):
 # ----------------------------------------------------------------------------------------------- tuning
 
 
-def _residual_sums(model, masks, batches, layer):
+def _residual_sums(model, masks, batches, layer, first_only=False):
     """BERT (post-norm) layer ``layer``: the attention sum ``x + O`` and FFN sum ``FFN input + down`` over
-    real tokens, measured with hooks on the whole model under ``masks``."""
+    real tokens (the [CLS] token only with ``first_only``), measured with hooks on the whole model under
+    ``masks``."""
     adapter = hp.get_adapter(model)
     lay = layer_list(model, adapter)[layer]
     rec = {}
@@ -104,6 +105,9 @@ def _residual_sums(model, masks, batches, layer):
             for b in batches:
                 model(**inputs_only(b))
                 real = b["attention_mask"].bool()
+                if first_only:
+                    real = torch.zeros_like(real)
+                    real[:, 0] = True
                 attn.append((rec["x"] + rec["o"])[real])
                 ffn.append((rec["up"] + rec["down"])[real])
     finally:
@@ -118,15 +122,17 @@ def test_mask_tuning_reduces_each_layers_reconstruction_error():
     binary = plan_masks(plan)
     improved = 0
     for i in range(plan.num_layers):
-        dense_attn, dense_ffn = _residual_sums(model, hp.LayerMasks(plan.num_layers), batches, i)
+        # the classifier reads only [CLS] of the last layer, so that is all the last layer is fitted on
+        last = i == plan.num_layers - 1
+        dense_attn, dense_ffn = _residual_sums(model, hp.LayerMasks(plan.num_layers), batches, i, last)
         # layers before i tuned, as tune_masks leaves them; layer i with the plain 0/1 mask vs tuned
         masks = tuning.layer_masks()
         masks.heads[i], masks.neurons[i] = binary.heads[i], binary.neurons[i]
-        attn_before, _ = _residual_sums(model, masks, batches, i)
+        attn_before, _ = _residual_sums(model, masks, batches, i, last)
         masks.heads[i] = tuning.heads[i]
-        attn_after, ffn_before = _residual_sums(model, masks, batches, i)
+        attn_after, ffn_before = _residual_sums(model, masks, batches, i, last)
         masks.neurons[i] = tuning.neurons[i]
-        _, ffn_after = _residual_sums(model, masks, batches, i)
+        _, ffn_after = _residual_sums(model, masks, batches, i, last)
         errs = {
             "attention_before": (attn_before - dense_attn).pow(2).sum(1).mean().item(),
             "attention_after": (attn_after - dense_attn).pow(2).sum(1).mean().item(),
@@ -139,6 +145,30 @@ def test_mask_tuning_reduces_each_layers_reconstruction_error():
         for key, value in errs.items():  # the solver's own bookkeeping agrees with the measurement
             assert tuning.errors[i][key] == pytest.approx(value, rel=1e-3, abs=1e-7)
     assert improved >= 2
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("bert", "first"), ("vit", "first"), ("distilbert", "first"), ("qwen2", "last"), ("xlm-roberta", "all"),
+     ("llama", "all")],
+)
+def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
+    from hf_prune.retraining_free import _layer_inputs, _read_positions
+
+    model = BY_NAME[name].model()
+    batches = _batches(name, n=2)
+    layers = layer_list(model, hp.get_adapter(model))
+    inputs = _layer_inputs(model, layers[0], batches)
+    read = _read_positions(model, layers[-1], batches, inputs)
+    for r, x in zip(read, inputs):
+        if expected == "all":  # a base model or an LM reads every real token: the default (None) applies
+            assert r is None
+            continue
+        want = torch.zeros(x.hidden.shape[:2], dtype=torch.bool)
+        want[:, 0 if expected == "first" else -1] = True
+        if x.tokens is not None:
+            want &= x.tokens
+        assert torch.equal(r, want)
 
 
 def test_scale_solver_damps_and_keeps_the_range_without_losing_the_guarantee():
@@ -326,7 +356,12 @@ def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
                               progress=False)
     pruned, plan = hp.prune(model, batches, config)
     sel = plan.meta["retraining_free"]["selection"]
-    assert set(sel["divergence"]) == {"search", "rearranged", "tuned"} and sel["samples"] == 32
+    assert {"search", "rearranged", "tuned"} <= set(sel["divergence"]) and sel["samples"] == 32
+    # the search plan is tuned as well exactly when rearrangement changed it
+    info = plan.meta["retraining_free"]
+    changed = any(r["heads_after"] < r["heads_before"] or r["neurons_after"] < r["neurons_before"]
+                  for r in info["rearrangement"])
+    assert ("tuned_search" in sel["divergence"]) == changed
     assert sel["divergence"][sel["chosen"]] == min(sel["divergence"].values())
     # the cut (and, if chosen, folded) model computes exactly the chosen candidate's outputs
     _, held = split_batches(batches, 48, 32)
