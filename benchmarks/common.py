@@ -154,12 +154,27 @@ def dev_batches(task: Task, tok: Any, batch_size: int = 64) -> tuple[list[dict],
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, task: Task, batches: list[dict], labels: list) -> dict[str, float]:
-    """The task's GLUE metrics on the dev set, in percent (``hf_prune.metrics.compute_glue_metrics``)."""
+def dev_logits(model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
     model.eval()
-    logits = torch.cat([model(**b).logits.float() for b in batches])  # (N, C)
+    return torch.cat([model(**b).logits.float() for b in batches])  # (N, C)
+
+
+def metrics_of(task: Task, logits: torch.Tensor, labels: list) -> dict[str, float]:
+    """The task's GLUE metrics, in percent (``hf_prune.metrics.compute_glue_metrics``), from dev logits."""
     preds = logits.squeeze(-1).numpy() if task.num_labels == 1 else logits.argmax(-1).numpy()
     return {k: 100 * v for k, v in compute_glue_metrics(task.name, preds, labels).items()}
+
+
+def evaluate(model: torch.nn.Module, task: Task, batches: list[dict], labels: list) -> dict[str, float]:
+    """The task's GLUE metrics on the dev set, in percent."""
+    return metrics_of(task, dev_logits(model, batches), labels)
+
+
+def divergence_to(dense: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean per-example KL(dense || pruned) of the class distributions; squared error for regression."""
+    if dense.shape[-1] == 1:
+        return float((dense - logits).pow(2).sum(-1).mean())
+    return float((dense.softmax(-1) * (dense.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean())
 
 
 def calibration(task: Task, tok: Any, samples: int, seed: int, batch_size: int = 32) -> list[dict]:
