@@ -33,7 +33,6 @@ from common import (
     calibration,
     dev_batches,
     dev_logits,
-    divergence_to,
     epochs_to_steps,
     finetune,
     forward_backward_s,
@@ -45,7 +44,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import hf_prune as hp
 from hf_prune import report
 from hf_prune.resources import embedded_model_path
-from hf_prune.retraining_free import split_batches
+from hf_prune.retraining_free import sample_divergence, split_batches
 
 # ----------------------------------------------------------------------------------------------- one task
 
@@ -78,7 +77,8 @@ def run_task(task: Task, args: argparse.Namespace, tok: Any) -> list[dict[str, A
         r = {"task": task.name, "budget": keep, "method": method,
              "flops_kept": hp.count_flops(pruned, args.seq_len)["total"] / dense_flops,
              **metrics_of(task, logits := dev_logits(pruned, dev), labels),
-             "dev_divergence": divergence_to(dense_logits, logits), **extra}
+             "dev_divergence": float(sample_divergence(dense_logits, logits, task.num_labels > 1, None).mean()),
+             **extra}
         print(f"[{task.name}] {keep:.0%} {method}: {r}", flush=True)
         return r
 

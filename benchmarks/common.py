@@ -170,13 +170,6 @@ def evaluate(model: torch.nn.Module, task: Task, batches: list[dict], labels: li
     return metrics_of(task, dev_logits(model, batches), labels)
 
 
-def divergence_to(dense: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean per-example KL(dense || pruned) of the class distributions; squared error for regression."""
-    if dense.shape[-1] == 1:
-        return float((dense - logits).pow(2).sum(-1).mean())
-    return float((dense.softmax(-1) * (dense.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean())
-
-
 def calibration(task: Task, tok: Any, samples: int, seed: int, batch_size: int = 32) -> list[dict]:
     """``samples`` labelled training examples (a fixed random subset), batches of ``batch_size``."""
     texts, labels = task.read("train")

@@ -27,9 +27,10 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, TypeVar
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from .adapters import get_adapter, model_dims
 from .costs import _time_once, dummy_inputs
 from .importance import ImportanceScores, _batch_size, _to_device, per_sample_mask_grads
-from .masks import LayerMasks, mask_hooks
+from .masks import LayerMasks
 from .modeling_pruned import get_module, layer_list, prune_layer_
 from .plan import PrunePlan, build_plan
 from .surgery import apply_plan_
@@ -892,7 +893,9 @@ def _model_output(out: Any) -> tuple[torch.Tensor, bool]:
     return logits.float(), logits.shape[-1] > 1
 
 
-def _divergence(ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def sample_divergence(
+    ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Per-sample ``(B,)`` divergence: KL(ref || out) of the softmax over the last axis for logits, squared
     error otherwise (regression heads, hidden states); token outputs are averaged over ``attention_mask``."""
     if kl:
@@ -907,42 +910,46 @@ def _divergence(ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: 
 
 @torch.no_grad()
 def output_divergence(
-    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, LayerMasks | nn.Module]
+    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, Callable[[], nn.Module]]
 ) -> dict[str, float]:
-    """Mean per-sample divergence from ``model``'s outputs of each candidate's: ``model`` under the candidate's
-    masks (a :class:`LayerMasks`), or a candidate model (e.g. already cut, which runs at its kept FLOPs)."""
+    """Mean per-sample divergence of each candidate model's outputs from ``model``'s.
+
+    ``candidates`` maps names to functions that build the candidate (e.g. a cut copy, which runs at its kept
+    FLOPs); they are built one at a time, so at most one copy of the model exists besides ``model``. The
+    reference outputs are computed once and kept on the CPU.
+    """
     device = _device(model)
     was_training = model.training
     model.eval()
-    runners = {}
-    for name, cand in candidates.items():  # masks moved to the device once, not per batch
-        if isinstance(cand, nn.Module):
-            runners[name] = (cand.eval(), None)
-            continue
-        moved = LayerMasks(len(cand.heads))
-        moved.heads = [m.to(device) if m is not None else None for m in cand.heads]
-        moved.neurons = [m.to(device) if m is not None else None for m in cand.neurons]
-        runners[name] = (model, moved)
-    totals = dict.fromkeys(candidates, 0.0)
-    count = 0
+    inputs = [{k: v for k, v in raw.items() if k != "labels"} for raw in batches]
+    refs, kl = [], False
     try:
-        for raw in batches:
-            batch = _to_device({k: v for k, v in raw.items() if k != "labels"}, device)
-            ref, kl = _model_output(model(**batch))
-            for name, (net, masks) in runners.items():
-                if masks is None:
-                    out, _ = _model_output(net(**batch))
-                else:
-                    with mask_hooks(net, masks):
-                        out, _ = _model_output(net(**batch))
-                totals[name] += float(_divergence(ref, out, kl, batch.get("attention_mask")).sum())
-            count += int(ref.shape[0])
+        for x in inputs:
+            ref, kl = _model_output(model(**_to_device(x, device)))
+            refs.append(ref.cpu())
     finally:
         model.train(was_training)
-    return {k: v / max(count, 1) for k, v in totals.items()}
+    count = sum(int(r.shape[0]) for r in refs)
+    totals = {}
+    for name, build in candidates.items():
+        net = build().eval()
+        total = 0.0
+        for x, ref in zip(inputs, refs):
+            out, _ = _model_output(net(**_to_device(x, device)))
+            mask = x.get("attention_mask")
+            total += float(sample_divergence(ref, out.cpu(), kl, None if mask is None else mask.cpu()).sum())
+        totals[name] = total / max(count, 1)
+        del net
+    return totals
 
 
 # ----------------------------------------------------------------------------------------------- entry
+
+
+def _cut_candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None) -> nn.Module:
+    """A copy of ``model`` with ``tuning``'s scales folded in (if any), cut to ``plan``."""
+    copied = copy.deepcopy(model)
+    return apply_plan_(fold_scales_(copied, tuning) if tuning is not None else copied, plan)
 
 
 def prune_retraining_free(
@@ -977,10 +984,11 @@ def prune_retraining_free(
     # Tuned candidates: the final plan; with selection on, also the search plan when rearrangement changed it
     # (which of the two tunes better differs by model and budget, and the held-out check is cheap next to it).
     to_tune = {"tuned": plan}
-    if selecting and "rearranged" in stages and stages["rearranged"].heads + stages["rearranged"].neurons != (
-        stages["search"].heads + stages["search"].neurons
+    search, rearranged = stages["search"], stages.get("rearranged")
+    if selecting and rearranged is not None and (rearranged.heads, rearranged.neurons) != (
+        search.heads, search.neurons
     ):
-        to_tune["tuned_search"] = stages["search"]
+        to_tune["tuned_search"] = search
     tuned: dict[str, MaskTuning] = {}
     if config.mask_tuning:
         t = time.perf_counter()
@@ -998,11 +1006,10 @@ def prune_retraining_free(
         # outputs on calibration samples none of them was fitted to. Each candidate runs as a cut copy, at its
         # kept FLOPs (about half the time of the full model under masks).
         t = time.perf_counter()
-        candidates: dict[str, nn.Module] = {name: apply_plan_(copy.deepcopy(model), p) for name, p in stages.items()}
-        for name, tn in tuned.items():
-            candidates[name] = apply_plan_(fold_scales_(copy.deepcopy(model), tn), to_tune[name])
+        candidates = {name: functools.partial(_cut_candidate, model, p, None) for name, p in stages.items()}
+        candidates.update({name: functools.partial(_cut_candidate, model, to_tune[name], tn)
+                           for name, tn in tuned.items()})
         divergence = output_divergence(model, held_out, candidates)
-        del candidates
         chosen = min(divergence, key=divergence.get)
         info["selection"] = {"divergence": divergence, "chosen": chosen,
                              "samples": sum(_batch_size(b) for b in held_out)}

@@ -347,7 +347,7 @@ def test_split_batches_keeps_tuning_and_held_out_samples_apart():
 
 
 def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
-    from hf_prune.retraining_free import _divergence, _model_output, split_batches
+    from hf_prune.retraining_free import _model_output, sample_divergence, split_batches
 
     model = _minilm_shaped(seed=3)
     dense = copy.deepcopy(model)
@@ -371,7 +371,7 @@ def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
             x = inputs_only(b)
             ref, kl = _model_output(dense(**x))
             out, _ = _model_output(pruned(**x))
-            total += float(_divergence(ref, out, kl, x["attention_mask"]).sum())
+            total += float(sample_divergence(ref, out, kl, x["attention_mask"]).sum())
             n += ref.shape[0]
     assert total / n == pytest.approx(sel["divergence"][sel["chosen"]], rel=1e-3, abs=1e-6)
 
