@@ -232,6 +232,7 @@ class TaskRun:
         s["repeats"], s["repeats_b32"] = a.repeats, a.repeats_b32
         if method == "retraining_free":
             s["samples"] = a.rf_samples
+            s["tuning_fit"] = hp.PruningConfig.tuning_fit  # the default; cells cut with the older scales fit are stale
         if method in ("fisher", "tp_taylor"):
             s["samples"] = a.oneshot_samples
         if method.startswith("tp_"):

@@ -33,8 +33,13 @@ class PruningConfig:
         latency_batch_size: batch size at which the latency table for ``latency_keep`` is measured.
         rearrange: ``retraining_free``: re-choose each layer's kept units (same counts) to minimise the
             second-order loss estimate with the layer's full Fisher matrix.
-        mask_tuning: ``retraining_free``: fit per-unit scales by layer-wise least squares against the dense
-            model and fold them into the kept weights.
+        mask_tuning: ``retraining_free``: layer by layer, fit the cut layers to reconstruct the dense model's
+            layers on calibration data (least squares) and fold the fit into the kept weights.
+        tuning_fit: ``retraining_free``: what mask tuning fits. ``weights``: the whole attention-output and
+            FFN down projections of each cut layer (weights and biases, ridge towards the cut weights);
+            ``scales``: one scale per kept head and neuron, as in Kwon et al. Same cost; on all-MiniLM-L6-v2
+            (SST-2, MRPC, STS-B at 75-40% of FLOPs) the ``weights`` fit left the dev outputs 4-50x closer to the
+            dense model's (``benchmarks/results/retraining_free.md``). Both give an ordinary smaller model.
         tuning_samples: ``retraining_free``: calibration samples the mask tuning fits on (the first ones; None =
             all). On MiniLM/SST-2, 256 fit as well as 512 and 2048 (same dev KL to the dense model).
         select_stages: ``retraining_free``: keep the stage (search, rearranged, tuned; when rearrangement changed
@@ -64,6 +69,7 @@ class PruningConfig:
     latency_batch_size: int = 1
     rearrange: bool = True
     mask_tuning: bool = True
+    tuning_fit: Literal["weights", "scales"] = "weights"
     tuning_samples: int | None = 256
     select_stages: bool = True
     selection_samples: int = 256
@@ -103,6 +109,8 @@ class PruningConfig:
             )
         if self.latency_keep is not None and self.method != "retraining_free":
             raise ValueError("latency_keep needs method='retraining_free' (its search uses a latency table)")
+        if self.tuning_fit not in ("weights", "scales"):
+            raise ValueError(f"tuning_fit must be 'weights' or 'scales', not {self.tuning_fit!r}")
         if self.tuning_samples is not None and self.tuning_samples < 1:
             raise ValueError(f"tuning_samples must be >= 1 (or None for all), got {self.tuning_samples}")
         if self.selection_samples < 1:

@@ -89,6 +89,10 @@ def test_flags_override_config():
                                               "--recovery", "lora", "--learning_rate", "1e-4"])
     assert prune.budgets() == [{"flops_keep": 0.6}, {"flops_keep": 0.4}]
     assert rec.recovery == "lora" and train.learning_rate == 1e-4
+    *_, prune, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--prune_method", "retraining_free",
+                                            "--tuning_fit", "scales"])
+    cfg = prune.pruning_config(prune.budgets()[0], seed=train.seed)
+    assert cfg.method == "retraining_free" and cfg.tuning_fit == "scales"
 
 
 def test_unknown_config_key_lists_valid_keys(tmp_path):

@@ -64,22 +64,102 @@ def test_fisher_diagonal_is_the_fisher_importance_score():
         assert torch.linalg.eigvalsh(f.double()).min() > -1e-6 * f.diagonal().sum()
 
 
+def _ragged_batches(vocab=200, sizes=((4, 12), (4, 7), (3, 10)), seed=3, pad_id=0):
+    """Right-padded batches of different widths and sample lengths (pad id ``pad_id``), with labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for bsz, width in sizes:
+        lengths = torch.randint(2, width + 1, (bsz,), generator=g)
+        lengths[0] = width  # each batch padded to its longest sample, as a tokenizer does
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(3, vocab, (bsz, width), generator=g).masked_fill(mask == 0, pad_id)
+        out.append({"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask,
+                    "labels": torch.randint(0, 2, (bsz,), generator=g)})
+    return out
+
+
+def test_by_length_rebatches_the_same_samples_with_little_padding():
+    from hf_prune.retraining_free import by_length
+
+    batches = _ragged_batches(pad_id=1)
+    sorted_ = by_length(batches)
+
+    def samples(bs):  # (real tokens, label) per sample
+        return sorted((tuple(b["input_ids"][r][b["attention_mask"][r].bool()].tolist()), int(b["labels"][r]))
+                      for b in bs for r in range(len(b["labels"])))
+
+    assert samples(sorted_) == samples(batches)
+    lengths = [int(n) for b in sorted_ for n in b["attention_mask"].sum(1)]
+    assert lengths == sorted(lengths)
+    for b in sorted_:
+        assert b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())  # trimmed to its longest
+        assert (b["input_ids"][b["attention_mask"] == 0] == 1).all()  # re-padded with the batches' pad id
+        assert b.keys() == batches[0].keys() and len(b["labels"]) <= 4
+    assert sum(b["input_ids"].numel() for b in sorted_) < sum(b["input_ids"].numel() for b in batches)
+    # nothing to sort safely: images (no mask), left padding
+    vit = _batches("vit", n=2)
+    assert by_length(vit) == vit
+    left = [{**b, "attention_mask": b["attention_mask"].flip(1)} for b in batches]
+    assert by_length(left) == left
+
+
+def test_fisher_does_not_depend_on_the_batching():
+    from hf_prune.retraining_free import by_length
+
+    model = _minilm_shaped(seed=2)
+    batches = _ragged_batches()
+    a = hp.fisher_information(model, batches, progress=False)
+    b = hp.fisher_information(model, by_length(batches), progress=False)
+    for x, y in zip(a.heads + a.neurons, b.heads + b.neurons):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6 * float(x.abs().max()))
+
+
 # ----------------------------------------------------------------------------------------------- folding
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_folded_pruned_model_equals_masked_scaled_model(name):
     model, batches, _, plan = _searched(name)
-    tuning = hp.tune_masks(model, batches, plan, progress=False)
+    tuning = hp.tune_masks(model, batches, plan, fit="scales", progress=False)
     assert any(not torch.allclose(h[h != 0], torch.ones(1)) for h in tuning.heads + tuning.neurons)
     inputs = inputs_only(_batches(name, n=1, seq_len=11)[0])
     with torch.no_grad(), hp.mask_hooks(model, tuning.layer_masks()):
         expected = output_tensor(model(**inputs))
-    folded = hp.apply_plan_(hp.fold_scales_(copy.deepcopy(model), tuning), plan)
+    folded = hp.apply_plan_(hp.fold_tuning_(copy.deepcopy(model), tuning), plan)
     with torch.no_grad():
         got = output_tensor(folded(**inputs))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert hp.count_params(folded) < hp.count_params(model)  # an ordinary smaller model, no extra parameters
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_refitted_weights_fold_into_the_kept_columns_exactly(name):
+    model, batches, _, plan = _searched(name)
+    tuning = hp.tune_masks(model, batches, plan, fit="weights", progress=False)
+    adapter = hp.get_adapter(model)
+    changed = [not torch.equal(w["down_weight"], get_module(layer, adapter.down).weight[:, w["neurons"]])
+               for w, layer in zip(tuning.weights, layer_list(model, adapter))]
+    assert any(changed)  # the fit moved the weights
+    with pytest.raises(ValueError, match="fold it"):
+        tuning.layer_masks()
+    inputs = inputs_only(_batches(name, n=1, seq_len=11)[0])
+    folded = hp.fold_tuning_(copy.deepcopy(model), tuning)
+    with torch.no_grad(), hp.mask_hooks(folded, plan_masks(plan)):
+        expected = output_tensor(folded(**inputs))
+    cut = hp.apply_plan_(folded, plan)
+    with torch.no_grad():
+        got = output_tensor(cut(**inputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert hp.count_params(cut) < hp.count_params(model)  # the same smaller shapes as the plain cut
+    assert hp.count_params(cut) == hp.count_params(hp.apply_plan_(copy.deepcopy(model), plan))
+
+
+def test_folding_a_tuning_into_a_model_of_another_structure_is_refused():
+    model, batches, _, plan = _searched("bert")
+    tuning = hp.tune_masks(model, batches, plan, fit="weights", progress=False)
+    other = hp.apply_plan_(copy.deepcopy(model), plan)  # already cut: columns no longer line up
+    with pytest.raises(ValueError, match="different structure"):
+        hp.fold_tuning_(other, tuning)
 
 
 # ----------------------------------------------------------------------------------------------- tuning
@@ -116,23 +196,29 @@ def _residual_sums(model, masks, batches, layer, first_only=False):
     return torch.cat(attn), torch.cat(ffn)
 
 
-def test_mask_tuning_reduces_each_layers_reconstruction_error():
+@pytest.mark.parametrize("fit", ["scales", "weights"])
+def test_mask_tuning_reduces_each_layers_reconstruction_error(fit):
     model, batches, _, plan = _searched("bert", flops_keep=0.4)
-    tuning = hp.tune_masks(model, batches, plan, progress=False)
+    tuning = hp.tune_masks(model, batches, plan, fit=fit, progress=False)
     binary = plan_masks(plan)
+    adapter = hp.get_adapter(model)
+    tuned = hp.fold_tuning_(copy.deepcopy(model), tuning)
+
+    def plain_(net, i, names):  # layer i's projections ``names`` back to the base model's (the plain cut)
+        for name in names:
+            src = get_module(layer_list(model, adapter)[i], getattr(adapter, name))
+            get_module(layer_list(net, adapter)[i], getattr(adapter, name)).load_state_dict(src.state_dict())
+        return net
+
     improved = 0
     for i in range(plan.num_layers):
         # the classifier reads only [CLS] of the last layer, so that is all the last layer is fitted on
         last = i == plan.num_layers - 1
         dense_attn, dense_ffn = _residual_sums(model, hp.LayerMasks(plan.num_layers), batches, i, last)
-        # layers before i tuned, as tune_masks leaves them; layer i with the plain 0/1 mask vs tuned
-        masks = tuning.layer_masks()
-        masks.heads[i], masks.neurons[i] = binary.heads[i], binary.neurons[i]
-        attn_before, _ = _residual_sums(model, masks, batches, i, last)
-        masks.heads[i] = tuning.heads[i]
-        attn_after, ffn_before = _residual_sums(model, masks, batches, i, last)
-        masks.neurons[i] = tuning.neurons[i]
-        _, ffn_after = _residual_sums(model, masks, batches, i, last)
+        # layers before i tuned, as tune_masks leaves them; layer i plain, then its attention fitted, then all
+        attn_before, _ = _residual_sums(plain_(copy.deepcopy(tuned), i, ("o", "down")), binary, batches, i, last)
+        attn_after, ffn_before = _residual_sums(plain_(copy.deepcopy(tuned), i, ("down",)), binary, batches, i, last)
+        _, ffn_after = _residual_sums(tuned, binary, batches, i, last)
         errs = {
             "attention_before": (attn_before - dense_attn).pow(2).sum(1).mean().item(),
             "attention_after": (attn_after - dense_attn).pow(2).sum(1).mean().item(),
@@ -309,8 +395,9 @@ def test_measured_latency_table_and_latency_budget_through_prune():
     assert np.all(np.diff(table.head_ms) >= 0) and np.all(np.diff(table.neuron_ms) >= 0)
     assert table.dense_ms() > 0
     # A budget the measured table can reach: a tiny layer's time is mostly fixed overhead, so take what
-    # keeping half the heads and neurons is predicted to cost.
-    keep = min(1.0, 3 * table.layer_ms(2, 24) / table.dense_ms() + 1e-9)
+    # keeping half the heads and neurons is predicted to cost, plus 1%: on a busy machine the table can come
+    # out flat (every size costs the same overhead), and the knapsack rounds costs up to its grid.
+    keep = min(1.0, 1.01 * 3 * table.layer_ms(2, 24) / table.dense_ms())
     config = hp.PruningConfig(method="retraining_free", latency_keep=keep, seq_len=16, progress=False)
     pruned, plan = hp.prune(model, _batches("bert"), config, latency_table=table)
     assert table.plan_ms(plan) <= keep * table.dense_ms() + 1e-9
@@ -331,6 +418,20 @@ def test_config_validates_the_method_and_its_budgets():
         hp.PruningConfig(method="retraining_free", flops_keep=0.5, latency_keep=0.5)
     cfg = hp.PruningConfig(method="retraining_free", latency_keep=0.5)
     assert hp.PruningConfig.from_dict(cfg.to_dict()) == cfg and cfg.budget() == {"latency_keep": 0.5}
+    with pytest.raises(ValueError, match="tuning_fit must be 'weights' or 'scales'"):
+        hp.PruningConfig(method="retraining_free", flops_keep=0.5, tuning_fit="bias")
+    with pytest.raises(ValueError, match="unknown fit"):
+        hp.tune_masks(BY_NAME["bert"].model(), [], hp.PrunePlan.of(BY_NAME["bert"].model()), fit="bias")
+
+
+@pytest.mark.parametrize("fit", ["scales", "weights"])
+def test_prune_uses_the_configured_tuning_fit(fit):
+    model = BY_NAME["bert"].model()
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=16, tuning_fit=fit,
+                              select_stages=False, progress=False)
+    _, plan = hp.prune(copy.deepcopy(model), _batches("bert"), config)
+    info = plan.meta["retraining_free"]
+    assert info["tuning_fit"] == fit and len(info["mask_tuning"]) == plan.num_layers
 
 
 # ----------------------------------------------------------------------------------------------- stage selection

@@ -42,6 +42,8 @@ class PruneArguments:
     Args:
         prune_method: ``one_shot`` (score, cut) or ``retraining_free`` (Kwon et al. 2022: Fisher search, mask
             rearrangement, mask tuning folded into the weights).
+        tuning_fit: ``retraining_free``: what mask tuning fits, ``weights`` (the cut layers' output projections)
+            or ``scales`` (one per kept head/neuron, as in the paper).
         importance: ``fisher``, ``taylor``, ``magnitude``, ``activation`` or ``random`` (one_shot only).
         flops_keep: fractions of encoder-layer FLOPs to keep, one run each (default 0.5 when no budget is set).
         heads_keep: fraction of attention heads to keep (instead of ``flops_keep``).
@@ -56,6 +58,7 @@ class PruneArguments:
     """
 
     prune_method: str = field(default="one_shot", metadata={"help": "one_shot or retraining_free."})
+    tuning_fit: str = field(default="weights", metadata={"help": "retraining_free mask tuning: weights or scales."})
     importance: str = field(default="fisher", metadata={"help": "fisher, taylor, magnitude, activation, random."})
     flops_keep: list[float] | None = field(
         default=None, metadata={"help": "Fractions of layer FLOPs to keep; one run per value (default 0.5)."}
@@ -87,7 +90,8 @@ class PruneArguments:
         """The library's :class:`PruningConfig` for one budget (raises ConfigError on a bad value)."""
         try:
             return PruningConfig(
-                method=self.prune_method, importance=self.importance, allocation=self.allocation,
+                method=self.prune_method, tuning_fit=self.tuning_fit, importance=self.importance,
+                allocation=self.allocation,
                 round_to=self.round_to, allow_empty_layers=self.allow_empty_layers,
                 max_calibration_samples=self.calibration_samples, seq_len=self.flops_seq_len, seed=seed,
                 **budget,
