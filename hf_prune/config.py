@@ -43,7 +43,8 @@ class PruningConfig:
         tuning_samples: ``retraining_free``: calibration samples the mask tuning fits on (the first ones; None =
             all). On MiniLM/SST-2, 256 fit as well as 512 and 2048 (same dev KL to the dense model).
         select_stages: ``retraining_free``: keep the stage (search, rearranged, tuned; when rearrangement changed
-            the plan, the search plan is tuned too as a fourth candidate) whose masked model is
+            the plan, the search plan is tuned too; with ``tuning_fit="weights"``, the final plan is also tuned
+            with scales, the fallback when the weights fit overfits few tokens) whose cut model is
             closest to the dense model's outputs (KL of logits, squared error for regression and hidden states)
             on ``selection_samples`` calibration samples that the tuning did not fit on. Each stage optimises a
             proxy, and on some models rearrangement or tuning makes the real outputs worse.

@@ -49,3 +49,37 @@ def test_minilm_half_pruned_saves_and_reloads(minilm, tmp_path):
     # the file holds the smaller tensors (fp32), not masked dense ones
     size = (tmp_path / "minilm-50" / "model.safetensors").stat().st_size
     assert size == pytest.approx(4 * hp.count_params(model), rel=0.01) and size < 4 * hp.count_params(dense) * 0.8
+
+
+def _mean_pooled(model, batch):
+    """all-MiniLM-L6-v2's sentence embedding: the mean of the real tokens' last hidden states."""
+    with torch.no_grad():
+        h = model(**batch).last_hidden_state  # (B, T, D)
+    m = batch["attention_mask"][..., None].to(h.dtype)
+    return (h * m).sum(1) / m.sum(1)
+
+
+def test_minilm_retraining_free_keeps_sentence_embeddings_and_reloads(minilm, tmp_path):
+    """Retraining-free at 60% of the FLOPs on the real weights, as a sentence encoder (hidden states of every
+    token are the output), from 64 unlabelled tuning sentences: so few tokens that the weights fit overfits,
+    and the held-out selection has to fall back on the scales fit. The default call must do at least as well
+    as the paper's pipeline and better than the untuned search; the tuned checkpoint reloads exactly."""
+    dense, tok = minilm
+    texts, _ = sst2_sample()
+    calib = text_batches(tok, texts[:128], batch_size=16, max_length=64)  # unlabelled
+    probe = text_batches(tok, texts[192:256], batch_size=64, max_length=64)[0]
+    want = _mean_pooled(dense, probe)
+    cos, chosen = {}, {}
+    for name, extra in {"search": {"rearrange": False, "mask_tuning": False, "select_stages": False},
+                        "paper": {"tuning_fit": "scales", "select_stages": False}, "default": {}}.items():
+        cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, tuning_samples=64, selection_samples=64,
+                               progress=False, **extra)
+        model, plan = hp.prune(copy.deepcopy(dense), calib, cfg)
+        assert 0.99 * 0.6 <= hp.count_flops(model, 128)["total"] / hp.count_flops(dense, 128)["total"] <= 0.6
+        cos[name] = torch.nn.functional.cosine_similarity(_mean_pooled(model, probe), want).mean().item()
+        chosen[name] = plan.meta["retraining_free"].get("selection", {}).get("chosen")
+    assert chosen["default"] == "tuned_scales", chosen
+    assert cos["default"] >= cos["paper"] - 0.01 and cos["default"] > cos["search"] + 0.01, cos
+    model.save_pretrained(tmp_path / "minilm-rf")
+    reloaded = hp.load_pruned(tmp_path / "minilm-rf", AutoModel)
+    torch.testing.assert_close(_mean_pooled(reloaded, probe), _mean_pooled(model, probe), atol=0, rtol=0)

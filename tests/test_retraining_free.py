@@ -458,6 +458,7 @@ def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
     pruned, plan = hp.prune(model, batches, config)
     sel = plan.meta["retraining_free"]["selection"]
     assert {"search", "rearranged", "tuned"} <= set(sel["divergence"]) and sel["samples"] == 32
+    assert "tuned_scales" in sel["divergence"]  # the weights fit is checked against the paper's scales
     # the search plan is tuned as well exactly when rearrangement changed it
     info = plan.meta["retraining_free"]
     changed = any(r["heads_after"] < r["heads_before"] or r["neurons_after"] < r["neurons_before"]
