@@ -105,10 +105,10 @@ def by_length(batches: Sequence[Batch]) -> list[Batch]:
         new = {}
         for key in batches[0]:
             # per token: (B, T, ...) like the mask, trimmed (or padded) to ``width``; else per sample (B, ...)
-            picked = [_fit(b[key][r], width, pads[key]) if _per_token(b, key) else b[key][r] for _, b, r in chunk]
             try:
+                picked = [_fit(b[key][r], width, pads[key]) if _per_token(b, key) else b[key][r] for _, b, r in chunk]
                 new[key] = torch.stack(picked)
-            except RuntimeError:  # per-sample tensors whose shapes differ between batches: leave it alone
+            except RuntimeError:  # per-sample shapes differ between batches, or a pad value is unknown
                 return batches
         out.append(new)
     return out
@@ -119,20 +119,23 @@ def _per_token(batch: Mapping[str, Any], key: str) -> bool:
     return value.dim() >= 2 and tuple(value.shape[:2]) == tuple(mask.shape)
 
 
-def _pad_value(batches: Sequence[Batch], key: str) -> torch.Tensor | int:
-    """What ``key`` holds at padded positions (the tokenizer's pad id for ``input_ids``); 0 if never padded."""
+def _pad_value(batches: Sequence[Batch], key: str) -> torch.Tensor | None:
+    """What ``key`` holds at padded positions (the tokenizer's pad id for ``input_ids``); None if never padded
+    (then it is unknown: decoder classifiers find the last token by the pad id, so guessing one is unsafe)."""
     for b in batches:
         if _per_token(b, key):
             pad = b["attention_mask"] == 0  # (B, T)
             if pad.any():
                 return b[key][pad][0]
-    return 0
+    return None
 
 
-def _fit(row: torch.Tensor, width: int, pad: torch.Tensor | int) -> torch.Tensor:
+def _fit(row: torch.Tensor, width: int, pad: torch.Tensor | None) -> torch.Tensor:
     """One sample's ``(T, ...)`` per-token row cut or right-padded with ``pad`` to ``width``."""
     if row.shape[0] >= width:
         return row[:width]
+    if pad is None:
+        raise RuntimeError("no pad value seen for this key")
     filler = torch.as_tensor(pad, dtype=row.dtype, device=row.device).expand(width - row.shape[0], *row.shape[1:])
     return torch.cat([row, filler])
 

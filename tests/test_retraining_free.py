@@ -101,6 +101,10 @@ def test_by_length_rebatches_the_same_samples_with_little_padding():
     assert by_length(vit) == vit
     left = [{**b, "attention_mask": b["attention_mask"].flip(1)} for b in batches]
     assert by_length(left) == left
+    # unpadded batches of different widths: re-batching would need a pad id nobody showed us
+    full = [{k: v[:, : v.shape[1] - i] if v.dim() == 2 else v for k, v in b.items()} for i, b in enumerate(batches)]
+    full = [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in full]
+    assert by_length(full) == full
 
 
 def test_fisher_does_not_depend_on_the_batching():
