@@ -128,8 +128,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                             **{m: by[m][metric] for m in METHODS},
                             "pruning_s": t["total_s"], "fwd_bwd_s": t["forward_backward_s"],
                             "fwd_bwd_sorted_s": t.get("forward_backward_sorted_s", float("nan"))})
-    formats = {"budget": ".0%", "dense": ".2f", **{m: ".2f" for m in METHODS}, "pruning_s": ".1f", "fwd_bwd_s": ".1f",
-               "fwd_bwd_sorted_s": ".1f"}
+    formats = {"budget": ".0%", "dense": ".2f", **{m: ".2f" for m in METHODS},
+               **dict.fromkeys(("pruning_s", "fwd_bwd_s", "fwd_bwd_sorted_s"), ".1f")}
     headers = {"budget": "FLOPs kept", "pruning_s": "pruning time (s)", "fwd_bwd_s": "fwd+bwd time (s)",
                "fwd_bwd_sorted_s": "fwd+bwd, length-sorted (s)"}
     return report.markdown_table(out, formats=formats, headers=headers)
@@ -140,7 +140,8 @@ def divergence_table(rows: list[dict[str, Any]]) -> str:
     method, and the stage the full method chose. Far less noisy than a few hundred dev labels."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        for keep in sorted({r["budget"] for r in rows if r["task"] == task and r["method"] != "dense"}, reverse=True):
+        budgets = {r["budget"] for r in rows if r["task"] == task and r["method"] != "dense"}
+        for keep in sorted(budgets, reverse=True):
             by = {r["method"]: r for r in rows if r["task"] == task and r["budget"] == keep}
             out.append({"task": task, "budget": keep, **{m: by[m]["dev_divergence"] for m in METHODS},
                         "chosen": by["full method"].get("chosen")})

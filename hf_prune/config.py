@@ -8,6 +8,8 @@ from typing import Any, Literal
 from .importance import CRITERIA
 
 METHODS = ("one_shot", "retraining_free")
+#: What retraining-free mask tuning fits per layer (``tuning_fit``; :func:`hf_prune.tune_masks`).
+TUNING_FITS = ("weights", "scales")
 
 
 @dataclass
@@ -110,7 +112,7 @@ class PruningConfig:
             )
         if self.latency_keep is not None and self.method != "retraining_free":
             raise ValueError("latency_keep needs method='retraining_free' (its search uses a latency table)")
-        if self.tuning_fit not in ("weights", "scales"):
+        if self.tuning_fit not in TUNING_FITS:
             raise ValueError(f"tuning_fit must be 'weights' or 'scales', not {self.tuning_fit!r}")
         if self.tuning_samples is not None and self.tuning_samples < 1:
             raise ValueError(f"tuning_samples must be >= 1 (or None for all), got {self.tuning_samples}")

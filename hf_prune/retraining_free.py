@@ -23,8 +23,8 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
    the positions the model's output reads are fitted (a classifier's [CLS]).
 5. Selection (:func:`prune_retraining_free`, ``config.select_stages``): each stage optimises a proxy, so the
    searched, rearranged and tuned candidates (the search plan tuned too when rearrangement changed it, and the
-   final plan with scales as well when the fit is weights) are compared on held-out calibration samples by how far their outputs are from the dense model's, and the
-   closest is cut.
+   final plan with scales as well when the fit is weights) are compared on held-out calibration samples by how
+   far their outputs are from the dense model's, and the closest is cut.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter, model_dims
+from .config import TUNING_FITS
 from .costs import _time_once, dummy_inputs
 from .importance import ImportanceScores, _batch_size, _to_device, per_sample_mask_grads
 from .masks import LayerMasks
@@ -56,9 +57,6 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=nn.Module)
 Batch = dict[str, Any]
-
-#: What :func:`tune_masks` fits per layer.
-TUNING_FITS = ("weights", "scales")
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -820,19 +818,18 @@ def _solve_weights(
 
 class _Normal:
     """Running normal equations of one least-squares fit ``min || X W - R ||^2``: ``X^T X`` ``(k, k)``, ``X^T R``
-    ``(k, m)`` and ``||R||^2`` in float64 on the CPU, summed over calibration batches, and the rows seen."""
+    ``(k, m)`` and ``||R||^2`` in float64 on the CPU, summed over calibration batches."""
 
     def __init__(self, k: int, m: int) -> None:
         self.XtX = torch.zeros(k, k, dtype=torch.float64)
         self.XtR = torch.zeros(k, m, dtype=torch.float64)
-        self.rr, self.rows = 0.0, 0
+        self.rr = 0.0
 
     def add(self, X: torch.Tensor, R: torch.Tensor) -> None:
         """One batch: ``X`` ``(N, k)``, ``R`` ``(N, m)``."""
         self.XtX += (X.T @ X).double().cpu()
         self.XtR += (X.T @ R).double().cpu()
         self.rr += float(R.double().pow(2).sum())
-        self.rows += R.shape[0]
 
 
 def _with_bias(X: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
@@ -995,9 +992,11 @@ def _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping
     # weights: rows are tokens, unknowns O's input columns (+ bias); scales: rows are (token, output dim)
     # pairs, unknowns one scale per head multiplying that head's output W_O^h ctx_h
     normal = _Normal(o.in_features + (o.bias is not None), o.out_features) if fit == "weights" else _Normal(k, 1)
+    tokens = 0
     for x, h, (t_attn, _) in zip(inputs, pruned_x, targets):
         ctx = _real(_run_until(cut, adapter, x, h, "o")["o_in"], x.tokens)  # (N, k * d)
         r = t_attn - _real(h, x.tokens)  # (N, D) what O (weights and bias) must supply
+        tokens += r.shape[0]
         if fit == "weights":
             normal.add(_with_bias(ctx, o), r)
         else:
@@ -1009,8 +1008,8 @@ def _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping
     else:
         s, before, after = _solve_scales(normal.XtX, normal.XtR[:, 0], normal.rr, damping, scale_range)
         _scale_columns_(o, s.repeat_interleave(head_dim))
-    rows = max(normal.rows // (1 if fit == "weights" else o.out_features), 1)  # tokens
-    return s, {"attention_before": before / rows, "attention_after": after / rows}
+    tokens = max(tokens, 1)
+    return s, {"attention_before": before / tokens, "attention_after": after / tokens}
 
 
 def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, damping, scale_range):
@@ -1020,22 +1019,24 @@ def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, dampi
     W = down.weight  # (D, k)
     bias = down.bias if down.bias is not None else 0.0
     k = down.in_features
-    normal = _Normal(k + (down.bias is not None), down.out_features)
-    AtA, rhs, rr = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0.0  # scales
+    if fit == "weights":
+        normal = _Normal(k + (down.bias is not None), down.out_features)
+    else:  # scales: the (token, output dim) rows a_nk w_k would be (N * D, k); their normal equations factor
+        AtA, rhs, rr = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0.0
+    tokens = 0
     for x, h, (_, t_ffn) in zip(inputs, pruned_x, targets):
         rec = _run_until(cut, adapter, x, h, "down")
         A = _real(rec["down_in"], x.tokens)  # (N, k) activations of the kept neurons
         res = (h + rec["o_out"]) if pre_norm else rec["up_in"]  # (B, T, D) FFN residual
         r = t_ffn - _real(res, x.tokens)  # (N, D) what down (weights and bias) must supply
+        tokens += r.shape[0]
         if fit == "weights":
             normal.add(_with_bias(A, down), r)
             continue
-        # scales: the (token, output dim) rows a_nk w_k would be (N * D, k); their normal equations factor
         r = r - bias
         AtA += (A.T @ A).double().cpu()
         rhs += ((r @ W) * A).sum(0).double().cpu()  # sum_n a_nk (w_k . r_n)
         rr += float(r.double().pow(2).sum())
-        normal.rows += r.shape[0]
     if fit == "weights":
         before, after = _refit_(down, normal, damping)
         s = torch.ones(k)
@@ -1043,8 +1044,8 @@ def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, dampi
         G = AtA * (W.T @ W).double().cpu()  # (k, k): <a_j w_j, a_k w_k> summed over tokens
         s, before, after = _solve_scales(G, rhs, rr, damping, scale_range)
         _scale_columns_(down, s)
-    rows = max(normal.rows, 1)
-    return s, {"ffn_before": before / rows, "ffn_after": after / rows}
+    tokens = max(tokens, 1)
+    return s, {"ffn_before": before / tokens, "ffn_after": after / tokens}
 
 
 @torch.no_grad()
