@@ -23,6 +23,7 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .adapters import get_adapter, model_dims
 from .config import PruningConfig
+from .distributed import all_reduce_sum_, broadcast_parameters_, is_distributed, is_main
 from .costs import CostModel, count_params
 from .importance import GRADIENT_CRITERIA, ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
@@ -30,10 +31,6 @@ from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan, build_plan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class MaskController:
@@ -131,9 +128,7 @@ class MaskController:
     def gradient_scores(self) -> ImportanceScores:
         """Accumulated statistics as (L, H) / (L, I) scores; summed over processes under DDP."""
         accs = [a.clone() for a in self.acc_heads + self.acc_neurons]
-        if _distributed():
-            for t in accs:
-                torch.distributed.all_reduce(t)
+        all_reduce_sum_(accs)
         L = self.physical.num_layers
         return self._to_dense_ids(accs[:L], accs[L:], self.criterion)
 
@@ -184,6 +179,15 @@ class PruningCallback(TrainerCallback, ExportableState):
             schedule if isinstance(schedule, PruningSchedule) else PruningSchedule(**dict(schedule or {}))
         )
         self.calibration_dataloader = calibration_dataloader
+        if self.config.method == "retraining_free":
+            if self.schedule.kind != "one_shot" or self.schedule.start_step != 0:
+                raise ValueError(
+                    "method='retraining_free' is a one-shot cut of the trained model: use the default schedule "
+                    f"(one_shot at start_step=0), not {self.schedule.kind} from step {self.schedule.start_step}; "
+                    "for a gradual schedule use method='one_shot'"
+                )
+            if calibration_dataloader is None:
+                raise ValueError("method='retraining_free' needs calibration data: pass calibration_dataloader=...")
         uses_gradients = calibration_dataloader is None and self.config.importance in GRADIENT_CRITERIA
         if self.config.importance == "activation" and calibration_dataloader is None:
             raise ValueError("importance='activation' needs a calibration_dataloader (it is not a gradient statistic)")
@@ -273,23 +277,44 @@ class PruningCallback(TrainerCallback, ExportableState):
     def _prune_event(self, model: nn.Module, step: int) -> None:
         assert self.controller is not None
         cfg = self.schedule.budget_at(self.config, step, self._dense_params)
-        if self.calibration_dataloader is not None or self.config.importance not in GRADIENT_CRITERIA:
+        if cfg.method == "retraining_free":
+            self._retraining_free_event(model, cfg)
+        elif self.calibration_dataloader is not None or self.config.importance not in GRADIENT_CRITERIA:
             scores = compute_importance(
                 model,
                 self.calibration_dataloader,
                 self.config.importance,
                 max_samples=self.config.max_calibration_samples,
                 seed=self.config.seed + step,
-                progress=self.config.progress and _is_main(),
+                progress=self.config.progress and is_main(),
             )
+            self.plan = build_plan(self.controller.restrict(scores), model, cfg)
         else:
             scores = self.controller.gradient_scores()
-        self.plan = build_plan(self.controller.restrict(scores), model, cfg)
+            self.plan = build_plan(self.controller.restrict(scores), model, cfg)
         self.controller.set_plan(self.plan)
         self.controller.reset_statistics()
         self.done_events.append(step)
         self._update_stats(model)
         self.on_plan_update(model, step)
+
+    def _retraining_free_event(self, model: nn.Module, cfg: PruningConfig) -> None:
+        """Retraining-free plan, its tuning folded into the kept weights in place (same tensors, so the
+        optimizer and DDP's buckets stay valid); the masks then make the model compute what the cut one does."""
+        from .retraining_free import fold_tuning_, retraining_free_plan
+
+        assert self.controller is not None
+        self.controller.remove()  # the search scores the dense model through its own mask hooks
+        try:
+            self.plan, tuning = retraining_free_plan(model, self.calibration_dataloader, cfg)
+        finally:
+            self.controller.install()
+        if tuning is not None:
+            with torch.no_grad():
+                fold_tuning_(model, tuning)
+            # each rank tuned on its own calibration shard; the plan is the same everywhere (Fisher and stage
+            # divergences are reduced over ranks), the refitted weights are made rank 0's
+            broadcast_parameters_(model)
 
     def on_plan_update(self, model: nn.Module, step: int) -> None:
         """Called after each pruning event (``PruningTrainer`` cuts the model here)."""
@@ -330,7 +355,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-def _is_main() -> bool:
-    return not _distributed() or torch.distributed.get_rank() == 0

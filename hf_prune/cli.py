@@ -14,7 +14,20 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .budgets import BUDGETS, DEFAULT_BUDGET
 from .config import PruningConfig
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: printed as one line, without a traceback."""
+
+
+def _parse(parser, argv: list[str]):
+    """``parser``'s dataclasses from ``argv``; a mistyped flag is an error naming the closest valid ones."""
+    from .recipes.common import check_flags
+
+    check_flags(parser, argv)
+    return parser.parse_args_into_dataclasses(argv)
 
 
 @dataclass
@@ -53,12 +66,29 @@ def _calibration_texts(args: PruneArgs) -> list[str]:
         with open(args.data, encoding="utf-8-sig") as f:
             header = f.readline().rstrip("\n").split("\t")
         if "sentence" not in header:
-            raise SystemExit(f"{args.data}: expected a TSV with a 'sentence' column, found columns {header}")
+            raise UsageError(f"{args.data}: expected a TSV with a 'sentence' column, found columns {header}")
         col = header.index("sentence")
         texts = [r[col] for r in read_tsv(args.data)]
     if not texts:
-        raise SystemExit(f"{args.data}: no calibration sentences")
+        raise UsageError(f"{args.data}: no calibration sentences")
     return texts[: args.samples]
+
+
+def parse_prune_args(argv: list[str]) -> tuple[PruneArgs, PruningConfig]:
+    """``hf-prune prune``'s flags: :class:`PruneArgs` and every :class:`PruningConfig` field under its own name;
+    without a budget flag, ``DEFAULT_BUDGET``."""
+    from transformers import HfArgumentParser
+
+    from .recipes.common import check_flags
+
+    parser = HfArgumentParser((PruneArgs, PruningConfig), prog="hf-prune prune")
+    parser.description = "Score, prune, measure, save and reload a model (defaults: embedded MiniLM, 50% FLOPs)."
+    check_flags(parser, argv)
+    ns = vars(parser.parse_args(argv))
+    args = PruneArgs(**{f.name: ns.pop(f.name) for f in fields(PruneArgs)})
+    if all(ns[k] is None for k in BUDGETS):
+        ns.update(DEFAULT_BUDGET)  # the default job: half the layer FLOPs
+    return args, PruningConfig(**ns)  # a bad value is a ValueError: one line from main()
 
 
 def cmd_prune(argv: list[str]) -> int:
@@ -66,25 +96,16 @@ def cmd_prune(argv: list[str]) -> int:
     import time
 
     import transformers
-    from transformers import AutoTokenizer, HfArgumentParser
+    from transformers import AutoTokenizer
 
     from . import api, checkpoint, costs
     from .resources import resolve_model_path, text_batches
 
-    parser = HfArgumentParser((PruneArgs, PruningConfig), prog="hf-prune prune")
-    parser.description = "Score, prune, measure, save and reload a model (defaults: embedded MiniLM, 50% FLOPs)."
-    ns = vars(parser.parse_args(argv))
-    args = PruneArgs(**{f.name: ns.pop(f.name) for f in fields(PruneArgs)})
-    budget_keys = ("heads_keep", "neurons_keep", "flops_keep", "target_params")
-    if all(ns[k] is None for k in budget_keys):
-        ns["flops_keep"] = 0.5  # the default job: half the layer FLOPs
-    try:
-        cfg = PruningConfig(**ns)
-    except ValueError as e:
-        parser.error(str(e))
+    args, cfg = parse_prune_args(argv)
     auto = getattr(transformers, args.auto_class, None)
-    if auto is None:
-        raise SystemExit(f"unknown auto class {args.auto_class!r}")
+    if auto is None or not hasattr(auto, "from_pretrained"):
+        raise UsageError(f"unknown auto class {args.auto_class!r}: use a transformers Auto class such as "
+                         "AutoModel or AutoModelForSequenceClassification")
     path = resolve_model_path(args.model)
     print(f"loading {args.model} ({path})")
     dense = auto.from_pretrained(path).eval()
@@ -131,7 +152,7 @@ def cmd_prune(argv: list[str]) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
-    from .recipes import RECIPES, ConfigError, run_recipe
+    from .recipes import RECIPES, run_recipe
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: hf-prune run CONFIG [--key value ...]\n")
@@ -140,11 +161,7 @@ def cmd_run(argv: list[str]) -> int:
         print("Examples: hf-prune run recipes/glue/sst2.yaml")
         print("          hf-prune run recipes/glue/mrpc.yaml --flops_keep 0.6 0.4 --recovery lora")
         return 0 if argv else 2
-    try:
-        run_recipe(argv[0], argv[1:])
-    except ConfigError as e:
-        print(f"hf-prune run: error: {e}", file=sys.stderr)
-        return 2
+    run_recipe(argv[0], argv[1:])  # a ConfigError is a user error: one line from main()
     return 0
 
 
@@ -196,7 +213,7 @@ def cmd_inspect(argv: list[str]) -> int:
 
     parser = HfArgumentParser(InspectArgs, prog="hf-prune inspect")
     parser.description = "Per-layer heads/neurons, parameters and FLOPs of a pruned checkpoint vs its dense model."
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    (args,) = _parse(parser, argv)
     model = load_pruned(args.checkpoint)
     info = checkpoint_summary(model, args.seq_len)
     if args.json:
@@ -265,7 +282,7 @@ def cmd_bench(argv: list[str]) -> int:
 
     parser = HfArgumentParser(BenchArgs, prog="hf-prune bench")
     parser.description = "Latency of a pruned checkpoint vs its dense base, timed interleaved (median of repeats)."
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    (args,) = _parse(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_pruned(args.checkpoint).eval().to(args.device)
@@ -309,19 +326,40 @@ commands:
   bench CKPT     latency of a pruned checkpoint vs its dense base (batch 1 and 32, interleaved)"""
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input was wrong (bad value, missing file, wrong checkpoint), not a bug."""
+    from .checkpoint import CorruptCheckpointError
+    from .plan import PlanMismatchError
+    from .recipes import ConfigError
+
+    return (UsageError, ConfigError, ValueError, OSError, PlanMismatchError, CorruptCheckpointError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command. A user error prints one line, ``hf-prune: error: ...``, and exits with status 2; a bug keeps
+    its traceback. ``--debug`` (anywhere) shows the traceback of user errors too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(HELP)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nhf-prune: unknown command {argv[0]!r}", file=sys.stderr)
+            print(f"\nhf-prune: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
+                  file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] in ("inspect", "bench") and len(argv) > 1 and not argv[1].startswith("-"):
         argv = [argv[0], "--checkpoint", *argv[1:]]  # positional CHECKPOINT
     from .recipes.common import quiet_expected_warnings
 
     quiet_expected_warnings()
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _user_errors() as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"hf-prune {argv[0]}: error: {message}  (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from transformers import AutoConfig
 
 from .checkpoint import CorruptCheckpointError, _resolve_class
 from .costs import count_flops, count_params, model_layer_sizes, plan_flops, plan_params
+from .io import write_text_atomic
 from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE
 from .plan import PrunePlan
 
@@ -170,7 +170,8 @@ def model_card(
         checkpoint_dir: the folder holding config.json, prune_plan.json and the safetensors weights.
         repo_id: Hub id used in the loading snippets; default: the folder name.
         seq_len: tokens (or patches + 1 for ViT) per sequence at which FLOPs are counted.
-        base_model: Hub id of the dense model that was pruned.
+        base_model: Hub id of the dense model that was pruned (``hf_prune.resources.base_model_id`` turns a
+            model name or path into one, or None for a local folder); an invalid id is an error.
         task: what the model does, e.g. ``"SST-2 sentiment classification"``.
         dataset: Hub id of the evaluation/training dataset, e.g. ``"nyu-mll/glue"``.
         metrics: ``{row: {metric: value}}``, e.g. ``{"dense": {"accuracy": 0.91}, "pruned": {...}}``. The
@@ -182,6 +183,10 @@ def model_card(
         extra_tags: Hub tags added to ``hf_prune``, ``pruned``, ``structured-pruning``.
     """
     folder = Path(checkpoint_dir)
+    if base_model is not None:
+        check_repo_id(base_model, "base_model")
+    if repo_id is not None:
+        check_repo_id(repo_id, "repo_id")
     s = _stats(folder, seq_len)
     config, dense, sizes = s["config"], s["dense"], s["sizes"]
     repo_id = repo_id or folder.resolve().name
@@ -276,15 +281,7 @@ def write_model_card(checkpoint_dir: str | Path, **kwargs: Any) -> Path:
     """
     folder = Path(checkpoint_dir)
     text = model_card(folder, **kwargs)
-    # Temp file in the same folder (same filesystem) so os.replace is atomic: no reader sees half a card.
-    fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, folder / CARD_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(folder / CARD_FILE, text)
     return folder / CARD_FILE
 
 
@@ -309,6 +306,17 @@ def resolve_token(token: str | None = None) -> str:
     return token
 
 
+def check_repo_id(repo_id: str, what: str = "repo id") -> None:
+    """Refuse a string the Hub would not accept as a repo id, naming the setting and the fix."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"{what} {repo_id!r} is not a valid Hub repo id ({e}); use 'namespace/name', e.g. "
+                         "'your-username/model-name'") from e
+
+
 def check_can_push(repo_id: str | None, token: str | None = None) -> str:
     """Fail now, before any long job, if a push could not work; return the token. Makes no network call.
 
@@ -317,14 +325,10 @@ def check_can_push(repo_id: str | None, token: str | None = None) -> str:
         token: explicit Hub token; default: ``HF_TOKEN`` or the stored ``hf auth login`` token.
     """
     from huggingface_hub import constants
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not repo_id:
         raise ValueError("pushing needs a repo id: pass repo_id='your-username/model-name'")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: {e} Use 'your-username/model-name'.") from e
+    check_repo_id(repo_id)
     if constants.HF_HUB_OFFLINE:  # the flag every huggingface_hub request checks
         raise RuntimeError("HF_HUB_OFFLINE is set, so nothing can be pushed: unset HF_HUB_OFFLINE to push")
     return resolve_token(token)

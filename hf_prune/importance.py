@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter, model_dims
+from .distributed import all_reduce_sum_
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan
@@ -222,9 +223,7 @@ def _data_scores(
             f"(got {total if total is not None else 'an empty iterable'})"
         )
     counts = torch.tensor([float(seen)], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for t in head_acc + neuron_acc + [counts]:
-            torch.distributed.all_reduce(t)
+    all_reduce_sum_(head_acc + neuron_acc + [counts])
     if criterion == "activation":
         head_acc = [a / counts for a in head_acc]
         neuron_acc = [a / counts for a in neuron_acc]

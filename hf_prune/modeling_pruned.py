@@ -308,6 +308,17 @@ def _stock_class(cls: type) -> type:
     return cls
 
 
+def _readable_(folder: Path) -> None:
+    """Give ``folder`` and its files the permissions of a stock ``save_pretrained`` folder under the current umask
+    (``mkdtemp`` makes 0700 folders; some transformers releases write weights 0600). Kept here, not imported from
+    hf_prune.io: this file is also the checkpoint's remote code and must stand alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _commit_dir(stage: Path, target: Path) -> None:
     """Move a fully written ``stage`` folder to ``target`` so that readers never see half a checkpoint.
 
@@ -400,6 +411,7 @@ class PrunedModelMixin:
             if plan is not None:
                 data = plan.to_dict() if hasattr(plan, "to_dict") else plan
                 (stage / PLAN_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
+            _readable_(stage)
             _commit_dir(stage, target)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)

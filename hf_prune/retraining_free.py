@@ -43,9 +43,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from transformers.cache_utils import Cache
+
 from .adapters import get_adapter, model_dims
 from .config import TUNING_FITS
 from .costs import _time_once, dummy_inputs
+from .distributed import all_reduce_sum_, is_distributed
 from .importance import ImportanceScores, _batch_size, _to_device, per_sample_mask_grads
 from .masks import LayerMasks
 from .modeling_pruned import get_module, layer_list, prune_layer_
@@ -221,11 +224,9 @@ def fisher_information(
             seen += bsz
     finally:
         model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        counts = torch.tensor([float(seen)], device=device)
-        for t in f_heads + f_neurons + [counts]:
-            torch.distributed.all_reduce(t)
-        seen = int(counts.item())
+    counts = torch.tensor([float(seen)], device=device)
+    all_reduce_sum_(f_heads + f_neurons + [counts])
+    seen = int(counts.item())
     return FisherInfo(f_heads, f_neurons, PrunePlan.of(model), seen)
 
 
@@ -290,26 +291,69 @@ def _points(full: int, step: int, fractions: Sequence[float]) -> list[int]:
     return sorted(pts)
 
 
-def _capture_layer_call(model: nn.Module, layer: nn.Module, inputs: Batch) -> tuple[tuple, dict]:
-    """The positional and keyword arguments ``layer`` receives when ``model`` runs on ``inputs``."""
-    captured: dict[str, Any] = {}
+def _without_caches(values: Any) -> Any:
+    """``values`` (a layer call's args tuple or kwargs dict) with every KV cache replaced by None.
 
-    def hook(_m, args, kwargs):
-        captured["args"], captured["kwargs"] = args, dict(kwargs)
-        raise _Stop
+    A cache would grow on every replay of the layer. Found by type, not by argument name: transformers has
+    renamed the argument (``past_key_value``, ``past_key_values``, ``cache``) across 5.x releases.
+    """
+    if isinstance(values, dict):
+        return {k: None if isinstance(v, Cache) else v for k, v in values.items()}
+    return tuple(None if isinstance(v, Cache) else v for v in values)
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+
+def capture_layer_calls(
+    model: nn.Module, layers: Sequence[nn.Module], inputs: Batch
+) -> tuple[torch.Tensor, list[tuple[tuple, dict]], torch.Tensor]:
+    """How ``model`` calls each of ``layers`` (in order) on ``inputs``, recorded in one forward pass.
+
+    Returns the first layer's hidden-state input ``(B, T, D)``, per layer the other positional arguments and
+    the keyword arguments (attention masks, position embeddings, ... exactly as this transformers release
+    builds them, per layer: sliding-window layers get their own masks), and the first layer's output. The pass
+    stops at the last layer's input. Replaying a layer with its recorded arguments is what the model does, so
+    nothing here depends on how a release builds masks or position embeddings.
+    """
+    calls: list[tuple[tuple, dict] | None] = [None] * len(layers)
+    first: dict[str, torch.Tensor] = {}
+
+    def pre(_m, args, kwargs, i):
+        args, kwargs = _without_caches(args), _without_caches(dict(kwargs))
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        calls[i] = (rest, kwargs)
+        if i == 0:
+            first["hidden"] = hidden
+        if i == len(layers) - 1:
+            raise _Stop
+
+    def post(_m, _args, output):
+        first["out"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [layer.register_forward_pre_hook(functools.partial(pre, i=i), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    handles.append(layers[0].register_forward_hook(post))
     try:
         with torch.no_grad():
             model(**{k: v for k, v in inputs.items() if k != "labels"})
     except _Stop:
         pass
     finally:
-        handle.remove()
-    kwargs = captured["kwargs"]
-    if "past_key_values" in kwargs:
-        kwargs["past_key_values"] = None  # a cache would grow on every replay of the layer
-    return captured["args"], kwargs
+        for h in handles:
+            h.remove()
+    if any(c is None for c in calls):
+        raise RuntimeError(f"{type(model).__name__} did not call every decoder/encoder layer in its forward pass")
+    if "out" not in first:  # a one-layer model stops before its layer runs
+        first["out"] = _run_layer(layers[0], _LayerInput(first["hidden"], calls, None), first["hidden"])
+    return first["hidden"], calls, first["out"]  # type: ignore[return-value]
+
+
+def _capture_layer_call(model: nn.Module, layer: nn.Module, inputs: Batch) -> tuple[tuple, dict]:
+    """The positional and keyword arguments ``layer`` receives when ``model`` runs on ``inputs``."""
+    hidden, calls, _ = capture_layer_calls(model, [layer], inputs)
+    rest, kwargs = calls[0]
+    return (hidden, *rest), kwargs
 
 
 def measure_latency_table(
@@ -646,24 +690,47 @@ class MaskTuning:
 
 @dataclass
 class _LayerInput:
-    """What one layer receives for one calibration batch."""
+    """What the layers receive for one calibration batch: the first layer's hidden states, and per layer the
+    other arguments the model passes it; ``layer`` selects whose arguments ``args``/``kwargs`` are."""
 
-    hidden: torch.Tensor  # (B, T, D)
-    args: tuple
-    kwargs: dict
+    hidden: torch.Tensor  # (B, T, D) input of the first layer
+    calls: list[tuple[tuple, dict]]  # per layer: (positional args after the hidden states, keyword args)
     tokens: torch.Tensor | None  # (B, T) bool, real (non-padding) tokens; None = all
+    layer: int = 0
+
+    @property
+    def args(self) -> tuple:
+        return self.calls[self.layer][0]
+
+    @property
+    def kwargs(self) -> dict:
+        return self.calls[self.layer][1]
+
+    def at(self, layer: int) -> "_LayerInput":
+        return replace(self, layer=layer)
 
 
-def _layer_inputs(model: nn.Module, layer: nn.Module, batches: Sequence[Batch]) -> list[_LayerInput]:
+def _layer_inputs(model: nn.Module, layers: Sequence[nn.Module], batches: Sequence[Batch]) -> list[_LayerInput]:
+    """Every batch's layer calls, recorded from the model's own forward pass (one per batch). The first batch's
+    replay of the first layer is checked against the model's own output, so a transformers release that calls
+    its layers differently fails here, in seconds, not after the long passes."""
     device = _device(model)
     out = []
-    for raw in batches:
+    for b, raw in enumerate(batches):
         batch = _to_device(raw, device)
-        args, kwargs = _capture_layer_call(model, layer, batch)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hidden, calls, first_out = capture_layer_calls(model, layers, batch)
         mask = batch.get("attention_mask")
         tokens = mask.bool() if mask is not None and tuple(mask.shape) == tuple(hidden.shape[:2]) else None
-        out.append(_LayerInput(hidden, tuple(args[1:]), kwargs, tokens))
+        x = _LayerInput(hidden, calls, tokens)
+        if b == 0:
+            replay = _run_layer(layers[0], x, hidden)
+            if replay.shape != first_out.shape or not torch.allclose(replay, first_out, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(
+                    f"replaying {type(layers[0]).__name__} with the arguments {type(model).__name__} passed it does "
+                    "not reproduce the model's own output (this transformers release calls its layers in a way "
+                    "hf_prune does not handle); please report it with your transformers version"
+                )
+        out.append(x)
     return out
 
 
@@ -905,11 +972,12 @@ def tune_masks(
     result = MaskTuning([], [], [], fit=fit)
     try:
         with torch.no_grad():
-            inputs = _layer_inputs(model, layers[0], batches)
-            dense_x = [x.hidden for x in inputs]  # per batch (B, T, D)
+            all_inputs = _layer_inputs(model, layers, batches)
+            dense_x = [x.hidden for x in all_inputs]  # per batch (B, T, D)
             pruned_x = list(dense_x)  # the embeddings are not pruned: both streams start equal
-            last_read = _read_positions(model, layers[-1], batches, inputs) if read_positions_only else None
+            last_read = _read_positions(model, layers[-1], batches, all_inputs) if read_positions_only else None
             for i in tqdm(range(len(layers)), desc="mask tuning", disable=not progress):
+                inputs = [x.at(i) for x in all_inputs]
                 if i == len(layers) - 1 and last_read is not None:
                     inputs = [x if r is None else replace(x, tokens=r) for x, r in zip(inputs, last_read)]
                 targets, pre_norm, dense_x = _dense_targets(layers[i], adapter, inputs, dense_x)
@@ -1168,6 +1236,10 @@ def output_divergence(
             total += float(sample_divergence(ref, out.cpu(), kl, None if mask is None else mask.cpu()).sum())
         totals[name] = total / max(count, 1)
         del net
+    if is_distributed():  # each rank holds out its own samples: average, so every rank keeps the same stage
+        t = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        totals = dict(zip(totals, (t / torch.distributed.get_world_size()).tolist()))
     return totals
 
 
@@ -1180,17 +1252,17 @@ def _cut_candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None)
     return apply_plan_(fold_tuning_(copied, tuning) if tuning is not None else copied, plan)
 
 
-def prune_retraining_free(
-    model: M,
+def retraining_free_plan(
+    model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
     config: "PruningConfig",
     *,
     latency_table: LatencyTable | None = None,
-) -> tuple[M, PrunePlan]:
-    """Fisher mask search, rearrangement (``config.rearrange``), mask tuning (``config.mask_tuning``),
-    folding and cut, in place. Returns the smaller model and its plan; ``plan.meta["retraining_free"]``
-    holds per-stage wall times, the rearrangement's loss estimates and the tuning's reconstruction errors.
-    """
+) -> tuple[PrunePlan, MaskTuning | None]:
+    """Everything :func:`prune_retraining_free` does except changing ``model``: the plan (with
+    ``plan.meta["retraining_free"]``) and the tuning to fold into the dense weights (None when the chosen
+    stage is untuned). ``fold_tuning_`` then masks or ``apply_plan_`` reproduce the cut model exactly, which is
+    how :class:`hf_prune.PruningCallback` applies it without reshaping parameters."""
     times: dict[str, float] = {}
     start = time.perf_counter()
     batches = collect_batches(dataloader, config.max_calibration_samples)
@@ -1255,11 +1327,29 @@ def prune_retraining_free(
         else:
             plan, tuning = stages[chosen], None
         times["selection_s"] = time.perf_counter() - t
+    plan.meta["retraining_free"] = info
+    info["times"] = {**times, "total_s": time.perf_counter() - start}
+    return plan, tuning
+
+
+def prune_retraining_free(
+    model: M,
+    dataloader: Iterable[Mapping[str, Any]],
+    config: "PruningConfig",
+    *,
+    latency_table: LatencyTable | None = None,
+) -> tuple[M, PrunePlan]:
+    """Fisher mask search, rearrangement (``config.rearrange``), mask tuning (``config.mask_tuning``),
+    folding and cut, in place. Returns the smaller model and its plan; ``plan.meta["retraining_free"]``
+    holds per-stage wall times, the rearrangement's loss estimates and the tuning's reconstruction errors.
+    """
+    start = time.perf_counter()
+    plan, tuning = retraining_free_plan(model, dataloader, config, latency_table=latency_table)
+    times = plan.meta["retraining_free"]["times"]
     if tuning is not None:
         fold_tuning_(model, tuning)
     t = time.perf_counter()
-    plan.meta["retraining_free"] = info
     apply_plan_(model, plan)
     times["cut_s"] = time.perf_counter() - t
-    info["times"] = {**times, "total_s": time.perf_counter() - start}
+    times["total_s"] = time.perf_counter() - start
     return model, plan

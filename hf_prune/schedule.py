@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from .budgets import BUDGETS, set_budget
 from .config import PruningConfig
 
 
@@ -91,12 +92,11 @@ class PruningSchedule:
             return start * (final / start) ** s if geometric else start + (final - start) * s
 
         changes: dict[str, Any] = {}
-        for name in ("heads_keep", "neurons_keep", "flops_keep"):
-            value = getattr(config, name)
-            if value is not None:
+        for name, value in set_budget(config).items():
+            if BUDGETS[name].scheduled_from == "one":
                 changes[name] = min(1.0, move(value))
-        if config.target_params is not None:
-            changes["target_params"] = int(move(config.target_params, float(dense_params)))
+            else:  # a count that starts at the dense model's
+                changes[name] = int(move(value, float(dense_params)))
         return dataclasses.replace(config, **changes)
 
     def to_dict(self) -> dict[str, Any]:

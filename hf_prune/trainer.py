@@ -5,6 +5,7 @@ knowledge distillation from the unpruned model) and saves a reloadable pruned ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from transformers.utils import logging
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import _is_peft, get_adapter
-from .callbacks import PruningCallback, _distributed, _is_main
+from .callbacks import PruningCallback
+from .api import prune
+from .distributed import broadcast_parameters_, is_distributed, is_main
 from .checkpoint import load_plan
 from .config import PruningConfig
-from .importance import compute_importance
-from .plan import PlanMismatchError, PrunePlan, build_plan
+from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
 
@@ -62,7 +64,7 @@ class _TrainerPruning(PruningCallback):
         self.trainer = trainer
 
     def on_plan_update(self, model: nn.Module, step: int) -> None:
-        if step == self.schedule.events()[-1] and not _distributed():
+        if step == self.schedule.events()[-1] and not is_distributed():
             self.trainer._cut_now(self.plan)
 
 
@@ -132,6 +134,7 @@ class PruningTrainer(Trainer):
             )
         if self.teacher is not None:
             self.teacher.to(self.args.device)
+        self.plan: PrunePlan | None = None  # the plan of the cut, once made
         self._pruner: _TrainerPruning | None = None
         if not one_shot_at_start:
             self._pruner = _TrainerPruning(self, pruning_config, self.schedule, calibration_dataloader)
@@ -154,6 +157,7 @@ class PruningTrainer(Trainer):
             plan = self._pruner.plan
             if PrunePlan.of(self._base_model()) != plan:  # cut deferred (DDP) or schedule never finished
                 self._pruner.prune_model_(self._base_model())
+            self.plan = plan
         if _is_peft(self.model):
             self.model = self.model.merge_and_unload()
             self.model_wrapped = self.model
@@ -163,13 +167,13 @@ class PruningTrainer(Trainer):
         return self.model.get_base_model() if _is_peft(self.model) else self.model
 
     def _one_shot_prune(self) -> None:
-        cfg = self.pruning_config
+        """The cut before training: ``hf_prune.prune`` with the whole config (one-shot or retraining-free)."""
+        cfg = dataclasses.replace(self.pruning_config, progress=self.pruning_config.progress and is_main())
         data = self.calibration_dataloader if self.calibration_dataloader is not None else self.get_train_dataloader()
-        scores = compute_importance(
-            self.model, data, cfg.importance, max_samples=cfg.max_calibration_samples, seed=cfg.seed,
-            progress=cfg.progress and _is_main(),
-        )
-        apply_plan_(self.model, build_plan(scores, self.model, cfg))
+        _, self.plan = prune(self.model, data, cfg)
+        # Every rank cut the same plan (scores are reduced over ranks); retraining-free's refits used each rank's
+        # own calibration shard, so the weights are made rank 0's.
+        broadcast_parameters_(self.model)
 
     def _rebuild_pruned_shapes(self, checkpoint: str) -> None:
         """Give the model the checkpoint's pruned shapes before Trainer loads weights and optimizer state."""

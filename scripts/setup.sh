@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# Creates .venv with a CPU build of PyTorch (pinned first, so nothing pulls a multi-GB CUDA build) and
-# hf_prune installed editable with its test extras. Safe to run again: it only installs what is missing.
+# Creates a virtual environment (.venv, or $VENV) with a CPU build of PyTorch (pinned first, so nothing pulls a
+# multi-GB CUDA build) and hf_prune installed editable with its test extras. Safe to run again: it only installs
+# what is missing.
+#   HF_PRUNE_EXTRAS=dev,bench                    benchmark extras (Torch-Pruning) too
+#   HF_PRUNE_CONSTRAINTS=constraints/oldest.txt  the oldest supported versions (what .ci/run's second job tests)
+#   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the committed benchmarks were run with
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+# -qq: errors only (pip's per-index warnings and setuptools' build chatter are not for the user)
+PIP=("$VENV/bin/python" -m pip install -qq --disable-pip-version-check)
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+"${PIP[@]}" --upgrade pip 2>/dev/null || true
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # On this project's machines torch==2.13.0 is a local CPU wheel; elsewhere take the CPU index.
-  .venv/bin/python -m pip install -q "$TORCH_SPEC" \
-    || .venv/bin/python -m pip install -q "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
+  "${PIP[@]}" "$TORCH_SPEC" 2>/dev/null \
+    || "${PIP[@]}" "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
 fi
-.venv/bin/python -m pip install -q -e ".[${HF_PRUNE_EXTRAS:-dev}]"   # HF_PRUNE_EXTRAS=dev,bench for benchmarks
-.venv/bin/python -c "import torch, transformers, hf_prune; print(f'hf_prune {hf_prune.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
+CONSTRAINTS=()
+if [ -n "${HF_PRUNE_CONSTRAINTS:-}" ]; then
+  CONSTRAINTS=(-c "$HF_PRUNE_CONSTRAINTS")
+fi
+"${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[${HF_PRUNE_EXTRAS:-dev}]"
+"$VENV/bin/python" -c "import torch, transformers, peft, accelerate, hf_prune; print(f'hf_prune {hf_prune.__version__} in $VENV: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"

@@ -174,3 +174,27 @@ def test_dense_checkpoint_is_not_a_pruned_one(tmp_path):
     BY_NAME["bert"].model().save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="not an hf_prune checkpoint"):
         hp.load_pruned(tmp_path / "dense")
+
+
+def test_checkpoint_reports_and_card_are_readable_by_others(tmp_path):
+    """Under umask 022 everything hf_prune writes is 0644 / 0755, like a stock save_pretrained folder."""
+    import os
+    import stat
+
+    from hf_prune import report
+    from hf_prune.hub import write_model_card
+
+    old = os.umask(0o022)
+    try:
+        model = _pruned(BY_NAME["bert"], empty_layer=None)
+        model.save_pretrained(tmp_path / "ckpt")
+        write_model_card(tmp_path / "ckpt", base_model="google-bert/bert-base-uncased")
+        report.write_json(tmp_path / "out" / "results.json", {"a": 1})
+        report.write_text(tmp_path / "out" / "results.md", "x\n")
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "ckpt", *(tmp_path / "ckpt").iterdir(), tmp_path / "out" / "results.json",
+             tmp_path / "out" / "results.md"]
+    for p in paths:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p.name, oct(mode))

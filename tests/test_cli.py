@@ -78,7 +78,7 @@ def test_dense_base_has_stock_class_and_dense_shapes(checkpoint):
 
 def test_missing_local_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
-        main(["inspect", str(tmp_path / "nope")])
+        main(["inspect", str(tmp_path / "nope"), "--debug"])  # without --debug: one line, see test_settings.py
 
 
 def test_run_without_config_prints_usage(capsys):

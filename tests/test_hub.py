@@ -323,3 +323,22 @@ def test_model_card_minimal_defaults(bert_ckpt, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_without_hf_prune(bert_ckpt[1] / "config.json")))
     with pytest.raises(ValueError, match="not a checkpoint saved by hf_prune"):
         hp.model_card(tmp_path)
+
+
+def test_card_names_the_embedded_models_hub_id_and_never_links_a_local_path(bert_ckpt, tmp_path):
+    from hf_prune.resources import base_model_id, embedded_model_path
+
+    assert base_model_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_id(embedded_model_path()) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_id("google-bert/bert-base-uncased") == "google-bert/bert-base-uncased"
+    assert base_model_id(str(tmp_path)) is None  # a local folder is no Hub id
+    with pytest.raises(ValueError, match="neither a local folder nor a valid Hub repo id"):
+        base_model_id("not a/valid//id")
+    meta = _front_matter(hp.model_card(bert_ckpt[1], base_model=base_model_id("minilm")))
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    text = hp.model_card(bert_ckpt[1], base_model=base_model_id(str(tmp_path)))
+    assert "base_model" not in _front_matter(text) and "huggingface.co/" + str(tmp_path) not in text
+    with pytest.raises(ValueError, match="base_model 'minilm!' is not a valid Hub repo id"):
+        hp.model_card(bert_ckpt[1], base_model="minilm!")
+    with pytest.raises(ValueError, match="repo_id 'a/b/c' is not a valid Hub repo id"):
+        hp.model_card(bert_ckpt[1], repo_id="a/b/c")

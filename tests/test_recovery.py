@@ -260,3 +260,60 @@ def test_task_metric_evaluation_and_best_checkpoint_reload(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(trainer.model(**_probe()).logits, reloaded(**_probe()).logits)
+
+
+def _calibration(n=4, batch_size=8):
+    ds = _dataset(n * batch_size, seed=5)
+    return [{k: torch.tensor(ds[i * batch_size:(i + 1) * batch_size][k]) for k in ds.column_names} for i in range(n)]
+
+
+def _retraining_free_config(**kw):
+    return hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=8, tuning_samples=16,
+                            selection_samples=16, progress=False, **kw)
+
+
+def test_trainer_runs_retraining_free_then_recovery(tmp_path):
+    """method='retraining_free' in PruningTrainer is the retraining-free cut (plan meta, folded weights), then
+    training; with a zero learning rate the trained model is exactly hp.prune's."""
+    calib = _calibration()
+    reference, _ = hp.prune(TINY.model(), calib, _retraining_free_config())
+    trainer = PruningTrainer(model=TINY.model(), args=_args(tmp_path, learning_rate=0.0, max_steps=2),
+                             train_dataset=_dataset(), pruning_config=_retraining_free_config(),
+                             calibration_dataloader=calib)
+    trainer.train()
+    assert "retraining_free" in trainer.plan.meta
+    assert trainer.plan.meta["retraining_free"]["selection"]["chosen"]
+    got, want = hp.PrunePlan.of(trainer.model), hp.PrunePlan.of(reference)
+    assert (got.heads, got.neurons) == (want.heads, want.neurons)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.model(**_probe()).logits, reference(**_probe()).logits)
+
+
+def test_callback_applies_retraining_free_as_masks_over_folded_weights(tmp_path):
+    calib = _calibration()
+    reference, plan = hp.prune(TINY.model(), calib, _retraining_free_config())
+    model = TINY.model()
+    cb = PruningCallback(_retraining_free_config(), calibration_dataloader=calib)
+    T.Trainer(model=model, args=_args(tmp_path, learning_rate=0.0, max_steps=2), train_dataset=_dataset(),
+              callbacks=[cb]).train()
+    assert "retraining_free" in cb.plan.meta and hp.count_params(model) == hp.count_params(TINY.model())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_probe()).logits, reference(**_probe()).logits)  # masked == cut
+        cb.prune_model_(model)
+        torch.testing.assert_close(model(**_probe()).logits, reference(**_probe()).logits)
+    got, want = hp.PrunePlan.of(model), hp.PrunePlan.of(reference)
+    assert (got.heads, got.neurons) == (want.heads, want.neurons) == (plan.heads, plan.neurons)
+
+
+def test_retraining_free_refuses_what_it_cannot_honour(tmp_path):
+    with pytest.raises(ValueError, match="one-shot cut"):
+        PruningCallback(_retraining_free_config(), PruningSchedule("gradual", start_step=1, end_step=4),
+                        calibration_dataloader=_calibration())
+    with pytest.raises(ValueError, match="needs calibration data"):
+        PruningCallback(_retraining_free_config())
+    with pytest.raises(ValueError, match="one-shot cut"):
+        PruningTrainer(model=TINY.model(), args=_args(tmp_path), train_dataset=_dataset(),
+                       pruning_config=_retraining_free_config(),
+                       schedule=PruningSchedule("iterative", start_step=1, end_step=4))

@@ -248,7 +248,7 @@ def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
     model = BY_NAME[name].model()
     batches = _batches(name, n=2)
     layers = layer_list(model, hp.get_adapter(model))
-    inputs = _layer_inputs(model, layers[0], batches)
+    inputs = _layer_inputs(model, layers, batches)
     read = _read_positions(model, layers[-1], batches, inputs)
     for r, x in zip(read, inputs):
         if expected == "all":  # a base model or an LM reads every real token: the default (None) applies
@@ -490,3 +490,42 @@ def test_selection_off_keeps_the_tuned_rearranged_plan():
     _, plan = hp.prune(model, batches, config)
     info = plan.meta["retraining_free"]
     assert "selection" not in info and info["tuning_samples"] == 48
+
+
+def test_layer_calls_are_recorded_without_caches_and_replay_exactly():
+    """The layer replay depends on no argument name of any transformers release: caches are dropped by type, and
+    replaying each recorded call reproduces the model's own hidden states layer after layer."""
+    from transformers.cache_utils import Cache
+
+    from hf_prune.retraining_free import capture_layer_calls
+
+    model = BY_NAME["llama"].model()
+    layers = layer_list(model, hp.get_adapter(model))
+    batch = inputs_only(BY_NAME["llama"].batch(batch_size=3, seq_len=9))
+    hidden, calls, _ = capture_layer_calls(model, layers, {**batch, "use_cache": True})
+    assert len(calls) == len(layers)
+    for args, kwargs in calls:
+        assert not any(isinstance(v, Cache) for v in (*args, *kwargs.values()))
+    with torch.no_grad():
+        want = model(**batch, output_hidden_states=True).hidden_states  # (L + 1) x (B, T, D)
+        h = hidden
+        for i, (layer, (args, kwargs)) in enumerate(zip(layers, calls)):
+            torch.testing.assert_close(h, want[i])
+            out = layer(h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+
+
+def test_a_layer_call_that_does_not_replay_fails_before_the_long_passes():
+    from hf_prune.retraining_free import _layer_inputs
+
+    model = BY_NAME["llama"].model()
+    layers = layer_list(model, hp.get_adapter(model))
+    calls = {"n": 0}
+
+    def stateful(_m, _args, out):  # what a layer whose output the recorded arguments do not determine looks like
+        calls["n"] += 1
+        return out + calls["n"] if torch.is_tensor(out) else (out[0] + calls["n"], *out[1:])
+
+    layers[0].register_forward_hook(stateful)
+    with pytest.raises(RuntimeError, match="does not reproduce the model's own output"):
+        _layer_inputs(model, layers, _batches("llama", n=2))

@@ -10,8 +10,10 @@ import difflib
 import json
 import re
 import time
+import typing
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, Train
 
 from .. import costs, report
 from ..api import prune
+from ..budgets import BUDGETS, DEFAULT_BUDGET
 from ..config import PruningConfig
+from ..distributed import barrier
 from ..plan import PrunePlan
 from ..trainer import DistillationConfig, PruningTrainer
 
@@ -35,69 +39,88 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------------------------ arguments
 
 
-@dataclass
-class PruneArguments:
-    """What to prune and how much. Several ``flops_keep`` values run one prune + recover per budget.
+#: Recipe keys of earlier releases -> the PruningConfig field they set (accepted with a warning).
+DEPRECATED_KEYS = {"prune_method": "method", "calibration_samples": "max_calibration_samples",
+                   "flops_seq_len": "seq_len"}
+#: PruningConfig fields a recipe takes from another argument group under the same name (TrainingArguments.seed).
+_SHARED_FIELDS = ("seed",)
 
-    Args:
-        prune_method: ``one_shot`` (score, cut) or ``retraining_free`` (Kwon et al. 2022: Fisher search, mask
-            rearrangement, mask tuning folded into the weights).
-        tuning_fit: ``retraining_free``: what mask tuning fits, ``weights`` (the cut layers' output projections)
-            or ``scales`` (one per kept head/neuron, as in the paper).
-        importance: ``fisher``, ``taylor``, ``magnitude``, ``activation`` or ``random`` (one_shot only).
-        flops_keep: fractions of encoder-layer FLOPs to keep, one run each (default 0.5 when no budget is set).
-        heads_keep: fraction of attention heads to keep (instead of ``flops_keep``).
-        neurons_keep: fraction of FFN neurons to keep (instead of ``flops_keep``).
-        target_params: total parameter count to reach (instead of ``flops_keep``).
-        latency_keep: fraction of measured layer latency to keep (``retraining_free`` only).
-        allocation: ``global`` ranks units across layers; ``uniform`` keeps the same count per layer.
-        round_to: keep FFN neurons per layer in multiples of this.
-        allow_empty_layers: let a layer lose all its heads or all its neurons.
-        calibration_samples: training samples used to score heads and neurons.
-        flops_seq_len: sequence length (tokens or patches) at which FLOPs are counted.
-    """
 
-    prune_method: str = field(default="one_shot", metadata={"help": "one_shot or retraining_free."})
-    tuning_fit: str = field(default="weights", metadata={"help": "retraining_free mask tuning: weights or scales."})
-    importance: str = field(default="fisher", metadata={"help": "fisher, taylor, magnitude, activation, random."})
-    flops_keep: list[float] | None = field(
-        default=None, metadata={"help": "Fractions of layer FLOPs to keep; one run per value (default 0.5)."}
-    )
-    heads_keep: float | None = field(default=None, metadata={"help": "Fraction of heads to keep."})
-    neurons_keep: float | None = field(default=None, metadata={"help": "Fraction of FFN neurons to keep."})
-    target_params: int | None = field(default=None, metadata={"help": "Total parameter count to reach."})
-    latency_keep: float | None = field(default=None, metadata={"help": "Fraction of latency to keep (retraining_free)."})
-    allocation: str = field(default="global", metadata={"help": "global or uniform."})
-    round_to: int = field(default=1, metadata={"help": "Keep FFN neurons in multiples of this."})
-    allow_empty_layers: bool = field(default=False, metadata={"help": "Allow a layer to lose a whole block."})
-    calibration_samples: int = field(default=512, metadata={"help": "Training samples used for importance."})
-    flops_seq_len: int = field(default=128, metadata={"help": "Sequence length for FLOPs counting."})
+def config_field_docs(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``Args:`` section of a dataclass's docstring (for ``--help``)."""
+    docs: dict[str, str] = {}
+    name = None
+    in_args = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if not in_args or not stripped:
+            continue
+        m = re.match(r"^(\w+): (.*)$", stripped)
+        if m and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            name = m.group(1)
+            docs[name] = m.group(2)
+        elif name:
+            docs[name] += " " + stripped
+    return docs
+
+
+class _PruneArgumentsBase:
+    """Methods of :class:`PruneArguments` (its fields are made from :class:`PruningConfig`'s)."""
 
     def budgets(self) -> list[dict[str, Any]]:
         """One budget dict per run, e.g. ``[{"flops_keep": 0.75}, {"flops_keep": 0.5}]``."""
-        others = {k: getattr(self, k) for k in ("heads_keep", "neurons_keep", "target_params", "latency_keep")}
-        others = {k: v for k, v in others.items() if v is not None}
-        flops = self.flops_keep
+        others = {k: getattr(self, k) for k in BUDGETS if k != "flops_keep" and getattr(self, k) is not None}
+        flops = getattr(self, "flops_keep")
         if isinstance(flops, (int, float)):  # a YAML scalar instead of a list
             flops = [float(flops)]
         if flops and others:
             raise ConfigError(f"set flops_keep or {sorted(others)}, not both")
         if others:
             return [others]
-        return [{"flops_keep": float(f)} for f in (flops or [0.5])]
+        if flops:
+            return [{"flops_keep": float(f)} for f in flops]
+        return [dict(DEFAULT_BUDGET)]
 
     def pruning_config(self, budget: Mapping[str, Any], seed: int) -> PruningConfig:
         """The library's :class:`PruningConfig` for one budget (raises ConfigError on a bad value)."""
+        values = {f.name: getattr(self, f.name) for f in fields(PruningConfig)
+                  if f.name not in BUDGETS and f.name not in _SHARED_FIELDS}
         try:
-            return PruningConfig(
-                method=self.prune_method, tuning_fit=self.tuning_fit, importance=self.importance,
-                allocation=self.allocation,
-                round_to=self.round_to, allow_empty_layers=self.allow_empty_layers,
-                max_calibration_samples=self.calibration_samples, seq_len=self.flops_seq_len, seed=seed,
-                **budget,
-            )
+            return PruningConfig(**values, **budget, seed=seed)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+
+
+def _prune_fields() -> list[tuple[str, Any, Any]]:
+    """PruningConfig's fields as recipe arguments: same names, types and defaults (``flops_keep`` takes a list:
+    one run per value), help from its docstring."""
+    docs = config_field_docs(PruningConfig)
+    types = typing.get_type_hints(PruningConfig)
+    out = []
+    for f in fields(PruningConfig):
+        if f.name in _SHARED_FIELDS:
+            continue
+        help_text = docs.get(f.name, "").split(". ")[0]
+        if f.name == "flops_keep":
+            out.append((f.name, list[float] | None,
+                        field(default=None, metadata={"help": "Fractions of layer FLOPs to keep; one run per value "
+                                                              "(default 0.5 when no budget is set)."})))
+        else:
+            out.append((f.name, types[f.name], field(default=f.default, metadata={"help": help_text})))
+    return out
+
+
+#: What to prune and how much: exactly :class:`PruningConfig`'s fields under their own names (``seed`` is
+#: ``TrainingArguments.seed``); several ``flops_keep`` values run one prune + recover per budget.
+PruneArguments = make_dataclass("PruneArguments", _prune_fields(), bases=(_PruneArgumentsBase,))
+PruneArguments.__module__ = __name__
+PruneArguments.__doc__ = (
+    "What to prune and how much: :class:`hf_prune.PruningConfig`'s fields under their own names (``seed`` is "
+    "``TrainingArguments.seed``). Several ``flops_keep`` values run one prune + recover per budget."
+)
 
 
 @dataclass
@@ -212,22 +235,64 @@ def parse_recipe_args(
     parser = HfArgumentParser(tuple(types), prog=prog, description=description)
     valid = sorted({f.name for t in types for f in fields(t)})
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
-        cfg = read_config_file(argv.pop(0))
+        cfg = _renamed(read_config_file(argv.pop(0)), "config key")
         found = cfg.pop("recipe", recipe)
         if found != recipe:
             raise ConfigError(f"this config is for the {found!r} recipe, not {recipe!r}: run it with hf-prune run")
         unknown = sorted(set(cfg) - set(valid))
         if unknown:
-            hints = [f"{k} (did you mean {', '.join(m)}?)" if (m := difflib.get_close_matches(k, valid, 2)) else k
-                     for k in unknown]
-            raise ConfigError(f"unknown config keys: {', '.join(hints)}. Valid keys: {', '.join(valid)}")
+            raise ConfigError(f"unknown config keys: {', '.join(_hint(k, valid) for k in unknown)}. "
+                              f"Valid keys: {', '.join(valid)}")
         # Config values go through argparse like flags (types, choices, bools checked the same way); flags
         # given after them on the command line win.
         argv = _as_flags(cfg) + argv
+    argv = [_renamed_flag(a) for a in argv]
+    check_flags(parser, argv)
     try:
         return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
     except ValueError as e:  # dataclass __post_init__ checks
         raise ConfigError(str(e)) from e
+
+
+def _hint(name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, valid, 2)
+    return f"{name} (did you mean {', '.join(close)}?)" if close else name
+
+
+def check_flags(parser: Any, argv: Sequence[str]) -> None:
+    """Refuse ``--flags`` that ``parser`` does not know, naming the closest valid ones (as a mistyped config key
+    is), before argparse's own less helpful message."""
+    known = {o for action in parser._actions for o in action.option_strings}
+    unknown = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+    if unknown:
+        # argparse also registers --a-b for --a_b; suggest the config's own spelling
+        flags = sorted(o for o in known if o.startswith("--") and not ("-" in o[2:] and o.replace("-", "_")[2:] in
+                                                                          {k[2:] for k in known}))
+        raise ConfigError(f"unknown flags: {', '.join(_hint(u, flags) for u in unknown)}")
+
+
+def _renamed(cfg: dict[str, Any], what: str) -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        if key in DEPRECATED_KEYS:
+            new = DEPRECATED_KEYS[key]
+            warnings.warn(f"{what} {key!r} is deprecated: it is PruningConfig's {new!r}; use that", FutureWarning,
+                          stacklevel=3)
+            if new in cfg:
+                raise ConfigError(f"{key!r} and {new!r} are the same setting: keep only {new!r}")
+            key = new
+        out[key] = value
+    return out
+
+
+def _renamed_flag(arg: str) -> str:
+    name, eq, value = arg.partition("=")
+    if name.startswith("--") and name[2:] in DEPRECATED_KEYS:
+        new = DEPRECATED_KEYS[name[2:]]
+        warnings.warn(f"flag {name} is deprecated: it is PruningConfig's --{new}; use that", FutureWarning,
+                      stacklevel=3)
+        return f"--{new}{eq}{value}"
+    return arg
 
 
 def _as_flags(cfg: Mapping[str, Any]) -> list[str]:
@@ -268,6 +333,12 @@ def quiet_expected_warnings() -> None:
     import logging
 
     logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").setLevel(logging.ERROR)
+
+
+def quiet_cpu_(args: TrainingArguments) -> None:
+    """No pinned memory without an accelerator: it does nothing there except warn on every dataloader."""
+    if args.use_cpu or not torch.cuda.is_available():
+        args.dataloader_pin_memory = False
 
 
 def is_main_process(args: TrainingArguments) -> bool:
@@ -427,12 +498,6 @@ def train_dense_(
     barrier()
 
 
-def barrier() -> None:
-    """Wait for every process (no-op outside torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def run_budgets(
     dense: nn.Module,
     budgets: Sequence[Mapping[str, Any]],
@@ -462,7 +527,7 @@ def run_budgets(
 
     out = Path(training_args.output_dir)
     main_proc = is_main_process(training_args)
-    seq = prune_args.flops_seq_len
+    seq = prune_args.seq_len
     processing_class = trainer_kwargs.get("processing_class")
     for budget in budgets:
         res = prune_and_recover(

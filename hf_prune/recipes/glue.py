@@ -26,9 +26,9 @@ from transformers import (
 )
 
 from .. import report
-from ..hub import check_can_push
+from ..hub import check_can_push, check_repo_id
 from ..metrics import glue_compute_metrics, load_metric
-from ..resources import resolve_model_path
+from ..resources import base_model_id, resolve_data_dir, resolve_model_path
 from ..tasks import GLUE_TASKS, TaskSpec, get_task, load_task_data
 from .common import (
     BenchArguments,
@@ -42,6 +42,7 @@ from .common import (
     is_main_process,
     model_stats,
     parse_recipe_args,
+    quiet_cpu_,
     quiet_expected_warnings,
     run_budgets,
     train_dense_,
@@ -75,7 +76,9 @@ class DataArguments:
         task_name: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), or a name for a custom task
             given by ``dataset_name`` + ``text_columns`` + ``label_column``.
         data_dir: folder with the task's files (GLUE ``train.tsv``/``dev.tsv`` or train/validation
-            csv/jsonl/parquet), or a GLUE root holding ``<task>/``. Empty: load from the Hub (``nyu-mll/glue``).
+            csv/jsonl/parquet), or a GLUE root holding ``<task>/``. ``embedded``: the SST-2 data shipped inside
+            hf_prune (4,000 training sentences and the full dev set; offline, no files outside the package).
+            Empty: load from the Hub (``nyu-mll/glue``).
         dataset_name: any ``datasets`` Hub dataset for a custom task.
         dataset_config_name: its config.
         text_columns: one or two text columns of a custom task.
@@ -153,6 +156,7 @@ def _dense_key(model_args: ModelArguments, data_args: DataArguments, dense_args:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, prune_args, rec_args, dense_args, bench_args, training_args = parse_args(argv)
     quiet_expected_warnings()
+    quiet_cpu_(training_args)
     main_proc = is_main_process(training_args)
     log = print if main_proc else (lambda *_: None)
     out = Path(training_args.output_dir)
@@ -164,7 +168,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prune_args.pruning_config(b, seed=training_args.seed)
     if training_args.push_to_hub:
         check_can_push(training_args.hub_model_id, training_args.hub_token)
-    data = load_task_data(task, data_args.data_dir or None, max_train_samples=data_args.max_train_samples,
+    if training_args.hub_model_id:
+        check_repo_id(training_args.hub_model_id, "hub_model_id")
+    base_model = base_model_id(model_args.model_name_or_path)
+    data = load_task_data(task, resolve_data_dir(data_args.data_dir, task.name), max_train_samples=data_args.max_train_samples,
                           max_eval_samples=data_args.max_eval_samples, seed=training_args.seed,
                           cache_dir=model_args.cache_dir)
     path = resolve_model_path(model_args.model_name_or_path)
@@ -205,14 +212,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dense.eval()
     dense_metrics = eval_fn(dense)
     log(f"dense: {dense_metrics}")
-    seq = prune_args.flops_seq_len
+    seq = prune_args.seq_len
     results: dict[str, Any] = {
         "recipe": RECIPE, "task": task.name, "model": model_args.model_name_or_path, "main_metric": main_metric,
         "environment": report.environment(), "bench_seq_len": bench_args.bench_seq_len,
         "args": args_dict(model_args, data_args, prune_args, rec_args, dense_args, bench_args, training_args),
         "dense": {"metrics": dense_metrics, **model_stats(dense, seq)}, "runs": [],
     }
-    calibration = _calibration(train, prune_args.calibration_samples, training_args.per_device_train_batch_size,
+    calibration = _calibration(train, prune_args.max_calibration_samples, training_args.per_device_train_batch_size,
                                collator, training_args)
 
     # ---- one prune + recover per budget, then the reports
@@ -221,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_args=training_args, calibration=calibration, train_dataset=train, evaluate_fn=eval_fn,
         trainer_kwargs={"data_collator": collator, "processing_class": tokenizer,
                         "eval_dataset": next(iter(evals.values())), "compute_metrics": compute_metrics},
-        card={"base_model": model_args.model_name_or_path, "task": task.name,
+        card={"base_model": base_model, "task": task.name,
               "dataset": task.hub_path or data_args.dataset_name},
         title=task.name, main_metric=main_metric, latency_seq_len=bench_args.bench_seq_len, log=log,
     )

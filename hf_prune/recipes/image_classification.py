@@ -7,7 +7,7 @@ classifiers on a Hub image dataset, an image folder, or MNIST rows in a CSV.
 
 Arguments are the dataclasses below plus ``PruneArguments``, ``RecoveryArguments``, ``DenseArguments``,
 ``BenchArguments`` and transformers' ``TrainingArguments`` (for the recovery run); a YAML/JSON config gives
-defaults and command-line flags override them. ``flops_seq_len`` and the latency inputs follow the model: one
+defaults and command-line flags override them. ``seq_len`` and the latency inputs follow the model: one
 token per patch plus CLS (and DeiT's distillation token), images at the model's resolution.
 """
 
@@ -37,8 +37,9 @@ from transformers import (
 
 from .. import report
 from ..adapters import get_adapter
-from ..hub import check_can_push
+from ..hub import check_can_push, check_repo_id
 from ..metrics import hub_offline
+from ..resources import base_model_id
 from .common import (
     BenchArguments,
     ConfigError,
@@ -51,6 +52,7 @@ from .common import (
     is_main_process,
     model_stats,
     parse_recipe_args,
+    quiet_cpu_,
     run_budgets,
     train_dense_,
 )
@@ -336,6 +338,7 @@ def num_tokens(config: Any) -> int:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_args, data_args, prune_args, rec_args, dense_args, bench_args, training_args = parse_args(argv)
+    quiet_cpu_(training_args)
     main_proc = is_main_process(training_args)
     log = print if main_proc else (lambda *_: None)
     out = Path(training_args.output_dir)
@@ -347,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     vit_fields = {} if model_args.model_name_or_path else model_args.vit_fields()
     if training_args.push_to_hub:
         check_can_push(training_args.hub_model_id, training_args.hub_token)
+    if training_args.hub_model_id:
+        check_repo_id(training_args.hub_model_id, "hub_model_id")
+    base_model = base_model_id(model_args.model_name_or_path)
     data = load_image_data(data_args, training_args.seed, model_args.cache_dir)
     names = data["train"].features["label"].names
     label_kw = {"num_labels": len(names), "id2label": dict(enumerate(names)),
@@ -366,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if path and data_args.image_size and data_args.image_size != config.image_size:
         raise ConfigError(f"{path} takes {config.image_size}px images; image_size applies to models built from config")
     # FLOPs budgets are counted at the model's real sequence length, not the text default of 128 tokens.
-    seq = prune_args.flops_seq_len = num_tokens(config)
+    seq = prune_args.seq_len = num_tokens(config)
     for b in budgets:
         prune_args.pruning_config(b, seed=training_args.seed)
     size, channels = config.image_size, config.num_channels
@@ -433,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     # Calibration sees un-augmented training images: importance should reflect the data, not the augmentation.
     calib = data["train"].shuffle(seed=training_args.seed)
-    calib = calib.select(range(min(prune_args.calibration_samples, len(calib)))).with_transform(ImageTransform(**tf))
+    calib = calib.select(range(min(prune_args.max_calibration_samples, len(calib)))).with_transform(ImageTransform(**tf))
     if training_args.world_size > 1:  # each process scores its shard; scores are summed over processes
         calib = calib.shard(training_args.world_size, training_args.process_index)
     bs = training_args.per_device_train_batch_size
@@ -447,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         training_args=training_args, calibration=calibration, train_dataset=train, evaluate_fn=eval_fn,
         trainer_kwargs={"data_collator": default_data_collator, "processing_class": processor,
                         "eval_dataset": evals["validation"], "compute_metrics": compute_metrics},
-        card={"base_model": path, "task": "image classification", "dataset": data_args.dataset_name},
+        card={"base_model": base_model, "task": "image classification", "dataset": data_args.dataset_name},
         title=data_args.source(), main_metric=main_metric, latency_seq_len=seq,
         inputs_fn=lambda m, b: dummy_inputs(m, b, seq), log=log,
     )

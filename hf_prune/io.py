@@ -1,0 +1,51 @@
+"""Atomic file writes with the permissions an ordinary write would get (the one writer every module uses)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """What ``open()``/``mkdir()`` would give under the current umask (0644 / 0755 under umask 022)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def chmod_like_new_(path: str | Path) -> None:
+    """Give ``path`` (and, for a folder, everything inside) the permissions of a freshly created file/folder.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create 0600 files and 0700 folders on purpose; once their contents are
+    complete and moved into place they should be as readable as a stock ``save_pretrained`` folder, or a
+    colleague on a shared server cannot open the checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, default_mode(directory=True))
+        for p in path.rglob("*"):
+            os.chmod(p, default_mode(directory=p.is_dir()))
+    else:
+        os.chmod(path, default_mode())
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temp file in the same folder, then ``os.replace``), with the
+    usual permissions, creating parent folders. No reader ever sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
