@@ -15,10 +15,12 @@ from .costs import (
     plan_params,
 )
 from .hub import check_can_push, model_card, push_pruned, write_model_card
-from .importance import CRITERIA, ImportanceScores, compute_importance
+from .criteria import CRITERIA, Criterion, register_criterion
+from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import pruned_class
-from .plan import PlanMismatchError, PrunePlan, build_plan
+from .budget import build_plan
+from .plan import PlanMismatchError, PrunePlan
 from .retraining_free import (
     FisherInfo,
     LatencyTable,
@@ -32,7 +34,10 @@ from .retraining_free import (
     search_masks,
     tune_masks,
 )
+from .schedule import PruningSchedule
 from .surgery import apply_plan_
+from .callbacks import PruningCallback  # noqa: E402  (after the engine: it builds on it)
+from .trainer import DistillationConfig, PruningTrainer  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,6 +45,8 @@ __all__ = [
     "ArchAdapter",
     "CRITERIA",
     "CorruptCheckpointError",
+    "Criterion",
+    "DistillationConfig",
     "CostModel",
     "FisherInfo",
     "ImportanceScores",
@@ -48,7 +55,10 @@ __all__ = [
     "LatencyTable",
     "MaskTuning",
     "PlanMismatchError",
+    "PruningCallback",
     "PruningConfig",
+    "PruningSchedule",
+    "PruningTrainer",
     "PrunePlan",
     "apply_plan_",
     "benchmark_latency",
@@ -74,6 +84,7 @@ __all__ = [
     "push_pruned",
     "rearrange_masks",
     "register_adapter",
+    "register_criterion",
     "search_latency",
     "search_masks",
     "supported_model_types",

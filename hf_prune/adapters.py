@@ -44,7 +44,7 @@ def supported_model_types() -> list[str]:
 
 def get_adapter(model_or_config: Any) -> ArchAdapter:
     """The adapter for a model (or its config), with a clear error for unsupported families."""
-    if _is_peft(model_or_config):
+    if is_peft(model_or_config):
         raise TypeError(
             "hf_prune prunes plain transformers models, and this one is wrapped by peft. Prune before "
             "get_peft_model(...), or call model.merge_and_unload() first and prune the merged model."
@@ -61,12 +61,20 @@ def get_adapter(model_or_config: Any) -> ArchAdapter:
     return _REGISTRY[model_type]
 
 
-def _is_peft(obj: Any) -> bool:
+def is_peft(obj: Any) -> bool:
     return any(c.__module__.startswith("peft") for c in type(obj).__mro__)
 
 
 def layers_of(model: nn.Module) -> nn.ModuleList:
     return layer_list(model, get_adapter(model))
+
+
+def tokens_per_input(model_or_config: Any, seq_len: int) -> int:
+    """Tokens one input puts through the layers (the sequence length FLOPs are counted at): ``seq_len`` for
+    text, patches plus the adapter's ``special_tokens`` for vision models."""
+    config = getattr(model_or_config, "config", model_or_config)
+    extra = get_adapter(config).special_tokens
+    return seq_len if extra is None else (config.image_size // config.patch_size) ** 2 + extra
 
 
 def model_dims(model_or_config: Any) -> dict[str, int]:
@@ -116,6 +124,7 @@ VIT = ArchAdapter(
     up="mlp.fc1",
     down="mlp.fc2",
     attrs=(("attention.num_attention_heads", "num_heads"),),
+    special_tokens=1,  # CLS
 )
 LLAMA = ArchAdapter(
     model_type="llama",
@@ -138,7 +147,7 @@ for _adapter in (
     replace(BERT, model_type="electra"),
     DISTILBERT,
     VIT,
-    replace(VIT, model_type="deit"),
+    replace(VIT, model_type="deit", special_tokens=2),  # CLS and the distillation token
     LLAMA,
     replace(LLAMA, model_type="mistral"),
     replace(LLAMA, model_type="qwen2"),

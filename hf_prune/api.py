@@ -9,7 +9,8 @@ from torch import nn
 
 from .config import PruningConfig
 from .importance import compute_importance
-from .plan import PrunePlan, build_plan
+from .budget import build_plan
+from .plan import PrunePlan
 from .retraining_free import LatencyTable, prune_retraining_free
 from .surgery import apply_plan_
 

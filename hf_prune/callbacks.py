@@ -23,12 +23,14 @@ from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .adapters import get_adapter, model_dims
 from .config import PruningConfig
-from .distributed import all_reduce_sum_, broadcast_parameters_, is_distributed, is_main
+from .distributed import all_reduce_sum_, broadcast_parameters_, is_main
 from .costs import CostModel, count_params
-from .importance import GRADIENT_CRITERIA, ImportanceScores, compute_importance
+from .criteria import get_criterion
+from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list
-from .plan import PrunePlan, build_plan
+from .budget import build_plan
+from .plan import PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
 
@@ -70,21 +72,11 @@ class MaskController:
             self._hooks = None
 
     # plan ----------------------------------------------------------------------------------------
-    def _positions(self, plan: PrunePlan) -> tuple[list[list[int]], list[list[int]]]:
-        """Positions, in the current weights, of the units ``plan`` keeps."""
-        def positions(ids: list[int], now: list[int]) -> list[int]:
-            where = {unit: p for p, unit in enumerate(now)}
-            return [where[u] for u in ids]
-
-        heads = [positions(hs, self.physical.heads[i]) for i, hs in enumerate(plan.heads)]
-        neurons = [positions(ns, self.physical.neurons[i]) for i, ns in enumerate(plan.neurons)]
-        return heads, neurons
-
     @torch.no_grad()
     def set_plan(self, plan: PrunePlan) -> None:
         """Mask everything ``plan`` does not keep and zero those weights."""
         self.plan = plan
-        heads, neurons = self._positions(plan)
+        heads, neurons = plan.positions_in(self.physical)
         for i in range(plan.num_layers):
             self.masks.heads[i].zero_()[heads[i]] = 1.0
             self.masks.neurons[i].zero_()[neurons[i]] = 1.0
@@ -122,7 +114,7 @@ class MaskController:
         """Add this step's mask gradients to the running Fisher/Taylor statistics, then clear them."""
         for acc, m in zip(self.acc_heads + self.acc_neurons, self.masks.heads + self.masks.neurons):
             if m.grad is not None:
-                acc += m.grad.pow(2) if self.criterion == "fisher" else m.grad.abs()
+                acc += get_criterion(self.criterion).reduce(m.grad[None])  # one "sample": this step's batch
                 m.grad = None
 
     def gradient_scores(self) -> ImportanceScores:
@@ -130,15 +122,7 @@ class MaskController:
         accs = [a.clone() for a in self.acc_heads + self.acc_neurons]
         all_reduce_sum_(accs)
         L = self.physical.num_layers
-        return self._to_dense_ids(accs[:L], accs[L:], self.criterion)
-
-    def _to_dense_ids(self, heads: list[torch.Tensor], neurons: list[torch.Tensor], criterion: str) -> ImportanceScores:
-        h = torch.full((self.dims["num_layers"], self.dims["num_heads"]), float("nan"))
-        n = torch.full((self.dims["num_layers"], self.dims["intermediate_size"]), float("nan"))
-        for i in range(len(heads)):
-            h[i, self.physical.heads[i]] = heads[i].detach().float().cpu()
-            n[i, self.physical.neurons[i]] = neurons[i].detach().float().cpu()
-        return ImportanceScores(h, n, criterion)
+        return ImportanceScores.scatter(self.physical, accs[:L], accs[L:], self.criterion)
 
     def restrict(self, scores: ImportanceScores) -> ImportanceScores:
         """Scores with masked units marked removed (NaN), so a new plan only ever removes more."""
@@ -188,9 +172,10 @@ class PruningCallback(TrainerCallback, ExportableState):
                 )
             if calibration_dataloader is None:
                 raise ValueError("method='retraining_free' needs calibration data: pass calibration_dataloader=...")
-        uses_gradients = calibration_dataloader is None and self.config.importance in GRADIENT_CRITERIA
-        if self.config.importance == "activation" and calibration_dataloader is None:
-            raise ValueError("importance='activation' needs a calibration_dataloader (it is not a gradient statistic)")
+        crit = get_criterion(self.config.importance)
+        uses_gradients = calibration_dataloader is None and crit.gradient
+        if crit.needs_data and not crit.gradient and calibration_dataloader is None:
+            raise ValueError(f"importance={crit.name!r} needs a calibration_dataloader (it is not a gradient statistic)")
         if uses_gradients and self.schedule.events()[0] == 0:
             raise ValueError(
                 f"importance={self.config.importance!r} from training gradients cannot score at step 0 (no "
@@ -279,7 +264,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         cfg = self.schedule.budget_at(self.config, step, self._dense_params)
         if cfg.method == "retraining_free":
             self._retraining_free_event(model, cfg)
-        elif self.calibration_dataloader is not None or self.config.importance not in GRADIENT_CRITERIA:
+        elif self.calibration_dataloader is not None or not get_criterion(self.config.importance).gradient:
             scores = compute_importance(
                 model,
                 self.calibration_dataloader,

@@ -8,7 +8,6 @@ own copy of the modeling code, never code from the checkpoint. Without hf_prune,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from .adapters import get_adapter
+from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
 from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes, pruned_class
 from .plan import PlanMismatchError, PrunePlan
 
@@ -29,12 +29,10 @@ class CorruptCheckpointError(OSError):
 
 
 def _weight_files(path: str, hub: dict[str, Any]) -> list[str]:
-    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+    index = cached_file(path, WEIGHTS_INDEX_FILE, _raise_exceptions_for_missing_entries=False, **hub)
     if index:
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [cached_file(path, s, **hub) for s in shards]
-    single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
+        return [cached_file(path, s, **hub) for s in weight_file_names(index)]
+    single = cached_file(path, WEIGHTS_FILE, _raise_exceptions_for_missing_entries=False, **hub)
     if not single:
         raise CorruptCheckpointError(
             f"{path} has no model.safetensors: pruned checkpoints are saved as safetensors by save_pretrained"
@@ -108,7 +106,7 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
         )
     config.allow_global_per_layer_attribute_access = True
     adapter = get_adapter(config)
-    model_cls = _resolve_class(config, auto_class)
+    model_cls = resolve_class(config, auto_class)
     plan = load_plan(path, **hub)
     if plan is not None:
         plan.check_compatible(config)
@@ -123,7 +121,7 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
     return model
 
 
-def _resolve_class(config: Any, auto_class: type | None) -> type:
+def resolve_class(config: Any, auto_class: type | None) -> type:
     import transformers
 
     if auto_class is None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
-from .budgets import BUDGETS, DEFAULT_BUDGET
-from .config import PruningConfig
+from .budget import DEFAULT_BUDGET, FIELD_BUDGETS
+from .config import PruningConfig, flag_fields, from_flag
+
+#: ``hf-prune prune``'s PruningConfig flags: every field under its own name.
+_ConfigFlags = make_dataclass("PruningConfigFlags", flag_fields())
 
 
 class UsageError(Exception):
@@ -81,12 +84,13 @@ def parse_prune_args(argv: list[str]) -> tuple[PruneArgs, PruningConfig]:
 
     from .recipes.common import check_flags
 
-    parser = HfArgumentParser((PruneArgs, PruningConfig), prog="hf-prune prune")
+    parser = HfArgumentParser((PruneArgs, _ConfigFlags), prog="hf-prune prune")
     parser.description = "Score, prune, measure, save and reload a model (defaults: embedded MiniLM, 50% FLOPs)."
     check_flags(parser, argv)
     ns = vars(parser.parse_args(argv))
     args = PruneArgs(**{f.name: ns.pop(f.name) for f in fields(PruneArgs)})
-    if all(ns[k] is None for k in BUDGETS):
+    ns = {k: from_flag(k, v) for k, v in ns.items()}
+    if not any(ns[k] is not None for k in (*FIELD_BUDGETS, "custom_budget")):
         ns.update(DEFAULT_BUDGET)  # the default job: half the layer FLOPs
     return args, PruningConfig(**ns)  # a bad value is a ValueError: one line from main()
 
@@ -196,7 +200,7 @@ def checkpoint_summary(model: torch.nn.Module, seq_len: int = 128) -> dict:
             "params": sum(cost.layer_params(s).values()), "gflops": sum(cost.layer_flops(s, seq_len).values()) / 1e9,
         })
     params = costs.count_params(model)
-    dense_params = params - cost.total(sizes)["total"] + cost.total(dense_sizes)["total"]
+    dense_params = costs.plan_params(PrunePlan.dense(model), model)
     flops, dense_flops = cost.total(sizes, seq_len)["total"], cost.total(dense_sizes, seq_len)["total"]
     return {"model_type": model.config.model_type, "class": type(model).__name__, "seq_len": seq_len,
             "layers": layers, "params": params, "dense_params": dense_params, "layer_flops": flops,
@@ -263,12 +267,12 @@ class BenchArgs:
 
 def dense_base(model: torch.nn.Module) -> torch.nn.Module:
     """The stock architecture of a pruned model at its dense sizes, randomly initialised (a latency baseline)."""
-    from .modeling_pruned import _homogeneous, _stock_class
+    from .modeling_pruned import homogeneous, stock_class
 
     config = copy.deepcopy(model.config)
-    with _homogeneous(config):
+    with homogeneous(config):
         config.__dict__.pop("per_layer_config", None)
-        return _stock_class(type(model))(config).eval()
+        return stock_class(type(model))(config).eval()
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -278,6 +282,7 @@ def cmd_bench(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from . import costs, report
+    from .adapters import tokens_per_input
     from .checkpoint import load_pruned
 
     parser = HfArgumentParser(BenchArgs, prog="hf-prune bench")
@@ -293,10 +298,7 @@ def cmd_bench(argv: list[str]) -> int:
     else:
         base = dense_base(model)
     base = base.eval().to(args.device)
-    seq = args.seq_len
-    if model.config.model_type in ("vit", "deit"):
-        seq = costs.dummy_inputs(model, 1, seq)["pixel_values"].shape[-1] // model.config.patch_size
-        seq = seq * seq + 1 + (model.config.model_type == "deit")
+    seq = tokens_per_input(model, args.seq_len)
     ideal = costs.count_flops(base, seq)["total"] / costs.count_flops(model, seq)["total"]
     rows = []
     for bs in tqdm(args.batch_sizes, desc="timing", disable=args.json):

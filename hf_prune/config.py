@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import json
+import re
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .budgets import check_budget, set_budget
-from .importance import CRITERIA
+from .budget import check_budget, set_budget
+from .criteria import CRITERIA
 
 METHODS = ("one_shot", "retraining_free")
+#: Settings only ``method="retraining_free"`` reads: set to anything but their default with another method, they
+#: would be ignored, so they are refused instead.
+RETRAINING_FREE_FIELDS = ("rearrange", "mask_tuning", "tuning_fit", "tuning_samples", "select_stages",
+                          "selection_samples")
 #: What retraining-free mask tuning fits per layer (``tuning_fit``; :func:`hf_prune.tune_masks`).
 TUNING_FITS = ("weights", "scales")
 
@@ -16,14 +23,16 @@ TUNING_FITS = ("weights", "scales")
 @dataclass
 class PruningConfig:
     """Settings of one pruning step. Set exactly one budget: ``heads_keep``/``neurons_keep`` (either or
-    both), ``flops_keep``, ``target_params`` or (``method="retraining_free"`` only) ``latency_keep``.
+    both), ``flops_keep``, ``target_params``, (``method="retraining_free"`` only) ``latency_keep``, or a
+    registered kind in ``custom_budget``. The kinds are the table :data:`hf_prune.budget.BUDGETS`.
 
     Args:
         method: ``one_shot`` scores units and cuts the lowest; ``retraining_free`` is Kwon et al. (2022):
             Fisher mask search, mask rearrangement with per-layer Fisher blocks and least-squares mask
             tuning folded into the kept weights (see :mod:`hf_prune.retraining_free`). It needs
             ``importance="fisher"`` and calibration data.
-        importance: scoring criterion, one of ``magnitude``, ``taylor``, ``fisher``, ``activation``, ``random``.
+        importance: scoring criterion, a name registered in :data:`hf_prune.criteria.CRITERIA` (``magnitude``,
+            ``taylor``, ``fisher``, ``activation``, ``random``, or your own via ``register_criterion``).
         heads_keep: fraction of the dense model's attention heads to keep, in (0, 1].
         neurons_keep: fraction of the dense model's FFN neurons to keep, in (0, 1].
         flops_keep: fraction of the dense model's layer FLOPs (at ``seq_len`` tokens) to keep, in (0, 1];
@@ -32,6 +41,8 @@ class PruningConfig:
         latency_keep: fraction of the dense encoder layers' latency to keep, in (0, 1], predicted by a
             per-layer latency table measured on the model's device at ``latency_batch_size`` x ``seq_len``
             (``retraining_free`` only).
+        custom_budget: a budget of a kind added with :func:`hf_prune.budget.register_budget`, by name, e.g.
+            ``{"my_kind": 0.5}`` (recipes and the CLI take it as JSON).
         seq_len: sequence length at which FLOPs are counted (and latency is measured).
         latency_batch_size: batch size at which the latency table for ``latency_keep`` is measured.
         rearrange: ``retraining_free``: re-choose each layer's kept units (same counts) to minimise the
@@ -69,6 +80,7 @@ class PruningConfig:
     flops_keep: float | None = None
     target_params: int | None = None
     latency_keep: float | None = None
+    custom_budget: dict[str, float] | None = None
     seq_len: int = 128
     latency_batch_size: int = 1
     rearrange: bool = True
@@ -90,6 +102,15 @@ class PruningConfig:
         if self.importance not in CRITERIA:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(CRITERIA)}")
         check_budget(self)
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.method != "retraining_free":
+            changed = [n for n in RETRAINING_FREE_FIELDS if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to method='retraining_free' (method="
+                                 f"{self.method!r} would ignore them): set method='retraining_free' or drop them")
+        if self.latency_keep is None and self.latency_batch_size != defaults["latency_batch_size"]:
+            raise ValueError("latency_batch_size only applies to a latency_keep budget (it sizes the latency "
+                             "table): set latency_keep or drop latency_batch_size")
         if self.method == "retraining_free" and self.importance != "fisher":
             raise ValueError(
                 f"method='retraining_free' ranks and rearranges units with the Fisher information of their "
@@ -124,3 +145,59 @@ class PruningConfig:
         if unknown:
             raise ValueError(f"unknown PruningConfig keys {unknown}; valid keys: {sorted(valid)}")
         return cls(**data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``Args:`` section of a dataclass's docstring (for ``--help``)."""
+    docs: dict[str, str] = {}
+    name = None
+    in_args = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if not in_args or not stripped:
+            continue
+        m = re.match(r"^(\w+): (.*)$", stripped)
+        if m and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            name = m.group(1)
+            docs[name] = m.group(2)
+        elif name:
+            docs[name] += " " + stripped
+    return docs
+
+
+#: Fields a command line takes as JSON text (argparse has no dict type).
+JSON_FIELDS = ("custom_budget",)
+
+
+def flag_fields(*, lists: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """PruningConfig's fields as ``make_dataclass`` entries for ``HfArgumentParser``: same names, types and
+    defaults, help from the docstring; ``lists`` take several values (one run each), dict fields JSON text.
+    The recipes' and the CLI's arguments are made from this, so every field is a recipe key and a flag."""
+    docs = field_docs(PruningConfig)
+    types = typing.get_type_hints(PruningConfig)
+    out = []
+    for f in fields(PruningConfig):
+        if f.name in exclude:
+            continue
+        help_text = docs.get(f.name, "").split(". ")[0]
+        if f.name in lists:
+            out.append((f.name, list[types[f.name].__args__[0]] | None,  # type: ignore[index]
+                        field(default=None, metadata={"help": help_text + " (several values: one run each)"})))
+        elif f.name in JSON_FIELDS:
+            out.append((f.name, str | None, field(default=None, metadata={"help": help_text + " (JSON)"})))
+        else:
+            out.append((f.name, types[f.name], field(default=f.default, metadata={"help": help_text})))
+    return out
+
+
+def from_flag(name: str, value: Any) -> Any:
+    """A parsed flag's value as the PruningConfig field takes it (JSON text -> dict)."""
+    if name in JSON_FIELDS and isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} must be JSON, e.g. '{{\"my_kind\": 0.5}}': {e}") from e
+    return value

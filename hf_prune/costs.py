@@ -159,7 +159,7 @@ class Latency:
     times_ms: list[float]
 
 
-def _time_once(model: nn.Module, inputs: Mapping[str, Any]) -> float:
+def time_once(model: nn.Module, inputs: Mapping[str, Any]) -> float:
     start = time.perf_counter()
     model(**inputs)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
@@ -190,11 +190,11 @@ def compare_latency(
     try:
         for _ in range(warmup):
             for m in models.values():
-                _time_once(m, inputs)
+                time_once(m, inputs)
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(repeats):
             for name, m in models.items():
-                times[name].append(_time_once(m, inputs))
+                times[name].append(time_once(m, inputs))
     finally:
         for name, m in models.items():
             m.train(modes[name])

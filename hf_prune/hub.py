@@ -18,9 +18,10 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from .checkpoint import CorruptCheckpointError, _resolve_class
+from .checkpoint import CorruptCheckpointError, resolve_class
 from .costs import count_flops, count_params, model_layer_sizes, plan_flops, plan_params
-from .io import write_text_atomic
+from .io import WEIGHTS_INDEX_FILE, weight_file_names, write_text_atomic
+from .report import markdown_table
 from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE
 from .plan import PrunePlan
 
@@ -43,11 +44,8 @@ _UPLOAD_IGNORE = ["checkpoint-*", "optimizer.*", "scheduler.pt", "rng_state*.pth
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [folder / s for s in shards]
-    return [folder / "model.safetensors"]
+    index = folder / WEIGHTS_INDEX_FILE
+    return [folder / name for name in weight_file_names(index if index.exists() else None)]
 
 
 def missing_files(checkpoint_dir: str | Path) -> list[str]:
@@ -69,7 +67,7 @@ def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
     # A model on the meta device has every shape and no storage. Safetensors key names are no substitute:
     # transformers 5 renames some families' keys on save (ViT's q_proj is stored as attention.query).
     with torch.device("meta"):
-        model = _resolve_class(config, None)(config)
+        model = resolve_class(config, None)(config)
     dense_plan = PrunePlan.dense(config)
     plan_file = folder / PLAN_FILE
     return {
@@ -112,8 +110,10 @@ def _yaml_block(data: Any) -> list[str]:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(map(_fmt, header)) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(map(_fmt, r)) + " |" for r in rows]
+    """Card tables: report.markdown_table with the card's cell format (header strings are column names)."""
+    dict_rows = [dict(zip(header, r)) for r in rows]
+    text = markdown_table(dict_rows, columns=list(header), cell=lambda v, _fmt_spec: _fmt("" if v is None else v))
+    return text.split("\n")
 
 
 def _kept(kept: int, total: int) -> str:

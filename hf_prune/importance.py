@@ -30,13 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter, model_dims
+from .batches import batch_size, to_device
+from .criteria import CRITERIA, Criterion, get_criterion
 from .distributed import all_reduce_sum_
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan
 
-CRITERIA = ("magnitude", "taylor", "fisher", "activation", "random")
-GRADIENT_CRITERIA = ("taylor", "fisher")
 
 
 @dataclass
@@ -55,10 +55,24 @@ class ImportanceScores:
     criterion: str
     num_samples: int = 0
 
+    @classmethod
+    def scatter(
+        cls, current: PrunePlan, heads: list[torch.Tensor], neurons: list[torch.Tensor], criterion: str,
+        num_samples: int = 0,
+    ) -> "ImportanceScores":
+        """Scores of the units a model cut to ``current`` still has (per layer ``(H_l,)`` and ``(I_l,)``) placed at
+        their dense ids in ``(L, H)`` / ``(L, I)`` tensors; removed units are NaN."""
+        h = torch.full((current.num_layers, current.num_heads), float("nan"))
+        n = torch.full((current.num_layers, current.intermediate_size), float("nan"))
+        for i in range(current.num_layers):
+            h[i, current.heads[i]] = heads[i].detach().float().cpu()
+            n[i, current.neurons[i]] = neurons[i].detach().float().cpu()
+        return cls(h, n, criterion, num_samples)
+
     @property
     def comparable(self) -> bool:
         """Head and neuron scores share one scale (both measure the same loss's sensitivity)."""
-        return self.criterion in GRADIENT_CRITERIA
+        return self.criterion in CRITERIA and CRITERIA[self.criterion].gradient
 
 
 def compute_importance(
@@ -81,58 +95,17 @@ def compute_importance(
         seed: for ``random`` and the label-free random projections.
         progress: show a progress bar.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown importance criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    adapter = get_adapter(model)
-    dims = model_dims(model)
+    crit = get_criterion(criterion)
     current = PrunePlan.of(model)
-    layers = layer_list(model, adapter)
-    if criterion == "random":
-        g = torch.Generator().manual_seed(seed)
-        local_h = [torch.rand(len(h), generator=g) for h in current.heads]
-        local_n = [torch.rand(len(n), generator=g) for n in current.neurons]
-        n_samples = 0
-    elif criterion == "magnitude":
-        local_h, local_n = _magnitude(layers, adapter, dims["head_dim"])
+    if crit.score is not None:
+        local_h, local_n = crit.score(model, seed)
         n_samples = 0
     else:
         if dataloader is None:
             raise ValueError(f"criterion {criterion!r} needs calibration data: pass a dataloader")
-        local_h, local_n, n_samples = _data_scores(model, dataloader, criterion, max_samples, seed, progress)
-    heads = torch.full((dims["num_layers"], dims["num_heads"]), float("nan"))
-    neurons = torch.full((dims["num_layers"], dims["intermediate_size"]), float("nan"))
-    for i in range(dims["num_layers"]):
-        heads[i, current.heads[i]] = local_h[i].float().cpu()
-        neurons[i, current.neurons[i]] = local_n[i].float().cpu()
-    return ImportanceScores(heads, neurons, criterion, n_samples)
+        local_h, local_n, n_samples = _data_scores(model, dataloader, crit, max_samples, seed, progress)
+    return ImportanceScores.scatter(current, local_h, local_n, criterion, n_samples)
 
-
-@torch.no_grad()
-def _magnitude(layers: nn.ModuleList, adapter, head_dim: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    heads, neurons = [], []
-    for layer in layers:
-        q = get_module(layer, adapter.q).weight.float()  # (H * d, D)
-        o = get_module(layer, adapter.o).weight.float()  # (D, H * d)
-        h = q.pow(2).view(-1, head_dim, q.shape[1]).sum((1, 2)) + o.pow(2).view(o.shape[0], -1, head_dim).sum((0, 2))
-        heads.append(h)
-        up = get_module(layer, adapter.up).weight.float()  # (I, D)
-        down = get_module(layer, adapter.down).weight.float()  # (D, I)
-        n = up.pow(2).sum(1) + down.pow(2).sum(0)
-        if adapter.gate:
-            n = n + get_module(layer, adapter.gate).weight.float().pow(2).sum(1)
-        neurons.append(n)
-    return heads, neurons
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    for v in batch.values():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    raise ValueError("calibration batch holds no tensors")
 
 
 def _per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
@@ -161,7 +134,7 @@ def per_sample_mask_grads(
 ) -> tuple[torch.Tensor | None, ...]:
     """Each sample's gradient of the loss w.r.t. every head and neuron mask: ``(B, H_l)`` tensors for the
     layers' heads, then ``(B, I_l)`` for their neurons (None where a mask does not reach the loss)."""
-    bsz = _batch_size(batch)
+    bsz = batch_size(batch)
     device = next(model.parameters()).device
     masks = LayerMasks(len(n_heads))
     masks.heads = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
@@ -174,7 +147,7 @@ def per_sample_mask_grads(
 def _data_scores(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
-    criterion: str,
+    crit: Criterion,
     max_samples: int | None,
     seed: int,
     progress: bool,
@@ -195,21 +168,21 @@ def _data_scores(
         total = len(dataloader)  # type: ignore[arg-type]
     except TypeError:
         pass
-    bar = tqdm(total=max_samples, desc=f"{criterion} scores", unit="sample", disable=not progress)
+    bar = tqdm(total=max_samples, desc=f"{crit.name} scores", unit="sample", disable=not progress)
     try:
         for step, raw in enumerate(dataloader):
-            batch = _to_device(raw, device)
-            bsz = _batch_size(batch)
+            batch = to_device(raw, device)
+            bsz = batch_size(batch)
             if step == 0 and total is not None:  # batches x first batch size: the bar's best guess
                 bar.total = min(max_samples or total * bsz, total * bsz)
-            if criterion == "activation":
-                with torch.no_grad(), _ActivationStats(model, batch, head_acc, neuron_acc, head_dim):
+            if crit.stats is not None:
+                with torch.no_grad(), crit.stats(model, batch, head_acc, neuron_acc):
                     model(**{k: v for k, v in batch.items() if k != "labels"})
             else:
                 grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step)
                 for acc, g in zip(head_acc + neuron_acc, grads):
                     if g is not None:
-                        acc += g.pow(2).sum(0) if criterion == "fisher" else g.abs().sum(0)
+                        acc += crit.reduce(g)
             seen += bsz
             bar.update(bsz)
             if max_samples is not None and seen >= max_samples:
@@ -224,45 +197,9 @@ def _data_scores(
         )
     counts = torch.tensor([float(seen)], device=device)
     all_reduce_sum_(head_acc + neuron_acc + [counts])
-    if criterion == "activation":
+    if crit.stats is not None:  # forward statistics are means over samples
         head_acc = [a / counts for a in head_acc]
         neuron_acc = [a / counts for a in neuron_acc]
     return head_acc, neuron_acc, int(counts.item())
 
-
-class _ActivationStats:
-    """Hooks accumulating per-sample mean activation magnitudes (padding tokens excluded)."""
-
-    def __init__(self, model, batch, head_acc, neuron_acc, head_dim):
-        self.model, self.head_acc, self.neuron_acc, self.head_dim = model, head_acc, neuron_acc, head_dim
-        mask = batch.get("attention_mask")
-        self.token_w = None if mask is None else mask.to(torch.float32)  # (B, T)
-        self.handles: list[Any] = []
-
-    def _mean_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, n) -> (n,) summed over samples of each sample's token mean
-        if self.token_w is not None and x.dim() == 3 and x.shape[1] == self.token_w.shape[1]:
-            w = self.token_w / self.token_w.sum(1, keepdim=True).clamp_min(1)
-            return (x * w[..., None]).sum((0, 1))
-        return x.mean(1).sum(0) if x.dim() == 3 else x.sum(0)
-
-    def __enter__(self):
-        adapter = get_adapter(self.model)
-        for i, layer in enumerate(layer_list(self.model, adapter)):
-
-            def head_hook(_m, args, i=i):
-                x = args[0].float()
-                norms = x.view(*x.shape[:-1], -1, self.head_dim).norm(dim=-1)  # (B, T, H)
-                self.head_acc[i] += self._mean_tokens(norms)
-
-            def neuron_hook(_m, args, i=i):
-                self.neuron_acc[i] += self._mean_tokens(args[0].float().abs())  # (B, T, I)
-
-            self.handles.append(get_module(layer, adapter.o).register_forward_pre_hook(head_hook))
-            self.handles.append(get_module(layer, adapter.down).register_forward_pre_hook(neuron_hook))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 

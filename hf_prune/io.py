@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+
+#: What save_pretrained writes the weights as: one file, or shards listed in an index.
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_file_names(index_file: str | Path | None) -> list[str]:
+    """The safetensors files of a checkpoint: the shards its index lists, or the single weights file when there
+    is no index (``index_file`` None)."""
+    if index_file is None:
+        return [WEIGHTS_FILE]
+    with open(index_file, encoding="utf-8") as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
 
 
 def _umask() -> int:

@@ -55,6 +55,8 @@ class ArchSpec:
         attrs: ``(attribute path inside a layer, quantity)`` pairs kept in sync by surgery; quantity is one
             of ``num_heads``, ``num_kv_heads``, ``all_head_size``, ``intermediate_size``. Attributes missing
             from a given transformers version are skipped.
+        special_tokens: vision families: tokens besides the ``(image_size / patch_size)^2`` patches (CLS, DeiT's
+            distillation token); None for text, where the sequence length is the token count.
     """
 
     model_type: str
@@ -73,6 +75,7 @@ class ArchSpec:
     layers_field: str = "num_hidden_layers"
     head_dim_field: str | None = "head_dim"
     attrs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    special_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -287,8 +290,8 @@ _AUTO_CLASSES = (
 def _auto_map(model: nn.Module) -> dict[str, str]:
     """``auto_map`` entries for every Auto class that resolves this config to the model's stock class."""
     module = Path(MODELING_FILE).stem
-    stock = _stock_class(type(model))
-    base = _stock_class(type(model.base_model))
+    stock = stock_class(type(model))
+    base = stock_class(type(model.base_model))
     out = {"AutoModel": f"{module}.Pruned{base.__name__}"}
     for auto_name in _AUTO_CLASSES[1:]:
         auto = getattr(transformers, auto_name, None)
@@ -302,7 +305,7 @@ def _auto_map(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _stock_class(cls: type) -> type:
+def stock_class(cls: type) -> type:
     while getattr(cls, "_hf_prune_pruned", False):
         cls = cls.__mro__[2]  # (PrunedX, PrunedModelMixin, X, ...)
     return cls
@@ -355,7 +358,7 @@ class PrunedModelMixin:
 
     def __init__(self, config, *args, **kwargs):
         config.allow_global_per_layer_attribute_access = True
-        with _homogeneous(config):  # stock __init__ builds dense layers from the global (dense) sizes
+        with homogeneous(config):  # stock __init__ builds dense layers from the global (dense) sizes
             super().__init__(config, *args, **kwargs)
         resize_to_config_(self, ArchSpec.from_dict(config_get(config, CONFIG_KEY)["arch"]))
 
@@ -396,7 +399,7 @@ class PrunedModelMixin:
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             self.config.auto_map = _auto_map(self)
-            with _homogeneous(self.config) as per_layer:
+            with homogeneous(self.config) as per_layer:
                 super().save_pretrained(stage, True, *args, **kwargs)
             # Written by us because the stock writer, reading the dense globals, warns once per field.
             config_file = stage / "config.json"
@@ -422,7 +425,7 @@ class PrunedModelMixin:
 
 
 @contextmanager
-def _homogeneous(config: Any) -> Iterator[dict[int, dict[str, Any]]]:
+def homogeneous(config: Any) -> Iterator[dict[int, dict[str, Any]]]:
     """Hide the per-layer overrides for a moment: the config reads as the dense one, without warnings.
 
     Yields the overrides (``{layer: {field: value}}``).
@@ -440,7 +443,7 @@ _CLASSES: dict[str, type] = {}
 
 def pruned_class(stock: type) -> type:
     """``Pruned<Stock>``: the stock class with per-layer shapes. One class object per stock class."""
-    stock = _stock_class(stock)
+    stock = stock_class(stock)
     name = f"Pruned{stock.__name__}"
     if name not in _CLASSES:
         cls = type(name, (PrunedModelMixin, stock), {"__module__": __name__, "__qualname__": name})

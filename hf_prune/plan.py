@@ -9,16 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
 
-if TYPE_CHECKING:
-    from .config import PruningConfig
-    from .importance import ImportanceScores
 
 
 class PlanMismatchError(ValueError):
@@ -87,6 +83,13 @@ class PrunePlan:
             {"num_heads": len(h), "num_kv_heads": len(h) // self.group_size, "intermediate_size": len(n)}
             for h, n in zip(self.heads, self.neurons)
         ]
+
+    def positions_in(self, current: "PrunePlan") -> tuple[list[list[int]], list[list[int]]]:
+        """Per layer, the positions in a model cut to ``current`` (its weights as they are now) of the heads and
+        neurons this plan keeps: the kept dense ids' ranks among the ids ``current`` still has."""
+        heads = [_ranks(kept, cur) for cur, kept in zip(current.heads, self.heads)]
+        neurons = [_ranks(kept, cur) for cur, kept in zip(current.neurons, self.neurons)]
+        return heads, neurons
 
     def kept_fraction(self) -> dict[str, float]:
         """Fractions of heads and neurons kept over all layers."""
@@ -182,227 +185,6 @@ class PrunePlan:
         return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------------------------- budgets
-
-
-@dataclass
-class _Unit:
-    """A prunable unit: one head group, or one block of ``round_to`` neurons, of one layer."""
-
-    layer: int
-    ids: list[int]
-    score: float
-    cost: float
-
-
-def _head_units(scores: torch.Tensor, group: int, cost: float) -> list[list[_Unit]]:
-    """Per layer, available head groups sorted best first. ``scores``: (L, H), NaN = already removed."""
-    out = []
-    for i, row in enumerate(scores):
-        g = row.view(-1, group)  # (KV, group)
-        units = [
-            _Unit(i, list(range(k * group, (k + 1) * group)), float(g[k].sum()), cost)
-            for k in range(g.shape[0])
-            if not torch.isnan(g[k]).any()
-        ]
-        out.append(sorted(units, key=lambda u: -u.score))
-    return out
-
-
-def _neuron_units(scores: torch.Tensor, round_to: int, cost: float) -> list[list[_Unit]]:
-    """Per layer, blocks of ``round_to`` neurons, best neurons first. ``scores``: (L, I)."""
-    out = []
-    for i, row in enumerate(scores):
-        avail = (~torch.isnan(row)).nonzero().view(-1)
-        order = avail[torch.argsort(row[avail], descending=True, stable=True)].tolist()
-        blocks = [order[j : j + round_to] for j in range(0, len(order), round_to)]
-        out.append([_Unit(i, b, float(row[b].sum()), cost * len(b)) for b in blocks])
-    return out
-
-
-def _normalise_(units: list[list[_Unit]], unit_cost: float) -> None:
-    """Put a criterion whose heads and neurons are on unrelated scales on one scale: a unit of average
-    score is worth its cost, so uniform scores give a uniform cut."""
-    flat = [u for layer in units for u in layer]
-    mean = sum(u.score for u in flat) / max(1, sum(u.cost for u in flat) / unit_cost)
-    for u in flat:
-        u.score = u.score / mean * unit_cost if mean > 0 else u.cost
-
-
-def _take_count(units: list[list[_Unit]], n_keep: int, allocation: str, floor: int) -> list[list[_Unit]]:
-    """Keep ``n_keep`` units' worth of ids (per layer for uniform, in total for global), never more."""
-    if allocation == "uniform":
-        kept = []
-        for layer in units:
-            chosen, n = [], 0
-            for u in layer:
-                if n + len(u.ids) > n_keep and len(chosen) >= min(floor, len(layer)):
-                    break
-                chosen.append(u)
-                n += len(u.ids)
-            kept.append(chosen)
-        return kept
-    kept = [layer[: min(floor, len(layer))] for layer in units]
-    n = sum(len(u.ids) for layer in kept for u in layer)
-    nxt = [len(k) for k in kept]
-    pool = sorted((u for i, layer in enumerate(units) for u in layer[nxt[i] :]), key=lambda u: -u.score)
-    for u in pool:
-        # Within a layer units are taken in order, so ids stay the layer's best.
-        if n + len(u.ids) > n_keep or units[u.layer][nxt[u.layer]] is not u:
-            continue
-        kept[u.layer].append(u)
-        nxt[u.layer] += 1
-        n += len(u.ids)
-    return kept
-
-
-def _take_budget(
-    heads: list[list[_Unit]], neurons: list[list[_Unit]], budget: float, allocation: str, floor: int
-) -> tuple[list[list[_Unit]], list[list[_Unit]]]:
-    """Maximise kept score under a cost budget. Tries every number of head units (per layer for uniform,
-    in total for global) and fills what is left with the best neuron blocks."""
-    L = len(heads)
-    h_floor = [min(floor, len(x)) for x in heads]
-    n_floor = [min(floor, len(x)) for x in neurons]
-    fixed = sum(u.cost for i in range(L) for u in heads[i][: h_floor[i]] + neurons[i][: n_floor[i]])
-    if fixed > budget:
-        raise ValueError(
-            f"budget unreachable: it allows {budget:.4g} but keeping one head group and one neuron block per "
-            f"layer already costs {fixed:.4g}; raise the budget or set allow_empty_layers=True"
-        )
-
-    neuron_pool = sorted((u for i, x in enumerate(neurons) for u in x[n_floor[i] :]), key=lambda u: -u.score)
-
-    def fill(kept: list[list[_Unit]], units: list[list[_Unit]], left: float) -> float:
-        """Add neuron blocks best-first (each layer in its own order) while they fit; return what is left."""
-        nxt = [len(k) for k in kept]
-        for u in neuron_pool:
-            if u.cost <= left + 1e-9 and units[u.layer][nxt[u.layer]] is u:
-                kept[u.layer].append(u)
-                nxt[u.layer] += 1
-                left -= u.cost
-        return left
-
-    best: tuple[float, list[list[_Unit]], list[list[_Unit]]] | None = None
-    if allocation == "uniform":
-        max_h = max((len(x) for x in heads), default=0)
-        for k in range(min(h_floor or [0]), max_h + 1):
-            kh = [x[: max(k, h_floor[i])] for i, x in enumerate(heads)]
-            left = budget - sum(u.cost for x in kh for u in x) - sum(
-                u.cost for i in range(L) for u in neurons[i][: n_floor[i]]
-            )
-            if left < -1e-9:
-                break
-            kn = [x[: n_floor[i]] for i, x in enumerate(neurons)]
-            # Same number of neuron blocks in every layer: add block rounds while a whole round fits.
-            depth = max(n_floor or [0])
-            while True:
-                extra = [x[depth] for i, x in enumerate(neurons) if depth < len(x) and depth >= n_floor[i]]
-                cost = sum(u.cost for u in extra)
-                if not extra or cost > left + 1e-9:
-                    break
-                for u in extra:
-                    kn[u.layer].append(u)
-                left -= cost
-                depth += 1
-            score = sum(u.score for x in kh + kn for u in x)
-            if best is None or score > best[0]:
-                best = (score, kh, kn)
-    else:
-        base_h = [x[: h_floor[i]] for i, x in enumerate(heads)]
-        pool = sorted((u for i, x in enumerate(heads) for u in x[h_floor[i] :]), key=lambda u: -u.score)
-        for n_h in range(len(pool) + 1):
-            kh = [list(x) for x in base_h]
-            for u in pool[:n_h]:
-                kh[u.layer].append(u)
-            for x in kh:  # keep each layer's heads in its own best-first order
-                x.sort(key=lambda u: -u.score)
-            left = budget - fixed - sum(u.cost for u in pool[:n_h])
-            if left < -1e-9:
-                break
-            kn = [x[: n_floor[i]] for i, x in enumerate(neurons)]
-            fill(kn, neurons, left)
-            score = sum(u.score for x in kh + kn for u in x)
-            if best is None or score > best[0]:
-                best = (score, kh, kn)
-    assert best is not None
-    return best[1], best[2]
-
-
-def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningConfig") -> PrunePlan:
-    """Choose the heads and neurons to keep from ``scores`` under ``config``'s budget.
-
-    Heads of a grouped-query-attention model are chosen a whole key/value group at a time; neurons in
-    blocks of ``config.round_to``. Unless ``config.allow_empty_layers``, each layer keeps at least one
-    head group and one neuron block. Never exceeds the budget; raises ``ValueError`` if it cannot be met.
-    """
-    from .costs import CostModel, count_params, model_layer_sizes
-
-    current = PrunePlan.of(model)
-    d = model_dims(model)
-    L = d["num_layers"]
-    if tuple(scores.heads.shape) != (L, d["num_heads"]) or tuple(scores.neurons.shape) != (
-        L,
-        d["intermediate_size"],
-    ):
-        raise PlanMismatchError(
-            f"scores of shape heads {tuple(scores.heads.shape)} / neurons {tuple(scores.neurons.shape)} do not "
-            f"fit this model ({L} layers, {d['num_heads']} heads, {d['intermediate_size']} neurons)"
-        )
-    cost = CostModel.for_model(model)
-    group = current.group_size
-    floor = 0 if config.allow_empty_layers else 1
-    flops = config.flops_keep is not None
-    seq = config.seq_len if flops else None
-    head_cost = group * (cost.head_flops(seq) if flops else cost.head_params) + (
-        cost.kv_flops(seq) if flops else cost.kv_params
-    )
-    neuron_cost = cost.neuron_flops(seq) if flops else cost.neuron_params
-    heads = _head_units(scores.heads, group, head_cost)
-    neurons = _neuron_units(scores.neurons, config.round_to, neuron_cost)
-
-    if config.flops_keep is None and config.target_params is None:
-        kh = heads
-        if config.heads_keep is not None:
-            n = round(config.heads_keep * (L if config.allocation == "global" else 1) * d["num_kv_heads"])
-            kh = _take_count(heads, n * group, config.allocation, floor)
-        kn = neurons
-        if config.neurons_keep is not None:
-            per = config.neurons_keep * d["intermediate_size"]
-            n = int(per * L) if config.allocation == "global" else int(per) // config.round_to * config.round_to
-            kn = _take_count(neurons, n, config.allocation, floor)
-    else:
-        if not scores.comparable:
-            _normalise_(heads, head_cost)
-            _normalise_(neurons, neuron_cost)
-        if flops:
-            budget = config.flops_keep * cost.total(PrunePlan.dense(model).layer_sizes(), seq)["total"]
-        else:
-            fixed_params = count_params(model) - cost.total(model_layer_sizes(model))["total"]
-            budget = config.target_params - fixed_params
-            if budget < 0:
-                raise ValueError(
-                    f"target_params={config.target_params} is unreachable: the parts pruning cannot touch "
-                    f"(embeddings, norms, task head, output biases) already hold {fixed_params} parameters"
-                )
-        kh, kn = _take_budget(heads, neurons, budget, config.allocation, floor)
-
-    plan = PrunePlan(
-        model_type=current.model_type,
-        num_heads=current.num_heads,
-        num_kv_heads=current.num_kv_heads,
-        intermediate_size=current.intermediate_size,
-        hidden_size=current.hidden_size,
-        heads=[[h for u in x for h in u.ids] for x in kh],
-        neurons=[[n for u in x for n in u.ids] for x in kn],
-        meta={
-            **current.meta,
-            "criterion": scores.criterion,
-            "calibration_samples": scores.num_samples,
-            "budget": config.budget(),
-            "allocation": config.allocation,
-            "round_to": config.round_to,
-            "seq_len": config.seq_len,
-        },
-    )
-    return plan
+def _ranks(kept: list[int], current: list[int]) -> list[int]:
+    where = {unit: p for p, unit in enumerate(current)}
+    return [where[u] for u in kept]

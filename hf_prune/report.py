@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ def markdown_table(
     columns: Sequence[str] | None = None,
     formats: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
+    cell: Callable[[Any, str | None], str] | None = None,
 ) -> str:
     """A GitHub markdown table of ``rows`` (dicts); ``columns`` picks and orders keys (default: all, first-seen).
 
@@ -84,16 +85,17 @@ def markdown_table(
         columns: keys to show, in order.
         formats: per-column format spec, e.g. ``{"speedup": ".2f", "flops_kept": ".1%"}``.
         headers: per-column header text (default: the key).
+        cell: how a value is written, ``cell(value, format)``; default :func:`format_value`.
     """
     if columns is None:
         columns = list(dict.fromkeys(k for row in rows for k in row))
-    formats, headers = formats or {}, headers or {}
+    formats, headers, cell = formats or {}, headers or {}, cell or format_value
     lines = [
         "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
     ]
     for row in rows:
-        lines.append("| " + " | ".join(format_value(row.get(c), formats.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(cell(row.get(c), formats.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .budgets import BUDGETS, set_budget
+from .budget import BUDGETS, set_budget
 from .config import PruningConfig
 
 
@@ -92,11 +92,18 @@ class PruningSchedule:
             return start * (final / start) ** s if geometric else start + (final - start) * s
 
         changes: dict[str, Any] = {}
+        custom = dict(config.custom_budget or {})
         for name, value in set_budget(config).items():
             if BUDGETS[name].scheduled_from == "one":
-                changes[name] = min(1.0, move(value))
+                value = min(1.0, move(value))
             else:  # a count that starts at the dense model's
-                changes[name] = int(move(value, float(dense_params)))
+                value = int(move(value, float(dense_params)))
+            if name in custom:
+                custom[name] = value
+            else:
+                changes[name] = value
+        if custom:
+            changes["custom_budget"] = custom
         return dataclasses.replace(config, **changes)
 
     def to_dict(self) -> dict[str, Any]:

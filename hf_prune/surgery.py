@@ -32,12 +32,10 @@ def apply_plan_(model: M, plan: PrunePlan) -> M:
             "model instead (plans hold ids of the dense model)"
         )
     dims = model_dims(model)
+    head_pos, neuron_pos = plan.positions_in(current)  # in the layers as they are now
     for i, layer in enumerate(layer_list(model, adapter)):
-        # Positions in the layer as it is now: the kept ids' ranks among the ids it still has.
-        head_pos = {h: p for p, h in enumerate(current.heads[i])}
-        neuron_pos = {n: p for p, n in enumerate(current.neurons[i])}
-        heads = [head_pos[h] for h in plan.heads[i]] if plan.heads[i] != current.heads[i] else None
-        neurons = [neuron_pos[n] for n in plan.neurons[i]] if plan.neurons[i] != current.neurons[i] else None
+        heads = head_pos[i] if plan.heads[i] != current.heads[i] else None
+        neurons = neuron_pos[i] if plan.neurons[i] != current.neurons[i] else None
         if heads is not None or neurons is not None:
             prune_layer_(layer, adapter, dims["head_dim"], plan.group_size, heads, neurons)
 

@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.utils import logging
 from transformers.trainer_utils import get_last_checkpoint
 
-from .adapters import _is_peft, get_adapter
+from .adapters import is_peft, get_adapter
 from .callbacks import PruningCallback
 from .api import prune
 from .distributed import broadcast_parameters_, is_distributed, is_main
@@ -150,7 +150,7 @@ class PruningTrainer(Trainer):
             self._rebuild_pruned_shapes(str(resume_from_checkpoint))
         elif self._pruner is None and PrunePlan.of(self._base_model()) == PrunePlan.dense(self._base_model()):
             self._one_shot_prune()
-        if self.recovery == "lora" and not _is_peft(self.model):
+        if self.recovery == "lora" and not is_peft(self.model):
             self._wrap_lora()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self._pruner is not None and self._pruner.plan is not None:
@@ -158,13 +158,13 @@ class PruningTrainer(Trainer):
             if PrunePlan.of(self._base_model()) != plan:  # cut deferred (DDP) or schedule never finished
                 self._pruner.prune_model_(self._base_model())
             self.plan = plan
-        if _is_peft(self.model):
+        if is_peft(self.model):
             self.model = self.model.merge_and_unload()
             self.model_wrapped = self.model
         return output
 
     def _base_model(self) -> nn.Module:
-        return self.model.get_base_model() if _is_peft(self.model) else self.model
+        return self.model.get_base_model() if is_peft(self.model) else self.model
 
     def _one_shot_prune(self) -> None:
         """The cut before training: ``hf_prune.prune`` with the whole config (one-shot or retraining-free)."""
@@ -248,7 +248,7 @@ class PruningTrainer(Trainer):
     # ------------------------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        if _is_peft(self.model):
+        if is_peft(self.model):
             # The adapter (saved above) lets training resume; the merged model next to it is the reloadable
             # pruned checkpoint.
             merged = copy.deepcopy(self.model).merge_and_unload()

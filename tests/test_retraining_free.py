@@ -243,13 +243,13 @@ def test_mask_tuning_reduces_each_layers_reconstruction_error(fit):
      ("llama", "all")],
 )
 def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
-    from hf_prune.retraining_free import _layer_inputs, _read_positions
+    from hf_prune.retraining_free import layer_inputs, read_positions
 
     model = BY_NAME[name].model()
     batches = _batches(name, n=2)
     layers = layer_list(model, hp.get_adapter(model))
-    inputs = _layer_inputs(model, layers, batches)
-    read = _read_positions(model, layers[-1], batches, inputs)
+    inputs = layer_inputs(model, layers, batches)
+    read = read_positions(model, layers[-1], batches, inputs)
     for r, x in zip(read, inputs):
         if expected == "all":  # a base model or an LM reads every real token: the default (None) applies
             assert r is None
@@ -262,7 +262,7 @@ def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
 
 
 def test_scale_solver_damps_and_keeps_the_range_without_losing_the_guarantee():
-    from hf_prune.retraining_free import _solve_scales
+    from hf_prune.retraining_free.tuning import _solve_scales
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(50, 6, generator=g, dtype=torch.float64)
@@ -452,7 +452,7 @@ def test_split_batches_keeps_tuning_and_held_out_samples_apart():
 
 
 def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
-    from hf_prune.retraining_free import _model_output, sample_divergence, split_batches
+    from hf_prune.retraining_free import model_output, sample_divergence, split_batches
 
     model = _minilm_shaped(seed=3)
     dense = copy.deepcopy(model)
@@ -475,8 +475,8 @@ def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
     with torch.no_grad():
         for b in held:
             x = inputs_only(b)
-            ref, kl = _model_output(dense(**x))
-            out, _ = _model_output(pruned(**x))
+            ref, kl = model_output(dense(**x))
+            out, _ = model_output(pruned(**x))
             total += float(sample_divergence(ref, out, kl, x["attention_mask"]).sum())
             n += ref.shape[0]
     assert total / n == pytest.approx(sel["divergence"][sel["chosen"]], rel=1e-3, abs=1e-6)
@@ -516,7 +516,7 @@ def test_layer_calls_are_recorded_without_caches_and_replay_exactly():
 
 
 def test_a_layer_call_that_does_not_replay_fails_before_the_long_passes():
-    from hf_prune.retraining_free import _layer_inputs
+    from hf_prune.retraining_free import layer_inputs
 
     model = BY_NAME["llama"].model()
     layers = layer_list(model, hp.get_adapter(model))
@@ -528,4 +528,4 @@ def test_a_layer_call_that_does_not_replay_fails_before_the_long_passes():
 
     layers[0].register_forward_hook(stateful)
     with pytest.raises(RuntimeError, match="does not reproduce the model's own output"):
-        _layer_inputs(model, layers, _batches("llama", n=2))
+        layer_inputs(model, layers, _batches("llama", n=2))

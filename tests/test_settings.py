@@ -4,13 +4,14 @@ are refused there with PruningConfig's own message; old recipe keys still work, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 import hf_prune as hp
-from hf_prune.budgets import BUDGETS
+from hf_prune.budget import BUDGETS
 from hf_prune.cli import main, parse_prune_args
 from hf_prune.recipes import ConfigError
 from hf_prune.recipes.glue import parse_args
@@ -27,17 +28,18 @@ VALUES = {
     "target_params": (1_000_000, {}),
     "latency_keep": (0.6, {"method": "retraining_free"}),
     "seq_len": (64, {}),
-    "latency_batch_size": (4, {}),
-    "rearrange": (False, {}),
-    "mask_tuning": (False, {}),
-    "tuning_fit": ("scales", {}),
-    "tuning_samples": (64, {}),
-    "select_stages": (False, {}),
-    "selection_samples": (32, {}),
+    "latency_batch_size": (4, {"method": "retraining_free", "latency_keep": 0.6}),
+    "rearrange": (False, {"method": "retraining_free"}),
+    "mask_tuning": (False, {"method": "retraining_free"}),
+    "tuning_fit": ("scales", {"method": "retraining_free"}),
+    "tuning_samples": (64, {"method": "retraining_free"}),
+    "select_stages": (False, {"method": "retraining_free"}),
+    "selection_samples": (32, {"method": "retraining_free"}),
     "allocation": ("uniform", {}),
     "round_to": (8, {}),
     "allow_empty_layers": (True, {}),
     "max_calibration_samples": (100, {}),
+    "custom_budget": ({"flops_keep": 0.3}, {}),
     "seed": (7, {}),
     "progress": (False, {}),
 }
@@ -51,7 +53,16 @@ def test_the_value_table_covers_every_field():
 
 
 def _yaml(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value)
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _check(cfg, name, value):
+    if name == "custom_budget":  # a budget by kind name: the same budget as the field would set
+        assert cfg.budget() == value
+    else:
+        assert getattr(cfg, name) == value
 
 
 def _recipe_config(tmp_path, settings: dict):
@@ -66,7 +77,7 @@ def _recipe_config(tmp_path, settings: dict):
 def test_every_field_is_a_recipe_key(tmp_path, name):
     value, needs = VALUES[name]
     cfg = _recipe_config(tmp_path, {**needs, name: value})
-    assert getattr(cfg, name) == value
+    _check(cfg, name, value)
 
 
 @pytest.mark.parametrize("name", FIELDS)
@@ -74,16 +85,23 @@ def test_every_field_is_a_cli_flag(name):
     value, needs = VALUES[name]
     argv = [a for k, v in {**needs, name: value}.items() for a in (f"--{k}", _yaml(v))]
     _, cfg = parse_prune_args(argv)
-    assert getattr(cfg, name) == value
-    if name not in BUDGETS:
+    _check(cfg, name, value)
+    if name not in BUDGETS and name != "custom_budget" and not set(needs) & set(BUDGETS):
         assert cfg.flops_keep == 0.5  # the default budget when none is given
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
-    [({"flops_keep": 1.5}, "outside (0, 1]"), ({"latency_keep": 0.5}, "latency_keep needs method='retraining_free'"),
-     ({"round_to": 0}, "round_to must be >= 1"), ({"method": "retraining_free", "importance": "taylor"},
-                                                  "does not apply"), ({"importance": "nope"}, "unknown importance")],
+    [
+        ({"flops_keep": 1.5}, "outside (0, 1]"),
+        ({"latency_keep": 0.5}, "latency_keep needs method='retraining_free'"),
+        ({"round_to": 0}, "round_to must be >= 1"),
+        ({"tuning_fit": "scales"}, "only apply to method='retraining_free'"),
+        ({"method": "retraining_free", "latency_batch_size": 8}, "latency_batch_size only applies"),
+        ({"method": "retraining_free", "importance": "taylor"}, "does not apply"),
+        ({"importance": "nope"}, "unknown importance"),
+        ({"custom_budget": {"nope": 0.5}}, "unknown budget kinds"),
+    ],
 )
 def test_bad_values_get_pruning_configs_message_from_recipe_and_cli(tmp_path, capsys, settings, message):
     with_budget = settings if set(settings) & set(BUDGETS) else {"flops_keep": 0.5, **settings}
@@ -139,3 +157,30 @@ def test_cli_prunes_to_a_latency_budget_with_retraining_free(tmp_path, capsys):
     plan = hp.load_plan(out)
     assert plan.meta["budget"] == {"latency_keep": 0.6} and "latency_table" in plan.meta
     assert "retraining_free" in plan.meta
+
+
+def test_invalid_hub_model_id_is_refused_before_any_work(capsys):
+    assert main(["run", str(ROOT / "recipes/glue/sst2.yaml"), "--hub_model_id", "a/b/c"]) == 2
+    err = capsys.readouterr().err
+    assert "hub_model_id 'a/b/c' is not a valid Hub repo id" in err and err.count("\n") == 1
+
+
+def test_main_job_runs_from_a_folder_with_nothing_beside_it(tmp_path, monkeypatch, capsys):
+    """The README's main job, with tiny step counts, from a copy of recipes/ in an empty folder: the data comes
+    from the package (data_dir: embedded), never from ../shared."""
+    import shutil
+
+    work = tmp_path / "clone"
+    shutil.copytree(ROOT / "recipes", work / "recipes")
+    monkeypatch.chdir(work)
+    assert not (work.parent / "shared").exists()
+    code = main(["run", "recipes/glue/sst2.yaml", "--dense_max_steps", "2", "--max_steps", "2",
+                 "--max_calibration_samples", "48", "--tuning_samples", "16", "--selection_samples", "16",
+                 "--max_eval_samples", "64", "--bench_latency", "false", "--progress", "false",
+                 "--output_dir", str(work / "out")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| recovered | flops30 |" in out and "4000 train" in out
+    card = (work / "out" / "flops30" / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    assert "retraining_free" in hp.load_plan(work / "out" / "flops30").meta

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,28 +24,19 @@ from transformers import (
     TrainingArguments,
 )
 
-from .. import report
-from ..hub import check_can_push, check_repo_id
-from ..metrics import glue_compute_metrics, load_metric
-from ..resources import base_model_id, resolve_data_dir, resolve_model_path
-from ..tasks import GLUE_TASKS, TaskSpec, get_task, load_task_data
-from .common import (
+from ..resources import resolve_data_dir, resolve_model_path
+from .arguments import (
     BenchArguments,
     ConfigError,
     DenseArguments,
     PruneArguments,
     RecoveryArguments,
-    args_dict,
-    dense_cache_matches,
-    evaluate,
-    is_main_process,
-    model_stats,
     parse_recipe_args,
-    quiet_cpu_,
-    quiet_expected_warnings,
-    run_budgets,
-    train_dense_,
 )
+from .common import dense_cache_matches, new_head_expected, train_dense_
+from .metrics import glue_compute_metrics, load_metric
+from .recipe import Recipe
+from .tasks import GLUE_TASKS, TaskSpec, get_task, load_task_data
 
 RECIPE = "glue"
 
@@ -153,85 +143,70 @@ def _dense_key(model_args: ModelArguments, data_args: DataArguments, dense_args:
             "batch_size": args.per_device_train_batch_size, "seed": args.seed}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, prune_args, rec_args, dense_args, bench_args, training_args = parse_args(argv)
-    quiet_expected_warnings()
-    quiet_cpu_(training_args)
-    main_proc = is_main_process(training_args)
-    log = print if main_proc else (lambda *_: None)
-    out = Path(training_args.output_dir)
+class GlueRecipe(Recipe):
+    """The GLUE recipe's hooks: task data (GLUE TSVs, embedded SST-2, the Hub, or a custom ``datasets`` task),
+    a sequence classifier (fine-tuned here and cached when it has no trained head), and GLUE metrics."""
 
-    # ---- everything that can be wrong is checked before any long work
-    task = data_args.task()
-    budgets = prune_args.budgets()
-    for b in budgets:
-        prune_args.pruning_config(b, seed=training_args.seed)
-    if training_args.push_to_hub:
-        check_can_push(training_args.hub_model_id, training_args.hub_token)
-    if training_args.hub_model_id:
-        check_repo_id(training_args.hub_model_id, "hub_model_id")
-    base_model = base_model_id(model_args.model_name_or_path)
-    data = load_task_data(task, resolve_data_dir(data_args.data_dir, task.name), max_train_samples=data_args.max_train_samples,
-                          max_eval_samples=data_args.max_eval_samples, seed=training_args.seed,
-                          cache_dir=model_args.cache_dir)
-    path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or path, cache_dir=model_args.cache_dir)
-    tokenized = _tokenize(data, task, tokenizer, data_args.max_seq_length)
-    collator = DataCollatorWithPadding(tokenizer)
-    train, evals = tokenized["train"], {s: tokenized[s] for s in task.eval_splits}
-    metric = load_metric(task)
-    compute_metrics = glue_compute_metrics(task, metric)
-    main_metric = task.main_metric
-    log(f"task {task.name}: {len(train)} train, " + ", ".join(f"{len(v)} {k}" for k, v in evals.items())
-        + f"; metrics via {metric.source}")
+    name = RECIPE
 
-    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        return evaluate(model, training_args, evals, compute_metrics, collator, tokenizer)
+    def check(self) -> None:
+        self.task = self.data_args.task()
 
-    # ---- dense model: fine-tuned here (cached), or already fine-tuned
-    label_kw: dict[str, Any] = {"num_labels": task.num_labels}
-    if not task.is_regression:
-        label_kw.update(id2label=task.id2label, label2id=task.label2id)
-    dense_dir, key = out / "dense", _dense_key(model_args, data_args, dense_args, training_args)
-    if dense_cache_matches(dense_dir, key, dense_args):
-        log(f"dense: reusing the fine-tuned model in {dense_dir}")
-        dense = AutoModelForSequenceClassification.from_pretrained(dense_dir)
-    else:
-        dense, info = AutoModelForSequenceClassification.from_pretrained(
-            path, cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code,
-            output_loading_info=True, **label_kw,
-        )
+    @property
+    def task_name(self) -> str:
+        return self.task.name
+
+    def load_data(self) -> None:
+        m, d, args, task = self.model_args, self.data_args, self.training_args, self.task
+        data = load_task_data(task, resolve_data_dir(d.data_dir, task.name), max_train_samples=d.max_train_samples,
+                              max_eval_samples=d.max_eval_samples, seed=args.seed, cache_dir=m.cache_dir)
+        self.path = resolve_model_path(m.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_name or self.path, cache_dir=m.cache_dir)
+        tokenized = _tokenize(data, task, tokenizer, d.max_seq_length)
+        self.collator, self.processing_class = DataCollatorWithPadding(tokenizer), tokenizer
+        self.train, self.evals = tokenized["train"], {s: tokenized[s] for s in task.eval_splits}
+        metric = load_metric(task)
+        self.compute_metrics, self.main_metric = glue_compute_metrics(task, metric), task.main_metric
+        self.log(f"task {task.name}: {len(self.train)} train, "
+                 + ", ".join(f"{len(v)} {k}" for k, v in self.evals.items()) + f"; metrics via {metric.source}")
+
+    def dense_model(self) -> torch.nn.Module:
+        m, task = self.model_args, self.task
+        label_kw: dict[str, Any] = {"num_labels": task.num_labels}
+        if not task.is_regression:
+            label_kw.update(id2label=task.id2label, label2id=task.label2id)
+        dense_dir, key = self.out / "dense", _dense_key(m, self.data_args, self.dense_args, self.training_args)
+        if dense_cache_matches(dense_dir, key, self.dense_args):
+            self.log(f"dense: reusing the fine-tuned model in {dense_dir}")
+            return AutoModelForSequenceClassification.from_pretrained(dense_dir)
+        with new_head_expected():
+            dense, info = AutoModelForSequenceClassification.from_pretrained(
+                self.path, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code, output_loading_info=True,
+                **label_kw,
+            )
         untrained_head = bool(info.get("missing_keys"))
-        if dense_args.dense_train == "yes" or (dense_args.dense_train == "auto" and untrained_head):
-            train_dense_(dense, dense_args=dense_args, training_args=training_args, train_dataset=train,
-                         data_collator=collator, processing_class=tokenizer, dense_dir=dense_dir, key=key,
-                         what=f"fine-tuning {model_args.model_name_or_path} on {task.name}", log=log)
+        if self.dense_args.dense_train == "yes" or (self.dense_args.dense_train == "auto" and untrained_head):
+            train_dense_(dense, dense_args=self.dense_args, training_args=self.training_args,
+                         train_dataset=self.train, data_collator=self.collator,
+                         processing_class=self.processing_class, dense_dir=dense_dir, key=key,
+                         what=f"fine-tuning {m.model_name_or_path} on {task.name}", log=self.log)
         elif untrained_head:
-            log(f"warning: {model_args.model_name_or_path} has no trained head for {task.name} "
-                f"(missing {info['missing_keys'][:4]}) and dense_train=no: its scores will be near chance")
-    dense.eval()
-    dense_metrics = eval_fn(dense)
-    log(f"dense: {dense_metrics}")
-    seq = prune_args.seq_len
-    results: dict[str, Any] = {
-        "recipe": RECIPE, "task": task.name, "model": model_args.model_name_or_path, "main_metric": main_metric,
-        "environment": report.environment(), "bench_seq_len": bench_args.bench_seq_len,
-        "args": args_dict(model_args, data_args, prune_args, rec_args, dense_args, bench_args, training_args),
-        "dense": {"metrics": dense_metrics, **model_stats(dense, seq)}, "runs": [],
-    }
-    calibration = _calibration(train, prune_args.max_calibration_samples, training_args.per_device_train_batch_size,
-                               collator, training_args)
+            self.log(f"warning: {m.model_name_or_path} has no trained head for {task.name} "
+                     f"(missing {info['missing_keys'][:4]}) and dense_train=no: its scores will be near chance")
+        return dense
 
-    # ---- one prune + recover per budget, then the reports
-    return run_budgets(
-        dense, budgets, results, prune_args=prune_args, recovery_args=rec_args, bench_args=bench_args,
-        training_args=training_args, calibration=calibration, train_dataset=train, evaluate_fn=eval_fn,
-        trainer_kwargs={"data_collator": collator, "processing_class": tokenizer,
-                        "eval_dataset": next(iter(evals.values())), "compute_metrics": compute_metrics},
-        card={"base_model": base_model, "task": task.name,
-              "dataset": task.hub_path or data_args.dataset_name},
-        title=task.name, main_metric=main_metric, latency_seq_len=bench_args.bench_seq_len, log=log,
-    )
+    def calibration(self) -> list[dict]:
+        args = self.training_args
+        return _calibration(self.train, self.prune_args.max_calibration_samples, args.per_device_train_batch_size,
+                            self.collator, args)
+
+    def card(self) -> dict[str, Any]:
+        return {"task": self.task.name, "dataset": self.task.hub_path or self.data_args.dataset_name}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return GlueRecipe(*parse_args(argv)).run()
+
 
 if __name__ == "__main__":
     main()

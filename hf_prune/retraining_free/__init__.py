@@ -1,0 +1,49 @@
+"""Retraining-free structured pruning, after Kwon et al. (2022), "A Fast Post-Training Pruning Framework for
+Transformers". No gradient step touches the weights; one calibration pass gives mask gradients, and a few
+layer-by-layer forward passes fit, by least squares, what the cut layers need to reconstruct the dense ones;
+the fit is folded into the kept weights.
+
+Stages (one function each, chained by :func:`prune_retraining_free`):
+
+1. :func:`fisher_information`: per-sample gradients of head and neuron masks (one forward+backward over the
+   calibration set) give, per layer, the full Fisher matrix of its head masks ``(H, H)`` and of its neuron
+   masks ``(I, I)``. Its diagonal is the ``fisher`` importance score.
+2. :func:`search_masks`: how many heads/neurons each layer keeps, maximising the kept diagonal Fisher under a
+   budget. FLOPs (and the other :class:`PruningConfig` budgets) go through :func:`hf_prune.build_plan`, which
+   is the paper's search: try every total number of kept heads, fill the rest with the best neurons. A
+   latency budget uses a per-layer latency lookup table (:class:`LatencyTable`, measured on the user's
+   device) and an exact knapsack over per-layer kept counts (:func:`search_latency`).
+3. :func:`rearrange_masks`: with each layer's counts fixed, swap kept/removed units to minimise the
+   second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` with the layer's full Fisher block ``F``.
+4. :func:`tune_masks`: layer by layer, least squares make the cut layer's residual sums reconstruct the dense
+   model's on the calibration set. ``fit="scales"`` is the paper's one scale per kept head/neuron;
+   ``fit="weights"`` (the default) refits the whole attention-output and FFN down projections (weights and
+   biases; ridge towards the cut weights), same passes, far closer to the dense model. :func:`fold_tuning_`
+   writes either into the kept weights, so the cut model has no extra parameters. In the last layer only
+   the positions the model's output reads are fitted (a classifier's [CLS]).
+5. Selection (:func:`prune_retraining_free`, ``config.select_stages``): each stage optimises a proxy, so the
+   searched, rearranged and tuned candidates (the search plan tuned too when rearrangement changed it, and the
+   final plan with scales as well when the fit is weights) are compared on held-out calibration samples by how
+   far their outputs are from the dense model's, and the closest is cut.
+
+One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the latency table for ``latency_keep``),
+:mod:`.rearrange`, :mod:`.tuning`, :mod:`.selection`; :mod:`.layer_io` records and replays layer calls;
+:mod:`.pipeline` chains them.
+"""
+
+from ..batches import by_length, collect_batches, split_batches
+from .fisher import FisherInfo, fisher_information
+from .latency import LatencyTable, measure_latency_table, search_latency, search_masks
+from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
+from .pipeline import prune_retraining_free, retraining_free_plan
+from .rearrange import quadratic_loss, rearrange_masks, swap_descent
+from .selection import model_output, output_divergence, sample_divergence
+from .tuning import MaskTuning, fold_tuning_, tune_masks
+
+__all__ = [
+    "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "by_length", "capture_layer_calls", "collect_batches",
+    "fisher_information", "fold_tuning_", "layer_inputs", "measure_latency_table", "model_output",
+    "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_masks",
+    "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches", "swap_descent",
+    "tune_masks",
+]

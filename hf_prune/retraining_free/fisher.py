@@ -1,0 +1,77 @@
+"""Stage 1: per-layer Fisher blocks of the head and neuron masks (one forward+backward over the calibration set)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import get_adapter, model_dims
+from ..batches import Batch, batch_size, model_device, to_device
+from ..distributed import all_reduce_sum_
+from ..importance import ImportanceScores, per_sample_mask_grads
+from ..modeling_pruned import get_module, layer_list
+from ..plan import PrunePlan
+
+
+@dataclass
+class FisherInfo:
+    """Empirical Fisher of the head and neuron masks, one block per layer (positions in the layer as it is
+    now; ids of the dense model via ``current``).
+
+    Args:
+        heads: per layer, ``(H_l, H_l)`` sum over samples of ``g g^T``, ``g`` the head-mask gradient.
+        neurons: per layer, ``(I_l, I_l)`` likewise for the FFN neuron masks.
+        current: the plan the model carried when the Fisher was computed.
+        num_samples: calibration samples seen.
+    """
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    current: PrunePlan
+    num_samples: int
+
+    def scores(self) -> ImportanceScores:
+        """The diagonal as ``fisher`` importance scores ``(L, H)`` / ``(L, I)`` in dense ids (NaN = removed)."""
+        return ImportanceScores.scatter(self.current, [f.diagonal() for f in self.heads],
+                                        [f.diagonal() for f in self.neurons], "fisher", self.num_samples)
+
+
+def fisher_information(
+    model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, progress: bool = True
+) -> FisherInfo:
+    """Per-layer Fisher blocks of the head and neuron masks from per-sample mask gradients.
+
+    The loss is the one :func:`hf_prune.compute_importance` uses: the task loss with labels, the model's own
+    predicted class (classifiers) or a random output projection (regression / headless) without.
+    """
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    device = model_device(model)
+    n_heads = [get_module(l, adapter.q).out_features // head_dim for l in layers]
+    n_neurons = [get_module(l, adapter.up).out_features for l in layers]
+    f_heads = [torch.zeros(h, h, device=device) for h in n_heads]
+    f_neurons = [torch.zeros(n, n, device=device) for n in n_neurons]
+    seen = 0
+    was_training = model.training
+    model.eval()  # dropout off: the Fisher must not depend on dropout noise
+    try:
+        for step, raw in enumerate(tqdm(batches, desc="fisher", unit="batch", disable=not progress)):
+            batch = to_device(raw, device)
+            bsz = batch_size(batch)
+            grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step)
+            for acc, g in zip(f_heads + f_neurons, grads):
+                if g is not None:
+                    g = g.float()  # (B, n): row s is sample s's gradient
+                    acc += g.T @ g  # (n, n)
+            seen += bsz
+    finally:
+        model.train(was_training)
+    counts = torch.tensor([float(seen)], device=device)
+    all_reduce_sum_(f_heads + f_neurons + [counts])
+    seen = int(counts.item())
+    return FisherInfo(f_heads, f_neurons, PrunePlan.of(model), seen)

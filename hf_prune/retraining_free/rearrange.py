@@ -1,0 +1,94 @@
+"""Stage 3: mask rearrangement: with each layer's counts fixed, swap kept/removed units to lower the second-order
+loss estimate with the layer's full Fisher block."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from ..plan import PrunePlan
+from .fisher import FisherInfo
+
+
+def quadratic_loss(fisher: torch.Tensor, keep: torch.Tensor) -> float:
+    """Second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` of keeping ``keep`` (bool ``(n,)``)."""
+    z = (~keep).double()
+    return 0.5 * float(z @ fisher.double() @ z)
+
+
+def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None = None) -> torch.Tensor:
+    """Local search over single swaps (one removed unit restored, one kept unit removed), which keeps the
+    count; stops when no swap strictly lowers ``1/2 z^T F z`` (``z = 1 - m``). Never increases it.
+
+    Each step first tries the cheap greedy pair, O(n): restore the unit whose return lowers the loss most,
+    then remove the unit whose removal then raises it least. Only when that pair does not help is the best
+    of all pairs searched, O(n^2), so the search ends at a point no single swap improves.
+
+    Args:
+        fisher: ``(n, n)`` Fisher block of one layer's units.
+        keep: ``(n,)`` bool, the starting mask.
+        max_swaps: cap on swaps (default ``n``).
+    """
+    F = fisher.double()
+    keep = keep.clone()
+    g = F @ (~keep).double()  # (n,) gradient of 1/2 z^T F z at z = 1 - m
+    d = F.diagonal()
+    tol = 1e-12 * max(float(d.sum()), 1e-30)
+    inf = torch.tensor(math.inf, dtype=F.dtype)
+    for _ in range(max_swaps if max_swaps is not None else len(keep)):
+        if keep.all() or not keep.any():
+            break
+        # restoring i changes the loss by -g_i + F_ii / 2; then removing j by g'_j + F_jj / 2, g' = g - F[:, i]
+        restore = torch.where(~keep, 0.5 * d - g, inf)  # (n,)
+        i = int(restore.argmin())
+        remove = torch.where(keep, g - F[:, i] + 0.5 * d, inf)  # (n,)
+        j = int(remove.argmin())
+        if float(restore[i] + remove[j]) >= -tol:
+            out, inn = (~keep).nonzero().view(-1), keep.nonzero().view(-1)
+            # all pairs: g_j - g_i + (F_ii + F_jj) / 2 - F_ij
+            delta = (g[inn] + 0.5 * d[inn])[None, :] - (g[out] - 0.5 * d[out])[:, None] - F[out][:, inn]
+            best = int(delta.argmin())
+            if float(delta.view(-1)[best]) >= -tol:
+                break
+            i, j = int(out[best // len(inn)]), int(inn[best % len(inn)])
+        keep[i], keep[j] = True, False
+        g += F[:, j] - F[:, i]
+    return keep
+
+
+def rearrange_masks(
+    plan: PrunePlan, fisher: FisherInfo, *, max_swaps: int | None = None, progress: bool = True
+) -> tuple[PrunePlan, list[dict[str, float]]]:
+    """Within each layer, re-choose which heads (whole KV groups) and neurons ``plan`` keeps, same counts,
+    minimising ``1/2 (1 - m)^T F (1 - m)`` with the layer's Fisher blocks.
+
+    Returns the new plan and, per layer, the loss estimate before and after for heads and neurons.
+    """
+    current = fisher.current
+    group = current.group_size
+    heads, neurons, stats = [], [], []
+    for i in tqdm(range(current.num_layers), desc="rearrange", disable=not progress):
+        # Heads: a KV group is removed whole, so its loss term is the group-summed block P^T F P.
+        ids = current.heads[i]
+        groups = sorted({h // group for h in ids})
+        P = torch.tensor([[float(h // group == k) for k in groups] for h in ids], dtype=torch.float64)
+        P = P.view(len(ids), len(groups))  # (H_l, G) membership
+        Fg = P.T @ fisher.heads[i].double().cpu() @ P  # (G, G)
+        keep_g = torch.tensor([k * group in plan.heads[i] for k in groups], dtype=torch.bool)
+        new_g = swap_descent(Fg, keep_g, max_swaps)
+        heads.append([k * group + j for k, kept in zip(groups, new_g.tolist()) if kept for j in range(group)])
+        # Neurons.
+        Fn = fisher.neurons[i].double().cpu()  # (I_l, I_l)
+        kept_set = set(plan.neurons[i])
+        keep_n = torch.tensor([n in kept_set for n in current.neurons[i]], dtype=torch.bool)
+        new_n = swap_descent(Fn, keep_n, max_swaps)
+        neurons.append([n for n, kept in zip(current.neurons[i], new_n.tolist()) if kept])
+        stats.append({
+            "heads_before": quadratic_loss(Fg, keep_g), "heads_after": quadratic_loss(Fg, new_g),
+            "neurons_before": quadratic_loss(Fn, keep_n), "neurons_after": quadratic_loss(Fn, new_n),
+        })
+    new = PrunePlan(**{**asdict(plan), "heads": heads, "neurons": neurons, "meta": {**plan.meta, "rearranged": True}})
+    return new, stats

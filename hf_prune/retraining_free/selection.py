@@ -1,0 +1,78 @@
+"""Stage 5: selection: compare candidate cut models by how far their outputs are from the dense model's on held-out
+calibration samples."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..batches import Batch, model_device, to_device
+from ..distributed import is_distributed
+from ..plan import PrunePlan
+from ..surgery import apply_plan_
+from .layer_io import model_output
+from .tuning import MaskTuning, fold_tuning_
+
+
+
+def sample_divergence(
+    ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-sample ``(B,)`` divergence: KL(ref || out) of the softmax over the last axis for logits, squared
+    error otherwise (regression heads, hidden states); token outputs are averaged over ``attention_mask``."""
+    if kl:
+        d = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
+    else:
+        d = (ref - out).pow(2).sum(-1)
+    if d.dim() == 2:  # (B, T): per-token outputs
+        m = attention_mask.to(d.dtype) if attention_mask is not None else torch.ones_like(d)
+        d = (d * m).sum(-1) / m.sum(-1).clamp_min(1)
+    return d
+
+
+@torch.no_grad()
+def output_divergence(
+    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, Callable[[], nn.Module]]
+) -> dict[str, float]:
+    """Mean per-sample divergence of each candidate model's outputs from ``model``'s.
+
+    ``candidates`` maps names to functions that build the candidate (e.g. a cut copy, which runs at its kept
+    FLOPs); they are built one at a time, so at most one copy of the model exists besides ``model``. The
+    reference outputs are computed once and kept on the CPU.
+    """
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    inputs = [{k: v for k, v in raw.items() if k != "labels"} for raw in batches]
+    refs, kl = [], False
+    try:
+        for x in inputs:
+            ref, kl = model_output(model(**to_device(x, device)))
+            refs.append(ref.cpu())
+    finally:
+        model.train(was_training)
+    count = sum(int(r.shape[0]) for r in refs)
+    totals = {}
+    for name, build in candidates.items():
+        net = build().eval()
+        total = 0.0
+        for x, ref in zip(inputs, refs):
+            out, _ = model_output(net(**to_device(x, device)))
+            mask = x.get("attention_mask")
+            total += float(sample_divergence(ref, out.cpu(), kl, None if mask is None else mask.cpu()).sum())
+        totals[name] = total / max(count, 1)
+        del net
+    if is_distributed():  # each rank holds out its own samples: average, so every rank keeps the same stage
+        t = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        totals = dict(zip(totals, (t / torch.distributed.get_world_size()).tolist()))
+    return totals
+
+
+def cut_candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None) -> nn.Module:
+    """A copy of ``model`` with ``tuning``'s scales folded in (if any), cut to ``plan``."""
+    copied = copy.deepcopy(model)
+    return apply_plan_(fold_tuning_(copied, tuning) if tuning is not None else copied, plan)

@@ -1,0 +1,382 @@
+"""Stage 4: mask tuning: layer by layer least squares that make each cut layer reconstruct the dense one, and
+:func:`fold_tuning_`, which writes the fit into the kept weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import get_adapter, model_dims
+from ..batches import Batch
+from ..config import TUNING_FITS
+from ..masks import LayerMasks
+from ..modeling_pruned import get_module, layer_list, prune_layer_
+from ..plan import PrunePlan
+from .layer_io import LayerInput, capture_projections, layer_inputs, read_positions, real_tokens, run_layer, run_until
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass
+class MaskTuning:
+    """What :func:`tune_masks` fitted (positions in the layers as they are now).
+
+    Args:
+        heads: per layer, ``(H_l,)`` scale of each head (0 = removed). With ``fit="weights"`` the kept ones
+            are 1: the refitted weights carry the fit.
+        neurons: per layer, ``(I_l,)`` scale of each neuron (0 = removed), likewise.
+        errors: per layer, mean squared reconstruction error per token of the attention and FFN residual sums
+            with the plain 0/1 mask (``*_before``) and after the fit (``*_after``).
+        fit: ``"scales"`` or ``"weights"``.
+        weights: ``fit="weights"`` only: per layer, the refitted output projections at their kept size:
+            ``o_weight`` ``(D, k_h * d)``, ``down_weight`` ``(D, k_n)``, ``o_bias``/``down_bias`` ``(D,)`` where
+            the layer has biases, and the kept positions ``heads``/``neurons`` they belong to.
+    """
+
+    heads: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+    errors: list[dict[str, float]] = field(default_factory=list)
+    fit: str = "scales"
+    weights: list[dict[str, Any]] = field(default_factory=list)
+
+    def layer_masks(self) -> LayerMasks:
+        """Scaled masks for :func:`hf_prune.mask_hooks`: under them the unfolded model computes what the folded,
+        cut model computes. ``fit="scales"`` only: a weights fit is not a mask (fold it with
+        :func:`fold_tuning_`, then the plan's 0/1 masks give the cut model's outputs)."""
+        if self.fit != "scales":
+            raise ValueError(f"a fit={self.fit!r} tuning is not expressible as masks: fold it with fold_tuning_")
+        masks = LayerMasks(len(self.heads))
+        masks.heads, masks.neurons = list(self.heads), list(self.neurons)
+        return masks
+
+
+def _solve_scales(
+    G: torch.Tensor, rhs: torch.Tensor, rr: float, damping: float, scale_range: tuple[float, float]
+) -> tuple[torch.Tensor, float, float]:
+    """Minimise ``err(s) = s^T G s - 2 s^T rhs + rr`` (the summed squared reconstruction error).
+
+    Damping: the contributions of kept units are often nearly collinear (G ill-conditioned), and the exact
+    solution then has huge opposite-signed scales that fit the calibration set but not new data. So solve
+    ``(G + lam I) s = rhs + lam 1``, a ridge pulled towards the plain mask ``s = 1`` rather than 0, which keeps
+    ``err(s) <= err(1)``. Range: if a scale still leaves ``scale_range``, move back along the segment from
+    1 to the solution until all are inside; err is convex in that step and not above err(1) at either end,
+    so the guarantee holds, unlike clamping each scale on its own.
+
+    Returns the scales, err(1) and err(s).
+    """
+    k = G.shape[0]
+    ones = torch.ones(k, dtype=G.dtype)
+    if k == 0:  # an emptied block: nothing to scale
+        return ones, rr, rr
+
+    def err(s: torch.Tensor) -> float:
+        return float(s @ G @ s - 2 * s @ rhs + rr)
+
+    lam = damping * float(G.diagonal().mean()) + 1e-12
+    s = torch.linalg.solve(G + lam * torch.eye(k, dtype=G.dtype), rhs + lam * ones)
+    lo, hi = scale_range
+    step = s - 1
+    with torch.no_grad():
+        t_hi = torch.where(step > 0, (hi - 1) / step.clamp_min(1e-30), torch.full_like(step, math.inf))
+        t_lo = torch.where(step < 0, (lo - 1) / step.clamp_max(-1e-30), torch.full_like(step, math.inf))
+    t = min(1.0, float(torch.minimum(t_hi, t_lo).min())) if k else 1.0
+    s = ones + t * step
+    before, after = err(ones), err(s)
+    if after > before:  # only rounding can get here; the plain mask is then the answer
+        s, after = ones, before
+    return s, before, after
+
+
+def _solve_weights(
+    XtX: torch.Tensor, XtR: torch.Tensor, rr: float, W0: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, float, float]:
+    """Minimise ``err(W) = || X W - R ||^2`` over a projection's weights ``W`` ``(k, D)`` (transposed, a bias
+    row last where there is one), from ``XtX = X^T X``, ``XtR = X^T R`` and ``rr = ||R||^2``.
+
+    Ridge pulled towards the current weights ``W0`` (the plain cut), ``(XtX + lam I) W = XtR + lam W0``: in
+    the last layer of a classifier only the read positions are fitted (a few hundred rows for up to ``I``
+    unknowns), and the pull keeps what the data does not determine where it was. Minimising
+    ``err(W) + lam ||W - W0||^2`` gives ``err(W) <= err(W0)``.
+
+    Returns ``W``, err(W0) and err(W).
+    """
+
+    def err(W: torch.Tensor) -> float:
+        return float((W * (XtX @ W)).sum() - 2 * (W * XtR).sum() + rr)
+
+    lam = damping * float(XtX.diagonal().mean()) + 1e-12
+    W = torch.linalg.solve(XtX + lam * torch.eye(XtX.shape[0], dtype=XtX.dtype), XtR + lam * W0)
+    before, after = err(W0), err(W)
+    if after > before:  # only rounding can get here; the plain cut is then the answer
+        W, after = W0, before
+    return W, before, after
+
+
+class _Normal:
+    """Running normal equations of one least-squares fit ``min || X W - R ||^2``: ``X^T X`` ``(k, k)``, ``X^T R``
+    ``(k, m)`` and ``||R||^2`` in float64 on the CPU, summed over calibration batches."""
+
+    def __init__(self, k: int, m: int) -> None:
+        self.XtX = torch.zeros(k, k, dtype=torch.float64)
+        self.XtR = torch.zeros(k, m, dtype=torch.float64)
+        self.rr = 0.0
+
+    def add(self, X: torch.Tensor, R: torch.Tensor) -> None:
+        """One batch: ``X`` ``(N, k)``, ``R`` ``(N, m)``."""
+        self.XtX += (X.T @ X).double().cpu()
+        self.XtR += (X.T @ R).double().cpu()
+        self.rr += float(R.double().pow(2).sum())
+
+
+def _with_bias(X: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``X`` with a column of ones appended when ``linear`` has a bias (fitted as one more weight row)."""
+    return torch.cat([X, X.new_ones(X.shape[0], 1)], 1) if linear.bias is not None else X
+
+
+@torch.no_grad()
+def _refit_(linear: nn.Linear, normal: _Normal, damping: float) -> tuple[float, float]:
+    """Replace ``linear``'s weight (and bias) by the ridge least-squares fit; returns err before and after."""
+    W0 = linear.weight.T if linear.bias is None else torch.cat([linear.weight.T, linear.bias[None]], 0)
+    W, before, after = _solve_weights(normal.XtX, normal.XtR, normal.rr, W0.double().cpu(), damping)
+    W = W.to(linear.weight.device, linear.weight.dtype)
+    linear.weight.copy_(W[: linear.in_features].T)
+    if linear.bias is not None:
+        linear.bias.copy_(W[-1])
+    return before, after
+
+
+def tune_masks(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    plan: PrunePlan,
+    *,
+    fit: str = "weights",
+    damping: float | None = None,
+    scale_range: tuple[float, float] = (-1.0, 3.0),
+    read_positions_only: bool = True,
+    progress: bool = True,
+) -> MaskTuning:
+    """Layer by layer, least squares that make the layers cut to ``plan`` reconstruct the dense layers.
+
+    The model is not modified. Two streams of hidden states run through the layers: the dense model's and
+    the pruned one's (layers before the current one already cut and tuned, run as cut copies, so the pruned
+    passes cost only the kept FLOPs). For layer ``l`` the attention block is fitted so that, over the
+    calibration tokens (padding excluded), the residual sum that feeds the next norm, ``x_p + O(ctx_p)`` on the
+    pruned input ``x_p``, matches the dense layer's ``x_d + O_d`` on the dense input. Then, with that
+    attention, the FFN is fitted the same way on its residual sum. Fitting against the dense stream lets each
+    layer also correct the error the layers before it left. What is fitted (``fit``):
+
+    - ``"scales"`` (Kwon et al.): one scale per kept head (``sum_h s_h W_O^h ctx_h``) and per kept neuron,
+      folded into the O / down-projection input columns; damped towards 1 and kept in ``scale_range``.
+    - ``"weights"``: the whole O and down projections of the cut layer (weights and biases), a ridge fit pulled
+      towards the cut weights. Same passes and about the same time; the scales are its diagonal special case
+      (how much closer to the dense model it lands is measured in ``benchmarks/results/retraining_free.md``).
+
+    ``damping`` is the ridge strength relative to the mean diagonal of the normal equations (default 0.1 for
+    weights, 0.01 for scales: on MiniLM, dev divergence from the dense model was lowest there, and within 20%
+    over 0.01-1 for weights).
+
+    Either way the result folds into an ordinary smaller model (:func:`fold_tuning_`, then
+    :func:`hf_prune.apply_plan_`), and each fit never raises its layer's calibration error.
+
+    In the last layer, with ``read_positions_only``, only the positions the model's output reads are fitted
+    (the first token of a BERT/ViT classifier; found by autograd, see :func:`read_positions`), as Kwon et al.
+    do for classification; a model that reads every token (a base model, token classification) is unaffected.
+
+    Residual of the FFN sum: in pre-norm models (residual stream, detected per layer from the first batch:
+    ``out = x + O + down``) it is ``x + O``; otherwise (post-norm BERT-style encoders) it is the FFN input.
+    """
+    if fit not in TUNING_FITS:
+        raise ValueError(f"unknown fit {fit!r}; choose one of {', '.join(TUNING_FITS)}")
+    if damping is None:
+        damping = 0.1 if fit == "weights" else 0.01
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    current = PrunePlan.of(model)
+    keep_h, keep_n = plan.positions_in(current)
+    was_training = model.training
+    model.eval()
+    result = MaskTuning([], [], [], fit=fit)
+    try:
+        with torch.no_grad():
+            all_inputs = layer_inputs(model, layers, batches)
+            dense_x = [x.hidden for x in all_inputs]  # per batch (B, T, D)
+            pruned_x = list(dense_x)  # the embeddings are not pruned: both streams start equal
+            last_read = read_positions(model, layers[-1], batches, all_inputs) if read_positions_only else None
+            for i in tqdm(range(len(layers)), desc="mask tuning", disable=not progress):
+                inputs = [x.at(i) for x in all_inputs]
+                if i == len(layers) - 1 and last_read is not None:
+                    inputs = [x if r is None else replace(x, tokens=r) for x, r in zip(inputs, last_read)]
+                targets, pre_norm, dense_x = _dense_targets(layers[i], adapter, inputs, dense_x)
+                cut = copy.deepcopy(layers[i]).eval()
+                prune_layer_(cut, adapter, head_dim, current.group_size, keep_h[i], keep_n[i])
+                h_scale, h_err = _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping,
+                                              scale_range)
+                n_scale, n_err = _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, damping,
+                                                scale_range)
+                pruned_x = [run_layer(cut, x, h) for x, h in zip(inputs, pruned_x)]
+                result.heads.append(_scatter(h_scale, keep_h[i], len(current.heads[i])))
+                result.neurons.append(_scatter(n_scale, keep_n[i], len(current.neurons[i])))
+                result.errors.append({**h_err, **n_err, "pre_norm": float(pre_norm)})
+                if fit == "weights":
+                    result.weights.append(_output_weights(cut, adapter, keep_h[i], keep_n[i]))
+                del cut
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _scatter(values: torch.Tensor, positions: list[int], size: int) -> torch.Tensor:
+    out = torch.zeros(size)
+    out[positions] = values.float().cpu()
+    return out
+
+
+def _scale_columns_(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """Multiply input column ``j`` of ``linear`` by ``scale[j]`` (what a mask of ``scale`` does before it)."""
+    linear.weight.mul_(scale.to(linear.weight.device, linear.weight.dtype)[None, :])
+
+
+def _output_weights(cut: nn.Module, adapter, heads: list[int], neurons: list[int]) -> dict[str, Any]:
+    """The refitted O and down projections of a cut layer (CPU copies) and the positions they keep."""
+    out: dict[str, Any] = {"heads": list(heads), "neurons": list(neurons)}
+    for name in ("o", "down"):
+        lin = get_module(cut, getattr(adapter, name))
+        out[f"{name}_weight"] = lin.weight.detach().cpu().clone()
+        if lin.bias is not None:
+            out[f"{name}_bias"] = lin.bias.detach().cpu().clone()
+    return out
+
+
+def _dense_targets(
+    layer: nn.Module, adapter, inputs: list[LayerInput], dense_x: list[torch.Tensor]
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], bool, list[torch.Tensor]]:
+    """Dense residual sums ``(x + O, FFN residual + down)`` over real tokens, per batch ``((N, D), (N, D))``,
+    whether the layer is pre-norm, and the dense stream's next hidden states."""
+    targets, nxt, pre_norm = [], [], None
+    for x, h in zip(inputs, dense_x):
+        with capture_projections(layer, adapter, None) as rec:
+            out = run_layer(layer, x, h)
+        attn_sum = h + rec["o_out"]  # (B, T, D)
+        if pre_norm is None:
+            stream = attn_sum + rec["down_out"]
+            pre_norm = bool(torch.allclose(stream, out, rtol=1e-4, atol=1e-4 * float(out.abs().mean())))
+        ffn_res = attn_sum if pre_norm else rec["up_in"]
+        targets.append((real_tokens(attn_sum, x.tokens), real_tokens(ffn_res + rec["down_out"], x.tokens)))
+        nxt.append(out)
+    return targets, bool(pre_norm), nxt
+
+
+def _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping, scale_range):
+    """Fit the O projection of ``cut`` (a layer cut to its kept units) in place; returns the head scales
+    ``(k,)`` (ones for ``fit="weights"``) and the errors."""
+    o = get_module(cut, adapter.o)
+    k = o.in_features // head_dim
+    W = o.weight.view(o.out_features, k, head_dim)  # (D, k, d)
+    bias = o.bias if o.bias is not None else 0.0
+    # weights: rows are tokens, unknowns O's input columns (+ bias); scales: rows are (token, output dim)
+    # pairs, unknowns one scale per head multiplying that head's output W_O^h ctx_h
+    normal = _Normal(o.in_features + (o.bias is not None), o.out_features) if fit == "weights" else _Normal(k, 1)
+    tokens = 0
+    for x, h, (t_attn, _) in zip(inputs, pruned_x, targets):
+        ctx = real_tokens(run_until(cut, adapter, x, h, "o")["o_in"], x.tokens)  # (N, k * d)
+        r = t_attn - real_tokens(h, x.tokens)  # (N, D) what O (weights and bias) must supply
+        tokens += r.shape[0]
+        if fit == "weights":
+            normal.add(_with_bias(ctx, o), r)
+        else:
+            C = torch.einsum("nkd,Dkd->nDk", ctx.view(ctx.shape[0], k, head_dim), W)  # (N, D, k) per-head outputs
+            normal.add(C.reshape(-1, k), (r - bias).reshape(-1, 1))
+    if fit == "weights":
+        before, after = _refit_(o, normal, damping)
+        s = torch.ones(k)
+    else:
+        s, before, after = _solve_scales(normal.XtX, normal.XtR[:, 0], normal.rr, damping, scale_range)
+        _scale_columns_(o, s.repeat_interleave(head_dim))
+    tokens = max(tokens, 1)
+    return s, {"attention_before": before / tokens, "attention_after": after / tokens}
+
+
+def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, damping, scale_range):
+    """Fit the down projection of ``cut`` (its attention already fitted) in place; returns the neuron scales
+    ``(k,)`` (ones for ``fit="weights"``) and the errors."""
+    down = get_module(cut, adapter.down)
+    W = down.weight  # (D, k)
+    bias = down.bias if down.bias is not None else 0.0
+    k = down.in_features
+    if fit == "weights":
+        normal = _Normal(k + (down.bias is not None), down.out_features)
+    else:  # scales: the (token, output dim) rows a_nk w_k would be (N * D, k); their normal equations factor
+        AtA, rhs, rr = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0.0
+    tokens = 0
+    for x, h, (_, t_ffn) in zip(inputs, pruned_x, targets):
+        rec = run_until(cut, adapter, x, h, "down")
+        A = real_tokens(rec["down_in"], x.tokens)  # (N, k) activations of the kept neurons
+        res = (h + rec["o_out"]) if pre_norm else rec["up_in"]  # (B, T, D) FFN residual
+        r = t_ffn - real_tokens(res, x.tokens)  # (N, D) what down (weights and bias) must supply
+        tokens += r.shape[0]
+        if fit == "weights":
+            normal.add(_with_bias(A, down), r)
+            continue
+        r = r - bias
+        AtA += (A.T @ A).double().cpu()
+        rhs += ((r @ W) * A).sum(0).double().cpu()  # sum_n a_nk (w_k . r_n)
+        rr += float(r.double().pow(2).sum())
+    if fit == "weights":
+        before, after = _refit_(down, normal, damping)
+        s = torch.ones(k)
+    else:
+        G = AtA * (W.T @ W).double().cpu()  # (k, k): <a_j w_j, a_k w_k> summed over tokens
+        s, before, after = _solve_scales(G, rhs, rr, damping, scale_range)
+        _scale_columns_(down, s)
+    tokens = max(tokens, 1)
+    return s, {"ffn_before": before / tokens, "ffn_after": after / tokens}
+
+
+@torch.no_grad()
+def fold_tuning_(model: M, tuning: MaskTuning) -> M:
+    """Fold :func:`tune_masks`' fit into ``model``, in place: each head's scale into its O-projection input
+    columns and each neuron's into its down-projection input column (``fit="scales"``), or the refitted O and
+    down weights and biases into the kept columns, removed columns zeroed (``fit="weights"``). The model then
+    computes what the cut model computes, except that removed units still run until
+    :func:`hf_prune.apply_plan_` cuts them."""
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    current = PrunePlan.of(model)
+    shapes = [(len(h), len(n)) for h, n in zip(current.heads, current.neurons)]
+    tuned = [(len(h), len(n)) for h, n in zip(tuning.heads, tuning.neurons)]
+    if shapes != tuned or (tuning.fit == "weights" and len(tuning.weights) != len(layers)):
+        raise ValueError(
+            f"the tuning was computed on a model with a different structure (heads, neurons per layer: {tuned}); "
+            f"this model has {shapes}. Fold it into the model tune_masks ran on, before apply_plan_ cuts it."
+        )
+    if tuning.fit == "weights":
+        for layer, w in zip(layers, tuning.weights):
+            cols = [p * head_dim + j for p in w["heads"] for j in range(head_dim)]
+            _set_columns_(get_module(layer, adapter.o), cols, w["o_weight"], w.get("o_bias"))
+            _set_columns_(get_module(layer, adapter.down), w["neurons"], w["down_weight"], w.get("down_bias"))
+        return model
+    for layer, hs, ns in zip(layers, tuning.heads, tuning.neurons):
+        o = get_module(layer, adapter.o).weight  # (D, H_l * d)
+        o.mul_(hs.to(o.device, o.dtype).repeat_interleave(head_dim)[None, :])
+        down = get_module(layer, adapter.down).weight  # (D, I_l)
+        down.mul_(ns.to(down.device, down.dtype)[None, :])
+    return model
+
+
+def _set_columns_(linear: nn.Linear, cols: list[int], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    w = linear.weight
+    w.zero_()
+    w[:, cols] = weight.to(w.device, w.dtype)
+    if bias is not None:
+        linear.bias.copy_(bias.to(linear.bias.device, linear.bias.dtype))

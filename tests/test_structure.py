@@ -1,0 +1,75 @@
+"""The layout stays one place per concept: small modules, no private names used across modules, no import cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "hf_prune"
+#: modeling_pruned.py is also every checkpoint's remote code and must stand alone in one file
+MAX_LINES = {"modeling_pruned.py": 480}
+
+
+def _modules():
+    return sorted(p for p in PKG.rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(path: Path, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = _name(path).split(".")
+    if path.name != "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def test_no_module_is_over_about_400_lines():
+    long = {p.relative_to(PKG).as_posix(): n for p in _modules()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES.get(p.name, 420)}
+    assert not long, f"split these modules: {long}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and _resolve(path, node).startswith("hf_prune"):
+                found += [f"{path.relative_to(PKG)}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level imports only (imports inside functions are the deliberate way to defer a heavy dependency)."""
+    graph: dict[str, set[str]] = {}
+    names = {_name(p) for p in _modules()}
+    for path in _modules():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(path, node)
+                for alias in node.names:  # "from . import x" may name a submodule
+                    deps |= {t for t in (f"{target}.{alias.name}", target) if t in names}
+        graph[_name(path)] = deps - {_name(path)}
+    state: dict[str, int] = {}
+
+    def visit(n, stack):
+        state[n] = 1
+        for d in graph.get(n, ()):
+            if d.startswith(n + "."):  # a package importing its own submodules is not a cycle
+                continue
+            if state.get(d) == 1 and not n.startswith(d + "."):
+                raise AssertionError(f"import cycle: {' -> '.join(stack + [n, d])}")
+            if d not in state:
+                visit(d, stack + [n])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [])
