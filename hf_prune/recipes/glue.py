@@ -22,6 +22,7 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     TrainingArguments,
+    set_seed,
 )
 
 from ..resources import resolve_data_dir, resolve_model_path
@@ -179,6 +180,7 @@ class GlueRecipe(Recipe):
         if dense_cache_matches(dense_dir, key, self.dense_args):
             self.log(f"dense: reusing the fine-tuned model in {dense_dir}")
             return AutoModelForSequenceClassification.from_pretrained(dense_dir)
+        set_seed(self.training_args.seed)  # the new head's random init is part of the run, like the data order
         with new_head_expected():
             dense, info = AutoModelForSequenceClassification.from_pretrained(
                 self.path, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code, output_loading_info=True,
