@@ -12,6 +12,7 @@ that :func:`hf_prune.apply_plan_` turns into a physically smaller model with the
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,14 +23,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .adapters import get_adapter, model_dims
+from .budget import build_plan
 from .config import PruningConfig
-from .distributed import all_reduce_sum_, broadcast_parameters_, is_main
 from .costs import CostModel, count_params
 from .criteria import get_criterion
+from .distributed import all_reduce_sum_, broadcast_parameters_, is_main
 from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list
-from .budget import build_plan
 from .plan import PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
@@ -291,6 +292,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         assert self.controller is not None
         self.controller.remove()  # the search scores the dense model through its own mask hooks
         try:
+            cfg = dataclasses.replace(cfg, progress=cfg.progress and is_main())
             self.plan, tuning = retraining_free_plan(model, self.calibration_dataloader, cfg)
         finally:
             self.controller.install()

@@ -18,12 +18,12 @@ from transformers import Trainer
 from transformers.utils import logging
 from transformers.trainer_utils import get_last_checkpoint
 
-from .adapters import is_peft, get_adapter
-from .callbacks import PruningCallback
+from .adapters import get_adapter, is_peft
 from .api import prune
-from .distributed import broadcast_parameters_, is_distributed, is_main
+from .callbacks import PruningCallback
 from .checkpoint import load_plan
 from .config import PruningConfig
+from .distributed import broadcast_parameters_, is_distributed, is_main
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
@@ -193,7 +193,7 @@ class PruningTrainer(Trainer):
         apply_plan_(base, plan)
 
     def _wrap_lora(self) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         config = self.lora_config or default_lora_config(self.model)
         try:
