@@ -14,6 +14,7 @@ from .costs import (
     plan_flops,
     plan_params,
 )
+from .export import NotStockExpressible, save_stock
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .criteria import CRITERIA, Criterion, register_criterion
 from .importance import ImportanceScores, compute_importance
@@ -51,6 +52,7 @@ __all__ = [
     "FisherInfo",
     "ImportanceScores",
     "LayerMasks",
+    "NotStockExpressible",
     "Latency",
     "LatencyTable",
     "MaskTuning",
@@ -86,6 +88,7 @@ __all__ = [
     "register_adapter",
     "register_criterion",
     "search_latency",
+    "save_stock",
     "search_masks",
     "supported_model_types",
     "tune_masks",

@@ -18,7 +18,7 @@ from transformers.utils import cached_file
 
 from .adapters import get_adapter
 from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
-from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes, pruned_class
+from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes, pruned_class, stock_class
 from .plan import PlanMismatchError, PrunePlan
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
@@ -99,6 +99,12 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = AutoConfig.from_pretrained(path, **hub)
     section = config_get(config, CONFIG_KEY)
+    plan = load_plan(path, **hub) if not section else None
+    if not section and plan is not None and plan.meta.get("format") == "stock":
+        # a stock export (hf_prune.save_stock): the family's own config and class; the plan is provenance
+        model = stock_class(resolve_class(config, auto_class)).from_pretrained(path, **kwargs)
+        model.prune_plan = plan
+        return model
     if not section:
         raise ValueError(
             f"{path} is not an hf_prune checkpoint (its config.json has no '{CONFIG_KEY}' section); "

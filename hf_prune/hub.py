@@ -20,10 +20,11 @@ from transformers import AutoConfig
 
 from .checkpoint import CorruptCheckpointError, resolve_class
 from .costs import count_flops, count_params, model_layer_sizes, plan_flops, plan_params
+from .export import STOCK_FORMAT
 from .io import WEIGHTS_INDEX_FILE, weight_file_names, write_text_atomic
-from .report import markdown_table
-from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE
+from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE, stock_class
 from .plan import PrunePlan
+from .report import markdown_table
 
 CARD_FILE = "README.md"
 FLOPS_SEQ_LEN = 128
@@ -60,17 +61,27 @@ def missing_files(checkpoint_dir: str | Path) -> list[str]:
 def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
     """Dense and kept sizes, parameters and FLOPs of a pruned checkpoint, without reading any weights."""
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if not raw.get(CONFIG_KEY):
+    plan_file = folder / PLAN_FILE
+    saved = PrunePlan.load(plan_file) if plan_file.exists() else None
+    stock = saved is not None and saved.meta.get("format") == STOCK_FORMAT and not raw.get(CONFIG_KEY)
+    if not raw.get(CONFIG_KEY) and not stock:
         raise ValueError(f"{folder}/config.json has no '{CONFIG_KEY}' section: not a checkpoint saved by hf_prune")
     config = AutoConfig.from_pretrained(str(folder))
     config.allow_global_per_layer_attribute_access = True
     # A model on the meta device has every shape and no storage. Safetensors key names are no substitute:
     # transformers 5 renames some families' keys on save (ViT's q_proj is stored as attention.query).
+    cls = resolve_class(config, None)
     with torch.device("meta"):
-        model = resolve_class(config, None)(config)
-    dense_plan = PrunePlan.dense(config)
-    plan_file = folder / PLAN_FILE
+        model = (stock_class(cls) if stock else cls)(config)
+    if stock:  # the config holds the kept sizes; the dense ones are the plan's
+        L = saved.num_layers
+        dense_plan = PrunePlan(saved.model_type, saved.num_heads, saved.num_kv_heads, saved.intermediate_size,
+                               saved.hidden_size, [list(range(saved.num_heads))] * L,
+                               [list(range(saved.intermediate_size))] * L)
+    else:
+        dense_plan = PrunePlan.dense(config)
     return {
+        "stock": stock,
         "config": raw,
         "dense": dense_plan.layer_sizes()[0],
         "sizes": model_layer_sizes(model),
@@ -86,6 +97,9 @@ def _auto_class(config: Mapping[str, Any]) -> str:
     for auto, target in (config.get("auto_map") or {}).items():
         if target.rsplit(".", 1)[-1] == arch:
             return auto
+    for suffix in _PIPELINE_TAGS:  # a stock export has no auto_map: the class name says which Auto class
+        if arch.endswith(suffix):
+            return f"AutoModel{suffix}"
     return "AutoModel"
 
 
@@ -247,18 +261,34 @@ def model_card(
         f'model = hf_prune.load_pruned("{repo_id}", {auto})',
         "```",
         "",
-        (
-            f"Without hf_prune (`{MODELING_FILE}` in this repo rebuilds the per-layer shapes; it needs only torch "
-            "and transformers):"
-        ),
-        "",
-        "```python",
-        f"from transformers import {auto}",
-        "",
-        f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)',
-        "```",
-        "",
     ]
+    if s["stock"]:
+        out += [
+            ("Without hf_prune: this checkpoint is the stock architecture with smaller global sizes (every layer has "
+             "the same shape), so plain transformers and runtimes that read the stock config (vLLM, TGI, llama.cpp's "
+             "converter) load it, no custom code:"),
+            "",
+            "```python",
+            f"from transformers import {auto}",
+            "",
+            f'model = {auto}.from_pretrained("{repo_id}")',
+            "```",
+            "",
+        ]
+    else:
+        out += [
+            (
+                f"Without hf_prune (`{MODELING_FILE}` in this repo rebuilds the per-layer shapes; it needs only torch "
+                "and transformers):"
+            ),
+            "",
+            "```python",
+            f"from transformers import {auto}",
+            "",
+            f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)',
+            "```",
+            "",
+        ]
     # Plan provenance (criterion, budget, ...); large entries such as latency tables stay in prune_plan.json.
     small_meta = {k: v for k, v in s["plan_meta"].items() if len(json.dumps(v, default=str)) <= 200}
     if recipe or small_meta:

@@ -92,6 +92,7 @@ def training_args_for(base: TrainingArguments, output_dir: str | Path, **overrid
     args.output_dir = str(output_dir)
     for k, v in overrides.items():
         setattr(args, k, v)
+    quiet_cpu_(args)
     return args
 
 

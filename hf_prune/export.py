@@ -1,0 +1,129 @@
+"""Stock export: a pruned model whose layers all keep the same shape, saved as the stock architecture.
+
+Serving runtimes and converters (vLLM, TGI, llama.cpp's converter, ONNX exporters) read the stock ``config.json``
+and run no remote code. A homogeneous plan (every layer the same kept heads, KV heads and FFN neurons) is an
+ordinary smaller model of the stock family: :func:`save_stock` writes it with new global sizes
+(``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``), no ``per_layer_config``,
+no ``auto_map``, no custom code, so ``AutoModelFor*.from_pretrained(folder)`` returns it with identical outputs.
+
+Whether a family's stock config can express the shape is not assumed from its name: the stock class is built from
+the new config (on the meta device, no memory) and every tensor shape is compared with the pruned model's. BERT-style
+configs derive the head size as ``hidden_size / num_attention_heads``, so fewer heads cannot be written there (FFN
+width can); decoders with a ``head_dim`` field (Llama, Mistral, Qwen2/3) take any head count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter, model_dims
+from .costs import model_layer_sizes
+from .io import chmod_like_new_
+from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, stock_class
+
+#: ``prune_plan.json``'s ``meta["format"]`` for a stock export (the plan still records the dense ids kept).
+STOCK_FORMAT = "stock"
+
+
+class NotStockExpressible(ValueError):
+    """The pruned model's shape cannot be written as its stock architecture; the message says why."""
+
+
+def stock_config(model: nn.Module) -> Any:
+    """The stock config of ``model``'s pruned shape (global sizes = the kept sizes), or NotStockExpressible."""
+    adapter = get_adapter(model)
+    sizes = model_layer_sizes(model)
+    first = sizes[0]
+    differ = [i for i, s in enumerate(sizes) if s != first]
+    if differ:
+        shown = ", ".join(f"layer {i}: {sizes[i]['num_heads']} heads / {sizes[i]['num_kv_heads']} KV / "
+                          f"{sizes[i]['intermediate_size']} neurons" for i in differ[:4])
+        raise NotStockExpressible(
+            f"the layers are not all the same shape (layer 0: {first['num_heads']} heads / {first['num_kv_heads']} KV "
+            f"/ {first['intermediate_size']} neurons; {shown}{' ...' if len(differ) > 4 else ''}): a stock config "
+            "has one size for all layers. Prune with PruningConfig(allocation='uniform') for a stock export, or save "
+            "the per-layer format (save_pretrained)"
+        )
+    if first["num_heads"] == 0 or first["intermediate_size"] == 0:
+        raise NotStockExpressible("the layers have an empty attention or FFN block, which stock code cannot build")
+    config = copy.deepcopy(model.config)
+    head_dim = model_dims(model)["head_dim"]  # unchanged by pruning; written explicitly where the family has it
+    for key in ("per_layer_config", "_heterogeneity_spec", "auto_map", CONFIG_KEY,
+                "allow_global_per_layer_attribute_access"):
+        config.__dict__.pop(key, None)
+    setattr(config, adapter.num_heads_field, first["num_heads"])
+    if adapter.num_kv_heads_field:
+        setattr(config, adapter.num_kv_heads_field, first["num_kv_heads"])
+    setattr(config, adapter.intermediate_field, first["intermediate_size"])
+    if adapter.head_dim_field:  # families that read it take any head count; the shape check finds the others
+        setattr(config, adapter.head_dim_field, head_dim)
+    stock = stock_class(type(model))
+    config.architectures = [stock.__name__]
+    _check_shapes(model, stock, config, heads_changed=first["num_heads"] != model_dims(model)["num_heads"])
+    return config
+
+
+def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: bool) -> None:
+    """Build ``stock`` from ``config`` without memory and compare every tensor's shape with ``model``'s."""
+    with torch.device("meta"):
+        probe = stock(copy.deepcopy(config))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    wrong = sorted(k for k in want if got.get(k) != want[k]) + sorted(set(got) - set(want))
+    if wrong:
+        adapter = get_adapter(model)
+        reason = ""
+        if heads_changed:
+            reason = (f" ({config.model_type}'s modeling code derives the head size as {adapter.hidden_field} / "
+                      f"{adapter.num_heads_field}, so fewer heads cannot be expressed; FFN width can)")
+        raise NotStockExpressible(
+            f"the stock {stock.__name__} built from the pruned sizes does not have the pruned tensors' shapes{reason}: "
+            f"{wrong[0]} is {got.get(wrong[0])} there, {want.get(wrong[0])} here. Save the per-layer format "
+            "(save_pretrained) instead"
+        )
+
+
+def save_stock(model: nn.Module, save_directory: str | Path) -> Path:
+    """Save a homogeneous pruned ``model`` as its stock architecture, atomically (a temporary sibling folder renamed
+    into place), with ``prune_plan.json`` beside it for provenance. Raises :class:`NotStockExpressible` (before
+    anything is written) when the shape cannot be expressed. Returns the folder."""
+    config = stock_config(model)
+    stock_cls = stock_class(type(model))
+    target = Path(save_directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty folder: choose a new folder for the export")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        with torch.device("meta"):
+            stock = stock_cls(copy.deepcopy(config))
+        stock.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
+        if getattr(config, "tie_word_embeddings", False):
+            stock.tie_weights()
+        stock.eval().save_pretrained(stage)
+        plan = getattr(model, "prune_plan", None)
+        if plan is not None:
+            data = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
+            data = {**data, "meta": {**data.get("meta", {}), "format": STOCK_FORMAT}}
+            (stage / PLAN_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
+        chmod_like_new_(stage)
+        if target.exists():
+            target.rmdir()
+        stage.rename(target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return target
+
+
+def is_stock_export(config: Any) -> bool:
+    """A checkpoint config written by :func:`save_stock` (no hf_prune section: the stock family's own)."""
+    return not config_get(config, CONFIG_KEY)
