@@ -176,7 +176,9 @@ class PruningCallback(TrainerCallback, ExportableState):
         crit = get_criterion(self.config.importance)
         uses_gradients = calibration_dataloader is None and crit.gradient
         if crit.needs_data and not crit.gradient and calibration_dataloader is None:
-            raise ValueError(f"importance={crit.name!r} needs a calibration_dataloader (it is not a gradient statistic)")
+            raise ValueError(
+                f"importance={crit.name!r} needs a calibration_dataloader (it is not a gradient statistic)"
+            )
         if uses_gradients and self.schedule.events()[0] == 0:
             raise ValueError(
                 f"importance={self.config.importance!r} from training gradients cannot score at step 0 (no "

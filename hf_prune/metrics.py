@@ -1,4 +1,5 @@
-"""Moved to :mod:`hf_prune.recipes.metrics` (only the recipes and benchmarks use GLUE metrics); this name is an alias of it."""
+"""Moved to :mod:`hf_prune.recipes.metrics` (only the recipes and benchmarks use GLUE metrics); this name is an
+alias of it."""
 
 import sys
 

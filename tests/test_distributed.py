@@ -11,7 +11,7 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_prune.py"
 
 
-@pytest.mark.parametrize("schedule", ["one_shot", "gradual"])
+@pytest.mark.parametrize("schedule", ["one_shot", "gradual", "retraining_free"])
 def test_two_process_run_prunes_identically_on_every_rank(tmp_path, schedule):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -24,3 +24,4 @@ def test_two_process_run_prunes_identically_on_every_rank(tmp_path, schedule):
     assert ranks[0]["plan"] == ranks[1]["plan"]
     assert ranks[0]["plan"]["heads"] != [[0, 1, 2, 3]] * 3  # something was pruned
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP kept the pruned replicas in sync
+    assert all(r["retraining_free"] for r in ranks) == (schedule == "retraining_free")

@@ -28,10 +28,15 @@ args = T.TrainingArguments(
     output_dir=str(out / "run"), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
     save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
 )
+if schedule == "retraining_free":  # the retraining-free cut from each rank's shard, then DDP recovery
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=8, tuning_samples=8,
+                              selection_samples=8, progress=False)
+else:
+    config = hp.PruningConfig(flops_keep=0.5, progress=False)
 trainer = PruningTrainer(
     model=BY_NAME["bert"].model(), args=args, train_dataset=ds,
-    pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False),
-    schedule=None if schedule == "one_shot" else PruningSchedule("gradual", start_step=2, end_step=6, frequency=2),
+    pruning_config=config,
+    schedule=None if schedule != "gradual" else PruningSchedule("gradual", start_step=2, end_step=6, frequency=2),
     distillation=DistillationConfig(alpha=0.5),
 )
 trainer.train()
@@ -39,6 +44,8 @@ rank = trainer.args.process_index
 plan = hp.PrunePlan.of(trainer.model)
 checksum = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
 (out / f"rank{rank}.json").write_text(json.dumps({
-    "world_size": trainer.args.world_size, "plan": plan.to_dict(), "checksum": checksum,
+    # the kept units (meta holds per-rank timings)
+    "world_size": trainer.args.world_size, "plan": {"heads": plan.heads, "neurons": plan.neurons}, "checksum": checksum,
+    "retraining_free": "retraining_free" in (trainer.plan.meta if trainer.plan is not None else {}),
     "params": hp.count_params(trainer.model),
 }))
