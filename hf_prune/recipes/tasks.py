@@ -269,7 +269,9 @@ def _task_folder(task: TaskSpec, data_dir: Path, splits: Sequence[str]) -> Path:
     """``data_dir`` itself if it holds the split files, else its ``<task>``/``<GLUE folder>`` subfolder."""
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data_dir {str(data_dir)!r} is not a folder: pass the folder holding the task's "
-                                f"train/dev files (or a GLUE root with a {task.name}/ subfolder)")
+                                f"train/dev files (or a GLUE root with a {task.name}/ subfolder), --data_dir \"\" to "
+                                "load it from the Hub" + (", or --data_dir embedded (shipped with hf_prune)"
+                                                          if task.name == "sst2" else ""))
     if any((data_dir / n).is_file() for s in splits for n in split_file_names(s)):
         return data_dir
     names = [task.name, task.tsv.folder if task.tsv else None]

