@@ -1,0 +1,59 @@
+"""Causal language models: calibration batches packed from raw text, and perplexity on held-out text."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batches import model_device, to_device
+
+
+def pack_text_blocks(
+    tokenizer: Any, texts: Sequence[str], *, block_size: int = 128, batch_size: int = 8, max_blocks: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Token blocks of ``block_size`` packed from ``texts`` (joined with the tokenizer's EOS, or a newline when it
+    has none), batched as ``{input_ids, attention_mask, labels}`` with ``labels = input_ids`` (the model shifts
+    them): what a causal LM's Fisher scores, tuning and perplexity run on. The tail shorter than a block is
+    dropped. Refuses text shorter than one block."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
+    sep = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else "\n"
+    ids = tokenizer(sep.join(texts), add_special_tokens=False)["input_ids"]
+    n = len(ids) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of {block_size}: pass more text or a "
+                         "smaller block_size")
+    blocks = torch.tensor(ids[: n * block_size]).view(n, block_size)  # (N, T)
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
+            for b in blocks.split(batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
+    """``exp`` of the mean next-token cross-entropy over every predicted token of ``batches`` (padding, where
+    ``labels`` are -100, excluded), in one pass with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total, count = 0.0, 0
+    try:
+        for raw in batches:
+            batch = to_device(raw, device)
+            labels = batch.pop("labels", batch["input_ids"])
+            logits = model(**batch).logits[:, :-1].float()  # (B, T-1, V)
+            target = labels[:, 1:]
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((target != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no tokens to score: the batches are empty or fully masked")
+    return math.exp(total / count)
