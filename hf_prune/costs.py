@@ -206,3 +206,69 @@ def benchmark_latency(
 ) -> Latency:
     """Median forward latency of ``model`` on random inputs of ``batch_size`` x ``seq_len``."""
     return compare_latency({"model": model}, batch_size, seq_len, warmup=warmup, repeats=repeats)["model"]
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+@dataclass
+class DecodeLatency:
+    """A causal LM's generation speed: the prompt's forward pass (prefill) and each further token with the KV cache
+    (decode), medians over repeats, in milliseconds."""
+
+    prefill_ms: float
+    decode_ms_per_token: float
+    prompt_len: int
+    new_tokens: int
+    batch_size: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch_size * self.prompt_len / (self.prefill_ms / 1000.0)
+
+
+def _sync(model: nn.Module) -> None:
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+
+
+def _decode_once(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """One greedy generation by hand (no ``generate`` bookkeeping in the timing): prefill ms, decode ms/token."""
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    _sync(model)
+    prefill = (time.perf_counter() - start) * 1000.0
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(model)
+    return prefill, (time.perf_counter() - start) * 1000.0 / max(1, new_tokens)
+
+
+@torch.inference_mode()
+def compare_decode(
+    models: Mapping[str, nn.Module], *, prompt_len: int = 128, new_tokens: int = 32, batch_size: int = 1,
+    warmup: int = 1, repeats: int = 5, seed: int = 0,
+) -> dict[str, DecodeLatency]:
+    """Prefill and per-token decode latency of causal LMs on the same random prompt, interleaved run by run (so
+    machine noise hits all alike); each token is decoded with the KV cache, as serving does."""
+    first = next(iter(models.values()))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, first.config.vocab_size, (batch_size, prompt_len), generator=g)
+    modes = {name: m.training for name, m in models.items()}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    try:
+        for m in models.values():
+            m.eval()
+        for r in range(warmup + repeats):
+            for name, m in models.items():
+                timing = _decode_once(m, ids.to(next(m.parameters()).device), new_tokens)
+                if r >= warmup:
+                    runs[name].append(timing)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    return {name: DecodeLatency(statistics.median(p for p, _ in t), statistics.median(d for _, d in t), prompt_len,
+                                new_tokens, batch_size) for name, t in runs.items()}
