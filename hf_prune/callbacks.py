@@ -265,9 +265,19 @@ class PruningCallback(TrainerCallback, ExportableState):
     def _prune_event(self, model: nn.Module, step: int) -> None:
         assert self.controller is not None
         cfg = self.schedule.budget_at(self.config, step, self._dense_params)
+        self.plan = self._new_plan(model, cfg, step)
+        self.controller.set_plan(self.plan)
+        self.controller.reset_statistics()
+        self.done_events.append(step)
+        self._update_stats(model)
+        self.on_plan_update(model, step)
+
+    def _new_plan(self, model: nn.Module, cfg: PruningConfig, step: int) -> PrunePlan:
+        """This event's plan: retraining-free, or scores (calibration data, or the training gradients) -> plan."""
+        assert self.controller is not None
         if cfg.method == "retraining_free":
-            self._retraining_free_event(model, cfg)
-        elif self.calibration_dataloader is not None or not get_criterion(self.config.importance).gradient:
+            return self._retraining_free_event(model, cfg)
+        if self.calibration_dataloader is not None or not get_criterion(self.config.importance).gradient:
             scores = compute_importance(
                 model,
                 self.calibration_dataloader,
@@ -276,17 +286,11 @@ class PruningCallback(TrainerCallback, ExportableState):
                 seed=self.config.seed + step,
                 progress=self.config.progress and is_main(),
             )
-            self.plan = build_plan(self.controller.restrict(scores), model, cfg)
         else:
             scores = self.controller.gradient_scores()
-            self.plan = build_plan(self.controller.restrict(scores), model, cfg)
-        self.controller.set_plan(self.plan)
-        self.controller.reset_statistics()
-        self.done_events.append(step)
-        self._update_stats(model)
-        self.on_plan_update(model, step)
+        return build_plan(self.controller.restrict(scores), model, cfg)
 
-    def _retraining_free_event(self, model: nn.Module, cfg: PruningConfig) -> None:
+    def _retraining_free_event(self, model: nn.Module, cfg: PruningConfig) -> PrunePlan:
         """Retraining-free plan, its tuning folded into the kept weights in place (same tensors, so the
         optimizer and DDP's buckets stay valid); the masks then make the model compute what the cut one does."""
         from .retraining_free import fold_tuning_, retraining_free_plan
@@ -295,7 +299,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         self.controller.remove()  # the search scores the dense model through its own mask hooks
         try:
             cfg = dataclasses.replace(cfg, progress=cfg.progress and is_main())
-            self.plan, tuning = retraining_free_plan(model, self.calibration_dataloader, cfg)
+            plan, tuning = retraining_free_plan(model, self.calibration_dataloader, cfg)
         finally:
             self.controller.install()
         if tuning is not None:
@@ -304,6 +308,7 @@ class PruningCallback(TrainerCallback, ExportableState):
             # each rank tuned on its own calibration shard; the plan is the same everywhere (Fisher and stage
             # divergences are reduced over ranks), the refitted weights are made rank 0's
             broadcast_parameters_(model)
+        return plan
 
     def on_plan_update(self, model: nn.Module, step: int) -> None:
         """Called after each pruning event (``PruningTrainer`` cuts the model here)."""

@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from .adapters import get_adapter
+from .export import is_stock_export
 from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
 from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes, pruned_class, stock_class
 from .plan import PlanMismatchError, PrunePlan
@@ -99,8 +100,8 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = AutoConfig.from_pretrained(path, **hub)
     section = config_get(config, CONFIG_KEY)
-    plan = load_plan(path, **hub) if not section else None
-    if not section and plan is not None and plan.meta.get("format") == "stock":
+    plan = load_plan(path, **hub)
+    if is_stock_export(config, plan):
         # a stock export (hf_prune.save_stock): the family's own config and class; the plan is provenance
         model = stock_class(resolve_class(config, auto_class)).from_pretrained(path, **kwargs)
         model.prune_plan = plan
@@ -113,7 +114,6 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
     config.allow_global_per_layer_attribute_access = True
     adapter = get_adapter(config)
     model_cls = resolve_class(config, auto_class)
-    plan = load_plan(path, **hub)
     if plan is not None:
         plan.check_compatible(config)
         if plan.layer_sizes() != layer_sizes(config, adapter):

@@ -162,8 +162,7 @@ class Latency:
 def time_once(model: nn.Module, inputs: Mapping[str, Any]) -> float:
     start = time.perf_counter()
     model(**inputs)
-    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
+    _sync(model)
     return (time.perf_counter() - start) * 1000.0
 
 

@@ -39,6 +39,12 @@ class NotStockExpressible(ValueError):
 
 def stock_config(model: nn.Module) -> Any:
     """The stock config of ``model``'s pruned shape (global sizes = the kept sizes), or NotStockExpressible."""
+    return _stock_probe(model)[0]
+
+
+def _stock_probe(model: nn.Module) -> tuple[Any, nn.Module]:
+    """The stock config and the stock model built from it on the meta device (checked against ``model``'s
+    shapes); :func:`save_stock` loads ``model``'s tensors into that same probe."""
     adapter = get_adapter(model)
     sizes = model_layer_sizes(model)
     first = sizes[0]
@@ -55,7 +61,7 @@ def stock_config(model: nn.Module) -> Any:
     if first["num_heads"] == 0 or first["intermediate_size"] == 0:
         raise NotStockExpressible("the layers have an empty attention or FFN block, which stock code cannot build")
     config = copy.deepcopy(model.config)
-    head_dim = model_dims(model)["head_dim"]  # unchanged by pruning; written explicitly where the family has it
+    dims = model_dims(model)  # dense sizes; head_dim is unchanged by pruning, written where the family has it
     for key in ("per_layer_config", "_heterogeneity_spec", "auto_map", CONFIG_KEY,
                 "allow_global_per_layer_attribute_access"):
         config.__dict__.pop(key, None)
@@ -64,15 +70,15 @@ def stock_config(model: nn.Module) -> Any:
         setattr(config, adapter.num_kv_heads_field, first["num_kv_heads"])
     setattr(config, adapter.intermediate_field, first["intermediate_size"])
     if adapter.head_dim_field:  # families that read it take any head count; the shape check finds the others
-        setattr(config, adapter.head_dim_field, head_dim)
+        setattr(config, adapter.head_dim_field, dims["head_dim"])
     stock = stock_class(type(model))
     config.architectures = [stock.__name__]
-    _check_shapes(model, stock, config, heads_changed=first["num_heads"] != model_dims(model)["num_heads"])
-    return config
+    probe = _check_shapes(model, stock, config, heads_changed=first["num_heads"] != dims["num_heads"])
+    return config, probe
 
 
-def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: bool) -> None:
-    """Build ``stock`` from ``config`` without memory and compare every tensor's shape with ``model``'s."""
+def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: bool) -> nn.Module:
+    """Build ``stock`` from ``config`` without memory, compare every tensor's shape with ``model``'s and return it."""
     with torch.device("meta"):
         probe = stock(copy.deepcopy(config))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -89,22 +95,20 @@ def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: boo
             f"{wrong[0]} is {got.get(wrong[0])} there, {want.get(wrong[0])} here. Save the per-layer format "
             "(save_pretrained) instead"
         )
+    return probe
 
 
 def save_stock(model: nn.Module, save_directory: str | Path) -> Path:
     """Save a homogeneous pruned ``model`` as its stock architecture, atomically (a temporary sibling folder renamed
     into place), with ``prune_plan.json`` beside it for provenance. Raises :class:`NotStockExpressible` (before
     anything is written) when the shape cannot be expressed. Returns the folder."""
-    config = stock_config(model)
-    stock_cls = stock_class(type(model))
+    config, stock = _stock_probe(model)
     target = Path(save_directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists and is not an empty folder: choose a new folder for the export")
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        with torch.device("meta"):
-            stock = stock_cls(copy.deepcopy(config))
         stock.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
         if getattr(config, "tie_word_embeddings", False):
             stock.tie_weights()
@@ -124,6 +128,8 @@ def save_stock(model: nn.Module, save_directory: str | Path) -> Path:
     return target
 
 
-def is_stock_export(config: Any) -> bool:
-    """A checkpoint config written by :func:`save_stock` (no hf_prune section: the stock family's own)."""
-    return not config_get(config, CONFIG_KEY)
+def is_stock_export(config: Any, plan: Any) -> bool:
+    """Whether a checkpoint's config (object or ``config.json`` dict) and plan are :func:`save_stock`'s: the stock
+    family's own config (no hf_prune section) with a plan marked as a stock export."""
+    section = config.get(CONFIG_KEY) if isinstance(config, dict) else config_get(config, CONFIG_KEY)
+    return not section and plan is not None and plan.meta.get("format") == STOCK_FORMAT

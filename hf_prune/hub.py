@@ -11,6 +11,7 @@ import json
 import numbers
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from transformers import AutoConfig
 
 from .checkpoint import CorruptCheckpointError, resolve_class
 from .costs import count_flops, count_params, model_layer_sizes, plan_flops, plan_params
-from .export import STOCK_FORMAT
+from .export import is_stock_export
 from .io import WEIGHTS_INDEX_FILE, weight_file_names, write_text_atomic
 from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE, stock_class
 from .plan import PrunePlan
@@ -63,7 +64,7 @@ def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     plan_file = folder / PLAN_FILE
     saved = PrunePlan.load(plan_file) if plan_file.exists() else None
-    stock = saved is not None and saved.meta.get("format") == STOCK_FORMAT and not raw.get(CONFIG_KEY)
+    stock = is_stock_export(raw, saved)
     if not raw.get(CONFIG_KEY) and not stock:
         raise ValueError(f"{folder}/config.json has no '{CONFIG_KEY}' section: not a checkpoint saved by hf_prune")
     config = AutoConfig.from_pretrained(str(folder))
@@ -75,9 +76,8 @@ def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
         model = (stock_class(cls) if stock else cls)(config)
     if stock:  # the config holds the kept sizes; the dense ones are the plan's
         L = saved.num_layers
-        dense_plan = PrunePlan(saved.model_type, saved.num_heads, saved.num_kv_heads, saved.intermediate_size,
-                               saved.hidden_size, [list(range(saved.num_heads))] * L,
-                               [list(range(saved.intermediate_size))] * L)
+        dense_plan = replace(saved, heads=[list(range(saved.num_heads))] * L,
+                             neurons=[list(range(saved.intermediate_size))] * L, meta={})
     else:
         dense_plan = PrunePlan.dense(config)
     return {
@@ -87,7 +87,7 @@ def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
         "sizes": model_layer_sizes(model),
         "params": (count_params(model), plan_params(dense_plan, model)),
         "flops": (count_flops(model, seq_len)["total"], plan_flops(dense_plan, model, seq_len)["total"]),
-        "plan_meta": json.loads(plan_file.read_text(encoding="utf-8")).get("meta", {}) if plan_file.exists() else {},
+        "plan_meta": saved.meta if saved is not None else {},
     }
 
 
