@@ -1,4 +1,4 @@
-"""hf_prune: structured pruning (attention heads, FFN neurons) for Hugging Face transformers 5."""
+"""hf_prune: structured pruning (whole layers, attention heads, FFN neurons) for Hugging Face transformers 5."""
 
 from .adapters import ArchAdapter, get_adapter, register_adapter, supported_model_types
 from .api import prune
@@ -16,7 +16,8 @@ from .costs import (
     plan_flops,
     plan_params,
 )
-from .export import NotStockExpressible, save_stock
+from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
+from .export import NotStockExpressible, save_pruned, save_stock
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .criteria import CRITERIA, Criterion, register_criterion
 from .importance import ImportanceScores, compute_importance
@@ -54,6 +55,8 @@ __all__ = [
     "DecodeLatency",
     "FisherInfo",
     "ImportanceScores",
+    "LAYER_CRITERIA",
+    "LayerCriterion",
     "LayerMasks",
     "NotStockExpressible",
     "Latency",
@@ -77,6 +80,7 @@ __all__ = [
     "fisher_information",
     "fold_tuning_",
     "get_adapter",
+    "layer_importance",
     "load_plan",
     "load_pruned",
     "mask_hooks",
@@ -91,7 +95,9 @@ __all__ = [
     "rearrange_masks",
     "register_adapter",
     "register_criterion",
+    "register_layer_criterion",
     "search_latency",
+    "save_pruned",
     "save_stock",
     "search_masks",
     "supported_model_types",

@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .config import PruningConfig
+from .depth import layer_importance
+from .export import stock_config
 from .importance import compute_importance
 from .budget import build_plan
 from .plan import PrunePlan
@@ -24,17 +26,25 @@ def prune(
     *,
     latency_table: LatencyTable | None = None,
 ) -> tuple[M, PrunePlan]:
-    """Score heads and neurons on ``dataloader``, build a plan under ``config``'s budget and apply it in place.
+    """Score heads and neurons (and whole layers, for ``layers_keep``) on ``dataloader``, build a plan under
+    ``config``'s budget and apply it in place.
 
     Returns the (same, now physically smaller) model and the plan. ``dataloader`` may be None for the
     data-free criteria ``magnitude`` and ``random`` of ``method="one_shot"``. ``method="retraining_free"``
     runs :func:`hf_prune.prune_retraining_free` (``latency_table``: reuse a table measured earlier for a
-    ``latency_keep`` budget instead of timing the model again).
+    ``latency_keep`` budget instead of timing the model again). With ``config.deployable``, a cut whose shape the
+    family's stock config cannot express raises :class:`hf_prune.NotStockExpressible` here, before any recovery.
     """
     if config.method == "retraining_free":
         if dataloader is None:
             raise ValueError("method='retraining_free' needs calibration data: pass a dataloader")
-        return prune_retraining_free(model, dataloader, config, latency_table=latency_table)
+        model, plan = prune_retraining_free(model, dataloader, config, latency_table=latency_table)
+        if config.deployable:
+            stock_config(model)
+        return model, plan
+    if config.layers_keep is not None and dataloader is None:
+        raise ValueError(f"layers_keep scores whole layers on calibration data (layer_importance="
+                         f"{config.layer_importance!r}): pass a dataloader")
     scores = compute_importance(
         model,
         dataloader,
@@ -43,6 +53,13 @@ def prune(
         seed=config.seed,
         progress=config.progress,
     )
+    if config.layers_keep is not None:
+        scores.layers = layer_importance(
+            model, dataloader, config.layer_importance, max_samples=config.max_calibration_samples,
+            seed=config.seed, progress=config.progress,
+        )
     plan = build_plan(scores, model, config)
     apply_plan_(model, plan)
+    if config.deployable:  # a shape the stock config cannot hold fails now, not after recovery
+        stock_config(model)
     return model, plan

@@ -2,7 +2,8 @@
 the allocation that chooses the units to keep under one.
 
 A budget says how much of the dense model a plan may keep. Built-in kinds are :class:`PruningConfig` fields
-(``heads_keep`` and ``neurons_keep`` form one budget, every other kind stands alone); a kind added with
+(``heads_keep`` and ``neurons_keep`` form one budget, every other kind stands alone, except that ``layers_keep``,
+the depth budget, combines with any one width budget); a kind added with
 :func:`register_budget` is set by name with ``PruningConfig(custom_budget={name: value})``. A cost kind
 (``unit_costs`` + ``limit``) is allocated by :func:`build_plan` with no other change: units are ranked by score and
 kept while their summed cost fits the limit.
@@ -10,6 +11,7 @@ kept while their summed cost fits the limit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import model_dims
+from .depth import layers_to_keep
 from .plan import PlanMismatchError, PrunePlan
 
 if TYPE_CHECKING:
@@ -38,25 +41,32 @@ class BudgetKind:
     Args:
         name: the config field or ``custom_budget`` key (and recipe key / CLI flag for built-ins).
         group: kinds of one group are one budget and may be set together.
-        value: ``fraction`` of the dense model, in (0, 1]; or ``count``, a positive number.
-        scheduled_from: what a gradual/iterative schedule moves the value from: ``one`` (keep everything) or
-            ``dense_params`` (the dense model's parameter count).
+        value: ``fraction`` of the dense model, in (0, 1]; ``count``, a positive number; or ``layers``, a
+            fraction in (0, 1] or a whole count above 1.
+        scheduled_from: what a gradual/iterative schedule moves the value from: ``one`` (keep everything),
+            ``dense_params`` (the dense model's parameter count) or ``layers`` (every layer: iterative schedules
+            remove layers round by round; gradual schedules choose them at the first event and fade them out).
         help: one line for ``--help`` and errors.
         method: the only pruning method that supports it (None: every method).
         unit_costs: for a cost budget, each unit's cost; None for count budgets and kinds searched elsewhere.
         limit: for a cost budget, the total the kept units may cost.
+        combines: may be set together with one budget of another group (the depth budget).
     """
 
     name: str
     group: str
-    value: Literal["fraction", "count"]
-    scheduled_from: Literal["one", "dense_params"]
+    value: Literal["fraction", "count", "layers"]
+    scheduled_from: Literal["one", "dense_params", "layers"]
     help: str
     method: str | None = None
     unit_costs: UnitCosts | None = None
     limit: Limit | None = None
+    combines: bool = False
 
     def check(self, value: Any) -> None:
+        if self.value == "layers" and not (0 < value <= 1 or (value > 1 and float(value).is_integer())):
+            raise ValueError(f"{self.name}={value} must be a fraction in (0, 1] of the layers or a whole count of "
+                             "layers above 1")
         if self.value == "fraction" and not 0 < value <= 1:
             raise ValueError(f"{self.name}={value} is outside (0, 1]: it is the fraction of the dense model to keep")
         if self.value == "count" and value <= 0:
@@ -65,7 +75,7 @@ class BudgetKind:
 
 BUDGETS: dict[str, BudgetKind] = {}
 #: Kinds that are PruningConfig fields (the rest are set through ``custom_budget``).
-FIELD_BUDGETS = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep")
+FIELD_BUDGETS = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep", "layers_keep")
 #: The budget a command line or recipe uses when none is given: half the layer FLOPs.
 DEFAULT_BUDGET = {"flops_keep": 0.5}
 
@@ -97,10 +107,11 @@ def check_budget(config: Any) -> None:
     given = set_budget(config)
     for name, value in given.items():
         BUDGETS[name].check(value)
-    groups = {BUDGETS[name].group for name in given}
-    if len(groups) != 1:
+    groups = {BUDGETS[name].group for name in given if not BUDGETS[name].combines}
+    if len(groups) > 1 or not given:
         listing = "; ".join(f"{b.name} ({b.help})" for b in BUDGETS.values())
-        raise ValueError(f"set exactly one budget (heads_keep and neurons_keep count as one): {listing}")
+        raise ValueError(f"set exactly one budget (heads_keep and neurons_keep count as one; layers_keep may be "
+                         f"added to any): {listing}")
     for name in given:
         method = BUDGETS[name].method
         if method is not None and config.method != method:
@@ -138,6 +149,8 @@ for _kind in (
                unit_costs=_params_costs, limit=_params_limit),
     BudgetKind("latency_keep", "latency", "fraction", "one", "fraction of the layers' measured latency to keep",
                method="retraining_free"),
+    BudgetKind("layers_keep", "depth", "layers", "layers", "fraction (<= 1) or count (> 1) of the layers to keep",
+               combines=True),
 ):
     register_budget(_kind)
 
@@ -312,10 +325,17 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
     cost = CostModel.for_model(model)
     group = current.group_size
     floor = 0 if config.allow_empty_layers else 1
-    budget = config.budget()  # {kind: value}, one group
-    kinds = [BUDGETS[name] for name in budget]
+    budget = config.budget()  # {kind: value}: one width group, and/or the depth budget
+    layers = None
+    if "layers_keep" in budget:
+        if scores.layers is None:
+            raise ValueError("layers_keep needs whole-layer scores: pass ImportanceScores(layers=hf_prune."
+                             "layer_importance(model, data)) (hf_prune.prune computes them)")
+        layers = layers_to_keep(scores.layers, budget["layers_keep"], current)
+        scores = _without_layers(scores, layers)  # the width budget is spent on the layers that stay
+    kinds = [BUDGETS[name] for name in budget if not BUDGETS[name].combines]
     costed = [k for k in kinds if k.unit_costs is not None]
-    if not costed and kinds[0].group != "units":
+    if kinds and not costed and kinds[0].group != "units":
         raise ValueError(f"{kinds[0].name} is not allocated by build_plan: it needs method={kinds[0].method!r}")
     seq = config.seq_len
     per_head, per_kv, per_neuron = costed[0].unit_costs(cost, seq) if costed else (1.0, 0.0, 1.0)
@@ -349,6 +369,7 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
         hidden_size=current.hidden_size,
         heads=[[h for u in x for h in u.ids] for x in kh],
         neurons=[[n for u in x for n in u.ids] for x in kn],
+        layers=layers,
         meta={
             **current.meta,
             "criterion": scores.criterion,
@@ -357,6 +378,16 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
             "allocation": config.allocation,
             "round_to": config.round_to,
             "seq_len": config.seq_len,
+            **({"layer_importance": config.layer_importance} if layers is not None else {}),
         },
     )
     return plan
+
+
+def _without_layers(scores: "ImportanceScores", keep: list[int]) -> "ImportanceScores":
+    """``scores`` with every unit of the layers not in ``keep`` marked removed (NaN)."""
+    gone = [i for i in range(scores.heads.shape[0]) if i not in set(keep)]
+    h, n = scores.heads.clone(), scores.neurons.clone()
+    h[gone] = float("nan")
+    n[gone] = float("nan")
+    return dataclasses.replace(scores, heads=h, neurons=n)

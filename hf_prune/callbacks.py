@@ -27,6 +27,7 @@ from .budget import build_plan
 from .config import PruningConfig
 from .costs import CostModel, count_params
 from .criteria import get_criterion
+from .depth import layer_importance
 from .distributed import all_reduce_sum_, broadcast_parameters_, is_main
 from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
@@ -51,12 +52,13 @@ class MaskController:
         self.dims = model_dims(model)
         self.physical = PrunePlan.of(model)  # what the weights hold now (dense unless pruned before)
         self.plan = self.physical
+        self.ids = self.physical.kept_layers  # dense id of each layer the model has
         device = next(model.parameters()).device
-        self.masks = LayerMasks(self.physical.num_layers)
-        for i in range(self.physical.num_layers):
+        self.masks = LayerMasks(len(self.ids))
+        for p, i in enumerate(self.ids):
             # leaf tensors: the training backward pass leaves dL/dm in .grad
-            self.masks.heads[i] = torch.ones(len(self.physical.heads[i]), device=device, requires_grad=True)
-            self.masks.neurons[i] = torch.ones(len(self.physical.neurons[i]), device=device, requires_grad=True)
+            self.masks.heads[p] = torch.ones(len(self.physical.heads[i]), device=device, requires_grad=True)
+            self.masks.neurons[p] = torch.ones(len(self.physical.neurons[i]), device=device, requires_grad=True)
         self.acc_heads = [torch.zeros_like(m) for m in self.masks.heads]
         self.acc_neurons = [torch.zeros_like(m) for m in self.masks.neurons]
         self._hooks: Any = None
@@ -74,27 +76,42 @@ class MaskController:
 
     # plan ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_plan(self, plan: PrunePlan) -> None:
-        """Mask everything ``plan`` does not keep and zero those weights."""
+    def set_plan(self, plan: PrunePlan, gate: float = 0.0) -> None:
+        """Mask everything ``plan`` does not keep and zero those weights; the layers it removes are gated at
+        ``gate`` (0: skipped; their heads and neurons stay, so a layer fading out is the whole layer)."""
         self.plan = plan
         heads, neurons = plan.positions_in(self.physical)
-        for i in range(plan.num_layers):
-            self.masks.heads[i].zero_()[heads[i]] = 1.0
-            self.masks.neurons[i].zero_()[neurons[i]] = 1.0
+        kept = set(plan.kept_layers)
+        device = self.masks.heads[0].device
+        for p, i in enumerate(self.ids):
+            if i in kept:
+                self.masks.heads[p].zero_()[heads[i]] = 1.0
+                self.masks.neurons[p].zero_()[neurons[i]] = 1.0
+            else:
+                self.masks.heads[p].fill_(1.0)
+                self.masks.neurons[p].fill_(1.0)
+        self.masks.layers = [None if i in kept else torch.full((1,), float(gate), device=device) for i in self.ids]
         self.zero_masked_weights_()
+
+    @torch.no_grad()
+    def set_gate_(self, gate: float) -> None:
+        """Move the gates of the layers the plan removes to ``gate`` (a gradual schedule fades them out)."""
+        for g in self.masks.layers:
+            if g is not None:
+                g.fill_(float(gate))
 
     @torch.no_grad()
     def zero_masked_weights_(self) -> None:
         """Zero Q/K/V rows, O columns, FFN up/gate rows and down columns of masked units (biases too)."""
         a, d = self.adapter, self.dims["head_dim"]
         group = self.plan.group_size
-        for i, layer in enumerate(layer_list(self.model, a)):
-            hm = self.masks.heads[i]
-            if not bool((hm == 0).any()) and not bool((self.masks.neurons[i] == 0).any()):
+        for p, layer in enumerate(layer_list(self.model, a)):
+            hm = self.masks.heads[p]
+            if not bool((hm == 0).any()) and not bool((self.masks.neurons[p] == 0).any()):
                 continue
             q_off = (hm == 0).repeat_interleave(d)  # (H * d,)
             kv_off = (hm.view(-1, group).sum(1) == 0).repeat_interleave(d)  # (KV * d,)
-            n_off = self.masks.neurons[i] == 0  # (I,)
+            n_off = self.masks.neurons[p] == 0  # (I,)
             for path, off, dim in (
                 (a.q, q_off, 0), (a.k, kv_off, 0), (a.v, kv_off, 0), (a.o, q_off, 1),
                 (a.up, n_off, 0), (a.gate, n_off, 0), (a.down, n_off, 1),
@@ -122,8 +139,8 @@ class MaskController:
         """Accumulated statistics as (L, H) / (L, I) scores; summed over processes under DDP."""
         accs = [a.clone() for a in self.acc_heads + self.acc_neurons]
         all_reduce_sum_(accs)
-        L = self.physical.num_layers
-        return ImportanceScores.scatter(self.physical, accs[:L], accs[L:], self.criterion)
+        n = len(self.ids)
+        return ImportanceScores.scatter(self.physical, accs[:n], accs[n:], self.criterion)
 
     def restrict(self, scores: ImportanceScores) -> ImportanceScores:
         """Scores with masked units marked removed (NaN), so a new plan only ever removes more."""
@@ -135,7 +152,11 @@ class MaskController:
             keep_n[self.plan.neurons[i]] = True
             h[i, ~keep_h] = float("nan")
             n[i, ~keep_n] = float("nan")
-        return ImportanceScores(h, n, scores.criterion, scores.num_samples)
+        layers = None
+        if scores.layers is not None:
+            layers = scores.layers.clone()
+            layers[[i for i in range(len(layers)) if i not in set(self.plan.kept_layers)]] = float("nan")
+        return ImportanceScores(h, n, scores.criterion, scores.num_samples, layers)
 
     def reset_statistics(self) -> None:
         for a in self.acc_heads + self.acc_neurons:
@@ -143,7 +164,11 @@ class MaskController:
 
 
 class PruningCallback(TrainerCallback, ExportableState):
-    """Mask heads and neurons on a schedule inside a ``Trainer`` run.
+    """Mask heads and neurons, and gate whole layers, on a schedule inside a ``Trainer`` run.
+
+    With ``layers_keep``, the layers to remove are gated: at once for one-shot and iterative schedules; a gradual
+    schedule chooses them at its first event and fades their gates from 1 to 0 along its cubic, reaching 0 (the
+    layer skipped, exactly what removing it computes) at ``end_step``.
 
     Args:
         config: budget and importance criterion (:class:`PruningConfig`, or its dict).
@@ -173,6 +198,9 @@ class PruningCallback(TrainerCallback, ExportableState):
                 )
             if calibration_dataloader is None:
                 raise ValueError("method='retraining_free' needs calibration data: pass calibration_dataloader=...")
+        if self.config.layers_keep is not None and calibration_dataloader is None:
+            raise ValueError(f"layers_keep scores whole layers (layer_importance={self.config.layer_importance!r}) on "
+                             "calibration data: pass calibration_dataloader=...")
         crit = get_criterion(self.config.importance)
         uses_gradients = calibration_dataloader is None and crit.gradient
         if crit.needs_data and not crit.gradient and calibration_dataloader is None:
@@ -209,7 +237,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         if attrs.get("plan_dict") is not None and self.controller is not None:
             plan = PrunePlan.from_dict(attrs["plan_dict"])
             if plan.is_subset_of(self.controller.physical) and plan != self.controller.physical:
-                self.controller.set_plan(plan)
+                self.controller.set_plan(plan, self.schedule.fade(self._resume_step))
             self.plan = plan
         if attrs.get("acc") and self.controller is not None:
             c = self.controller
@@ -228,6 +256,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         self.controller = MaskController(model, self.config.importance)
         self.controller.install()
         self._dense_params = count_params(model)
+        self._resume_step = state.global_step
         if state.global_step > 0:  # resuming: masks and statistics come from the checkpoint's trainer state
             saved = (state.stateful_callbacks or {}).get(type(self).__name__)
             if saved:
@@ -237,6 +266,10 @@ class PruningCallback(TrainerCallback, ExportableState):
         if 0 in self.schedule.events() and 0 not in self.done_events and state.global_step == 0:
             self._prune_event(model, 0)
         self._update_stats(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.controller is not None and self.config.layers_keep is not None:
+            self.controller.set_gate_(self.schedule.fade(state.global_step))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.controller is not None and self.calibration_dataloader is None:
@@ -258,15 +291,18 @@ class PruningCallback(TrainerCallback, ExportableState):
                 state.log_history[-1].update(self._stats)  # Trainer copied the logs there before on_log
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.controller is not None:
-            self.controller.remove()  # masked weights are zero: outputs stay those of the masked model
+        # Masked weights are zero, so outputs stay those of the masked model without the hooks; a gated-off layer
+        # cannot be zeroed into the identity (post-LN layers normalise their input), so its gate stays hooked
+        # until prune_model_ removes the layer.
+        if self.controller is not None and (self.plan is None or self.plan.layers is None):
+            self.controller.remove()
 
     # ---------------------------------------------------------------------------------------------
     def _prune_event(self, model: nn.Module, step: int) -> None:
         assert self.controller is not None
-        cfg = self.schedule.budget_at(self.config, step, self._dense_params)
+        cfg = self.schedule.budget_at(self.config, step, self._dense_params, self.controller.physical.num_layers)
         self.plan = self._new_plan(model, cfg, step)
-        self.controller.set_plan(self.plan)
+        self.controller.set_plan(self.plan, self.schedule.fade(step))
         self.controller.reset_statistics()
         self.done_events.append(step)
         self._update_stats(model)
@@ -288,6 +324,11 @@ class PruningCallback(TrainerCallback, ExportableState):
             )
         else:
             scores = self.controller.gradient_scores()
+        if cfg.layers_keep is not None:
+            scores.layers = layer_importance(
+                model, self.calibration_dataloader, cfg.layer_importance, max_samples=cfg.max_calibration_samples,
+                seed=cfg.seed + step, progress=cfg.progress and is_main(),
+            )
         return build_plan(self.controller.restrict(scores), model, cfg)
 
     def _retraining_free_event(self, model: nn.Module, cfg: PruningConfig) -> PrunePlan:
@@ -322,7 +363,8 @@ class PruningCallback(TrainerCallback, ExportableState):
         flops = cost.total(self.plan.layer_sizes(), self.config.seq_len)["total"] / cost.total(
             dense, self.config.seq_len
         )["total"]
-        self._stats = {"prune/heads_kept": kept["heads"], "prune/neurons_kept": kept["neurons"], "prune/flops_kept": flops}
+        self._stats = {"prune/heads_kept": kept["heads"], "prune/neurons_kept": kept["neurons"],
+                       "prune/layers_kept": kept["layers"], "prune/flops_kept": flops}
 
     def prune_model_(self, model: nn.Module) -> nn.Module:
         """Physically remove what the callback masked (call after training)."""

@@ -116,7 +116,7 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
     model_cls = resolve_class(config, auto_class)
     if plan is not None:
         plan.check_compatible(config)
-        if plan.layer_sizes() != layer_sizes(config, adapter):
+        if plan.physical_sizes() != layer_sizes(config, adapter):
             raise PlanMismatchError(
                 f"{PLAN_FILE} and config.json of {path} disagree on the per-layer sizes; the files come from "
                 "different saves. Save the pruned model again with save_pretrained."

@@ -103,6 +103,7 @@ def cmd_prune(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from . import api, checkpoint, costs
+    from .export import save_pruned
     from .resources import resolve_model_path, text_batches
 
     args, cfg = parse_prune_args(argv)
@@ -142,7 +143,7 @@ def cmd_prune(argv: list[str]) -> int:
                 f"speedup {speed:.2f}x (FLOPs-ideal {ideal:.2f}x, {speed / ideal:.0%} of ideal)"
             )
 
-    model.save_pretrained(args.output_dir)
+    save_pruned(model, args.output_dir, deployable=cfg.deployable)
     tok.save_pretrained(args.output_dir)
     reloaded = checkpoint.load_pruned(args.output_dir, auto)
     probe = batches[0]

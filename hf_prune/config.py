@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from .budget import check_budget, set_budget
 from .criteria import CRITERIA
+from .depth import LAYER_CRITERIA
 
 METHODS = ("one_shot", "retraining_free")
 #: Settings only ``method="retraining_free"`` reads: set to anything but their default with another method, they
@@ -22,9 +23,10 @@ TUNING_FITS = ("weights", "scales")
 
 @dataclass
 class PruningConfig:
-    """Settings of one pruning step. Set exactly one budget: ``heads_keep``/``neurons_keep`` (either or
+    """Settings of one pruning step. Set exactly one width budget: ``heads_keep``/``neurons_keep`` (either or
     both), ``flops_keep``, ``target_params``, (``method="retraining_free"`` only) ``latency_keep``, or a
-    registered kind in ``custom_budget``. The kinds are the table :data:`hf_prune.budget.BUDGETS`.
+    registered kind in ``custom_budget``; and/or the depth budget ``layers_keep``. The kinds are the table
+    :data:`hf_prune.budget.BUDGETS`.
 
     Args:
         method: ``one_shot`` scores units and cuts the lowest; ``retraining_free`` is Kwon et al. (2022):
@@ -41,6 +43,12 @@ class PruningConfig:
         latency_keep: fraction of the dense encoder layers' latency to keep, in (0, 1], predicted by a
             per-layer latency table measured on the model's device at ``latency_batch_size`` x ``seq_len``
             (``retraining_free`` only).
+        layers_keep: depth budget: the layers to keep, a fraction of the dense model's layers in (0, 1] or a
+            whole count above 1; the lowest-scoring layers (``layer_importance``) are removed whole. Alone, or with
+            one width budget, which then counts the removed layers as saved (``flops_keep=0.4, layers_keep=0.5``:
+            half the layers go, and heads and neurons of the rest are cut until 40% of the FLOPs remain).
+        layer_importance: how whole layers are scored for ``layers_keep``, a name in
+            :data:`hf_prune.depth.LAYER_CRITERIA` (``block_influence``, ``fisher``, ``skip_divergence``).
         custom_budget: a budget of a kind added with :func:`hf_prune.budget.register_budget`, by name, e.g.
             ``{"my_kind": 0.5}`` (recipes and the CLI take it as JSON).
         seq_len: sequence length at which FLOPs are counted (and latency is measured).
@@ -66,6 +74,10 @@ class PruningConfig:
         allocation: ``global`` ranks units of all layers together; ``uniform`` keeps the same number in
             every layer.
         round_to: keep FFN neurons per layer in multiples of this (e.g. 8 or 64, for fast kernels).
+        deployable: aim for a checkpoint that stock transformers and serving runtimes load without custom code:
+            every layer keeps the same shape (needs ``allocation="uniform"``; ``layers_keep`` is fine), and recipes,
+            the CLI and ``PruningTrainer.save_model`` save the stock architecture (:func:`hf_prune.save_stock`);
+            a shape the family's stock config cannot express fails before anything is written.
         allow_empty_layers: allow a layer to lose its whole attention block or FFN block. By default
             every layer keeps at least one head (group) and one block of ``round_to`` neurons.
         max_calibration_samples: samples scored from the dataloader (data criteria only).
@@ -80,6 +92,8 @@ class PruningConfig:
     flops_keep: float | None = None
     target_params: int | None = None
     latency_keep: float | None = None
+    layers_keep: float | None = None
+    layer_importance: str = "block_influence"
     custom_budget: dict[str, float] | None = None
     seq_len: int = 128
     latency_batch_size: int = 1
@@ -92,6 +106,7 @@ class PruningConfig:
     allocation: Literal["global", "uniform"] = "global"
     round_to: int = 1
     allow_empty_layers: bool = False
+    deployable: bool = False
     max_calibration_samples: int | None = 2048
     seed: int = 0
     progress: bool = True
@@ -103,6 +118,12 @@ class PruningConfig:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(CRITERIA)}")
         check_budget(self)
         defaults = {f.name: f.default for f in fields(self)}
+        if self.layer_importance not in LAYER_CRITERIA:
+            raise ValueError(f"unknown layer_importance {self.layer_importance!r}; choose one of "
+                             f"{', '.join(LAYER_CRITERIA)}")
+        if self.layers_keep is None and self.layer_importance != defaults["layer_importance"]:
+            raise ValueError("layer_importance only applies to a layers_keep budget (it scores whole layers): set "
+                             "layers_keep or drop layer_importance")
         if self.method != "retraining_free":
             changed = [n for n in RETRAINING_FREE_FIELDS if getattr(self, n) != defaults[n]]
             if changed:
@@ -126,6 +147,18 @@ class PruningConfig:
             raise ValueError(f"latency_batch_size must be >= 1, got {self.latency_batch_size}")
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', not {self.allocation!r}")
+        if self.deployable:
+            width = [k for k in self.budget() if k != "layers_keep"]
+            if width and self.allocation != "uniform":
+                raise ValueError("deployable=True saves the stock architecture, which has one size for all layers: "
+                                 "set allocation='uniform' (or prune depth only, with layers_keep alone)")
+            if width and self.method == "retraining_free":
+                raise ValueError("deployable=True needs the same shape in every layer, and the retraining-free "
+                                 "search sizes each layer on its own: use method='one_shot' with "
+                                 "allocation='uniform', or layers_keep alone")
+            if self.allow_empty_layers:
+                raise ValueError("deployable=True cannot keep empty attention/FFN blocks (stock code builds every "
+                                 "block): drop allow_empty_layers")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if self.seq_len < 1:

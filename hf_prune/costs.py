@@ -128,9 +128,17 @@ def plan_flops(plan: "PrunePlan", model: nn.Module, seq_len: int = 128) -> dict[
 
 def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
     """Total parameter count the model will have once ``plan`` is applied (analytic)."""
+    from .plan import PrunePlan
+
     cost = CostModel.for_model(model)
     now = cost.total(model_layer_sizes(model))["total"]
-    return count_params(model) - now + cost.total(plan.layer_sizes())["total"]
+    kept = set(plan.kept_layers)
+    # a removed layer also frees what width pruning cannot touch (norms, output biases)
+    ids = PrunePlan.of(model).kept_layers
+    gone = [layer for i, layer in zip(ids, layer_list(model, get_adapter(model))) if i not in kept]
+    fixed_gone = sum(count_params(layer) for layer in gone) - cost.total(
+        [current_layer_sizes(layer, get_adapter(model), cost.head_dim) for layer in gone])["total"]
+    return count_params(model) - now + cost.total(plan.layer_sizes())["total"] - fixed_gone
 
 
 # ----------------------------------------------------------------------------------------------- latency

@@ -98,13 +98,16 @@ def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: boo
     return probe
 
 
-def save_stock(model: nn.Module, save_directory: str | Path) -> Path:
+def save_stock(model: nn.Module, save_directory: str | Path, *, overwrite: bool = False) -> Path:
     """Save a homogeneous pruned ``model`` as its stock architecture, atomically (a temporary sibling folder renamed
     into place), with ``prune_plan.json`` beside it for provenance. Raises :class:`NotStockExpressible` (before
-    anything is written) when the shape cannot be expressed. Returns the folder."""
+    anything is written) when the shape cannot be expressed. ``overwrite``: replace an existing folder (its files
+    are kept until the new one is complete). Returns the folder."""
     config, stock = _stock_probe(model)
     target = Path(save_directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is a file: choose a folder for the export")
+    if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not an empty folder: choose a new folder for the export")
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -119,13 +122,26 @@ def save_stock(model: nn.Module, save_directory: str | Path) -> Path:
             data = {**data, "meta": {**data.get("meta", {}), "format": STOCK_FORMAT}}
             (stage / PLAN_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
         chmod_like_new_(stage)
+        old = None
         if target.exists():
-            target.rmdir()
+            old = target.with_name(f".{target.name}.old-{stage.name}")
+            target.rename(old)
         stage.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return target
+
+
+def save_pruned(model: nn.Module, save_directory: str | Path, *, deployable: bool = False) -> Path:
+    """Save a pruned model the way ``PruningConfig(deployable=...)`` asks: the stock architecture
+    (:func:`save_stock`, replacing the folder) or the per-layer format (``save_pretrained``)."""
+    if deployable:
+        return save_stock(model, save_directory, overwrite=True)
+    model.save_pretrained(save_directory)
+    return Path(save_directory)
 
 
 def is_stock_export(config: Any, plan: Any) -> bool:

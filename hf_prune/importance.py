@@ -48,25 +48,28 @@ class ImportanceScores:
         neurons: ``(L, I)`` FFN neuron scores, likewise.
         criterion: the criterion that produced them.
         num_samples: calibration samples seen (0 for data-free criteria).
+        layers: ``(L,)`` whole-layer scores (:func:`hf_prune.depth.layer_importance`), NaN for layers already
+            removed; None when depth is not pruned.
     """
 
     heads: torch.Tensor
     neurons: torch.Tensor
     criterion: str
     num_samples: int = 0
+    layers: torch.Tensor | None = None
 
     @classmethod
     def scatter(
         cls, current: PrunePlan, heads: list[torch.Tensor], neurons: list[torch.Tensor], criterion: str,
         num_samples: int = 0,
     ) -> "ImportanceScores":
-        """Scores of the units a model cut to ``current`` still has (per layer ``(H_l,)`` and ``(I_l,)``) placed at
-        their dense ids in ``(L, H)`` / ``(L, I)`` tensors; removed units are NaN."""
+        """Scores of the units a model cut to ``current`` still has (per layer it has, ``(H_l,)`` and ``(I_l,)``)
+        placed at their dense ids in ``(L, H)`` / ``(L, I)`` tensors; removed units and layers are NaN."""
         h = torch.full((current.num_layers, current.num_heads), float("nan"))
         n = torch.full((current.num_layers, current.intermediate_size), float("nan"))
-        for i in range(current.num_layers):
-            h[i, current.heads[i]] = heads[i].detach().float().cpu()
-            n[i, current.neurons[i]] = neurons[i].detach().float().cpu()
+        for p, i in enumerate(current.kept_layers):
+            h[i, current.heads[i]] = heads[p].detach().float().cpu()
+            n[i, current.neurons[i]] = neurons[p].detach().float().cpu()
         return cls(h, n, criterion, num_samples)
 
     @property
@@ -108,7 +111,7 @@ def compute_importance(
 
 
 
-def _per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
+def per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
     """Sum over samples of a loss whose per-sample gradients the Fisher/Taylor scores accumulate."""
     labels = batch.get("labels")
     out = model(**batch)
@@ -140,7 +143,7 @@ def per_sample_mask_grads(
     masks.heads = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
     masks.neurons = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
     with mask_hooks(model, masks):
-        loss = _per_sample_loss(model, batch, seed)
+        loss = per_sample_loss(model, batch, seed)
     return torch.autograd.grad(loss, masks.heads + masks.neurons, allow_unused=True)
 
 

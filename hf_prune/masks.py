@@ -1,11 +1,13 @@
-"""Head and neuron masks hooked into the forward pass (transformers 5 has no ``head_mask``).
+"""Head, neuron and layer masks hooked into the forward pass (transformers 5 has no ``head_mask``).
 
 A head mask multiplies the per-head context vectors right before the attention output projection; a neuron
-mask multiplies the FFN activations right before the down projection. Masking a unit with 0 computes exactly
-what the model computes once that unit is physically removed.
+mask multiplies the FFN activations right before the down projection; a layer gate ``g`` mixes a whole layer's
+output with its input, ``x + g * (layer(x) - x)``. Masking a unit (or gating a layer) with 0 computes exactly
+what the model computes once that unit (or layer) is physically removed; a gate between 0 and 1 fades a layer out.
 
 Each mask is ``(n,)`` (one mask for the batch) or ``(B, n)`` (one per sample: the gradient of a summed loss
-with respect to a per-sample mask is that sample's gradient, which Fisher/Taylor scores need).
+with respect to a per-sample mask is that sample's gradient, which Fisher/Taylor scores need); a layer gate is
+``(1,)`` or ``(B,)``. Masks are indexed by position in the model's layer list (see ``PrunePlan.kept_layers``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,21 @@ class LayerMasks:
     def __init__(self, num_layers: int) -> None:
         self.heads: list[torch.Tensor | None] = [None] * num_layers
         self.neurons: list[torch.Tensor | None] = [None] * num_layers
+        self.layers: list[torch.Tensor | None] = [None] * num_layers
+
+
+def layer_io(args: tuple, kwargs: dict, output: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer call's input and output hidden states ``(B, T, D)``, from a forward hook's arguments (the layer
+    returns a tensor in some families and a tuple in others)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    y = output[0] if isinstance(output, (tuple, list)) else output
+    return x, y
+
+
+def _apply_layer_gate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    # x, y: (B, T, D) layer input and output; gate: (1,) or (B,)
+    g = gate.view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+    return x + g * (y - x)
 
 
 def _apply_head_mask(x: torch.Tensor, mask: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -62,8 +79,17 @@ def mask_hooks(model: nn.Module, masks: LayerMasks) -> Iterator[LayerMasks]:
             m = masks.neurons[i]
             return None if m is None else (_apply_neuron_mask(args[0], m), *args[1:])
 
+        def layer_hook(_module, args, kwargs, output, i=i):
+            g = masks.layers[i]
+            if g is None:
+                return None
+            x, y = layer_io(args, kwargs, output)
+            y = _apply_layer_gate(x, y, g)
+            return (y, *output[1:]) if isinstance(output, (tuple, list)) else y
+
         handles.append(get_module(layer, adapter.o).register_forward_pre_hook(head_hook))
         handles.append(get_module(layer, adapter.down).register_forward_pre_hook(neuron_hook))
+        handles.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
     try:
         yield masks
     finally:

@@ -57,6 +57,8 @@ class ArchSpec:
             from a given transformers version are skipped.
         special_tokens: vision families: tokens besides the ``(image_size / patch_size)^2`` patches (CLS, DeiT's
             distillation token); None for text, where the sequence length is the token count.
+        layer_lists: config fields holding one entry per layer (Gemma/Qwen's ``layer_types``); removing layers
+            keeps the entries of the layers that stay. Fields a config lacks are skipped.
     """
 
     model_type: str
@@ -76,16 +78,19 @@ class ArchSpec:
     head_dim_field: str | None = "head_dim"
     attrs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     special_tokens: int | None = None
+    layer_lists: tuple[str, ...] = ("layer_types",)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["attrs"] = [list(a) for a in self.attrs]
+        d["layer_lists"] = list(self.layer_lists)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
         d = dict(d)
         d["attrs"] = tuple(tuple(a) for a in d.get("attrs", ()))
+        d["layer_lists"] = tuple(d.get("layer_lists", ("layer_types",)))
         return cls(**d)
 
 
@@ -101,13 +106,15 @@ def config_get(config: Any, name: str, default: Any = None) -> Any:
 
 
 def dense_dims(config: Any, spec: ArchSpec) -> dict[str, int]:
-    """Sizes of the unpruned model: the global config values (per-layer overrides ignored)."""
+    """Sizes of the unpruned model: the global config values (per-layer overrides ignored); after depth pruning
+    the layer count is the dense one recorded in the hf_prune section (the config's own is the layers left)."""
+    section = config_get(config, CONFIG_KEY) or {}
     hidden = int(config_get(config, spec.hidden_field))
     heads = int(config_get(config, spec.num_heads_field))
     kv = int(config_get(config, spec.num_kv_heads_field) or heads) if spec.num_kv_heads_field else heads
     head_dim = config_get(config, spec.head_dim_field) if spec.head_dim_field else None
     return {
-        "num_layers": int(config_get(config, spec.layers_field)),
+        "num_layers": int(section.get("num_layers") or config_get(config, spec.layers_field)),
         "hidden_size": hidden,
         "num_heads": heads,
         "num_kv_heads": kv,
@@ -117,12 +124,13 @@ def dense_dims(config: Any, spec: ArchSpec) -> dict[str, int]:
 
 
 def layer_sizes(config: Any, spec: ArchSpec) -> list[dict[str, int]]:
-    """Per-layer ``num_heads``/``num_kv_heads``/``intermediate_size`` after pruning (dense where unset)."""
+    """Per-layer ``num_heads``/``num_kv_heads``/``intermediate_size`` after pruning (dense where unset), for
+    the layers the model has."""
     dims = dense_dims(config, spec)
     spec_h = config.__dict__.get("_heterogeneity_spec")
     overrides = spec_h.per_layer_overrides if spec_h is not None else {}
     out = []
-    for i in range(dims["num_layers"]):
+    for i in range(int(config_get(config, spec.layers_field))):
         o = overrides.get(i, {})
         heads = int(o.get(spec.num_heads_field, dims["num_heads"]))
         kv = int(o.get(spec.num_kv_heads_field, dims["num_kv_heads"])) if spec.num_kv_heads_field else heads

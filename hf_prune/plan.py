@@ -1,7 +1,10 @@
-"""``PrunePlan``: which heads and neurons each layer keeps. A JSON-serialisable value; surgery consumes it.
+"""``PrunePlan``: which layers, and in each layer which heads and neurons, a model keeps. A JSON-serialisable
+value; surgery consumes it.
 
 Indices always refer to the *dense* (original) model, so a plan replayed on the base model gives the same
-pruned model, and a plan for an already pruned model is a subset of the plan it carries.
+pruned model, and a plan for an already pruned model is a subset of the plan it carries. Rows of ``heads`` and
+``neurons`` are per *dense* layer; a removed layer's rows are empty. Code that walks a model's layer list maps its
+positions to dense ids with :attr:`PrunePlan.kept_layers` (position ``p`` holds dense layer ``kept_layers[p]``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class PlanMismatchError(ValueError):
 
 @dataclass
 class PrunePlan:
-    """Kept attention heads and FFN neurons per layer.
+    """Kept layers, and the attention heads and FFN neurons each of them keeps.
 
     Args:
         model_type: ``config.model_type`` of the model the plan was made for.
@@ -34,6 +37,8 @@ class PrunePlan:
         heads: per layer, sorted ids of kept query heads (ids of the dense model).
         neurons: per layer, sorted ids of kept FFN neurons.
         meta: free-form provenance (criterion, budget, base model, ...).
+        layers: sorted ids of the dense layers kept (depth pruning), or None when every layer stays. The rows of
+            removed layers in ``heads`` and ``neurons`` are empty.
     """
 
     model_type: str
@@ -44,6 +49,7 @@ class PrunePlan:
     heads: list[list[int]]
     neurons: list[list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.heads = [sorted(int(h) for h in hs) for hs in self.heads]
@@ -52,6 +58,16 @@ class PrunePlan:
             raise PlanMismatchError(
                 f"plan has {len(self.heads)} layers of heads but {len(self.neurons)} layers of neurons"
             )
+        if self.layers is not None:
+            kept = sorted(int(i) for i in self.layers)
+            if len(set(kept)) != len(kept) or any(not 0 <= i < len(self.heads) for i in kept):
+                raise PlanMismatchError(f"kept layer ids {kept} must be distinct and in [0, {len(self.heads)})")
+            if not kept:
+                raise PlanMismatchError("the plan removes every layer; keep at least one (layers_keep >= 1)")
+            gone = set(range(len(self.heads))) - set(kept)
+            for i in gone:  # a removed layer keeps nothing: costs and subsets then need no special case
+                self.heads[i], self.neurons[i] = [], []
+            self.layers = None if not gone else kept
         group = self.group_size
         for i, (hs, ns) in enumerate(zip(self.heads, self.neurons)):
             if len(set(hs)) != len(hs) or any(not 0 <= h < self.num_heads for h in hs):
@@ -75,14 +91,26 @@ class PrunePlan:
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def kept_layers(self) -> list[int]:
+        """Dense ids of the layers kept, in order (the layer at position ``p`` of the cut model is
+        ``kept_layers[p]``)."""
+        return list(range(self.num_layers)) if self.layers is None else list(self.layers)
+
     def kv_heads(self, layer: int) -> list[int]:
         return sorted({h // self.group_size for h in self.heads[layer]})
 
     def layer_sizes(self) -> list[dict[str, int]]:
+        """Kept sizes per *dense* layer (a removed layer: all zero, which is what it costs)."""
         return [
             {"num_heads": len(h), "num_kv_heads": len(h) // self.group_size, "intermediate_size": len(n)}
             for h, n in zip(self.heads, self.neurons)
         ]
+
+    def physical_sizes(self) -> list[dict[str, int]]:
+        """Kept sizes of the layers the cut model has, in order."""
+        sizes = self.layer_sizes()
+        return [sizes[i] for i in self.kept_layers]
 
     def positions_in(self, current: "PrunePlan") -> tuple[list[list[int]], list[list[int]]]:
         """Per layer, the positions in a model cut to ``current`` (its weights as they are now) of the heads and
@@ -96,11 +124,14 @@ class PrunePlan:
         return {
             "heads": sum(map(len, self.heads)) / (self.num_heads * self.num_layers),
             "neurons": sum(map(len, self.neurons)) / (self.intermediate_size * self.num_layers),
+            "layers": len(self.kept_layers) / self.num_layers,
         }
 
     def is_subset_of(self, other: "PrunePlan") -> bool:
-        return all(set(a) <= set(b) for a, b in zip(self.heads, other.heads)) and all(
-            set(a) <= set(b) for a, b in zip(self.neurons, other.neurons)
+        return (
+            set(self.kept_layers) <= set(other.kept_layers)
+            and all(set(a) <= set(b) for a, b in zip(self.heads, other.heads))
+            and all(set(a) <= set(b) for a, b in zip(self.neurons, other.neurons))
         )
 
     # ------------------------------------------------------------------------------------------ making
@@ -176,9 +207,13 @@ class PrunePlan:
             return cls.from_dict(json.load(f))
 
     def summary(self) -> str:
-        """One line per layer: kept heads and neurons."""
+        """One line per layer: kept heads and neurons (or that the layer is removed)."""
         rows = [f"{'layer':>5} {'heads':>7} {'neurons':>9}"]
+        kept = set(self.kept_layers)
         for i, s in enumerate(self.layer_sizes()):
+            if i not in kept:
+                rows.append(f"{i:>5} {'removed':>17}")
+                continue
             rows.append(
                 f"{i:>5} {s['num_heads']:>3}/{self.num_heads:<3} {s['intermediate_size']:>4}/{self.intermediate_size}"
             )

@@ -169,8 +169,41 @@ def plot_speedup_vs_flops(
     return _save(fig, path)
 
 
+def plot_metric_vs_speedup(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    *,
+    metric: str = "metric",
+    dense: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """The trade-off a user buys: the metric against the *measured* speedup, one marker style per method.
+
+    Args:
+        series: ``{method: [(speedup, metric), ...]}``.
+        path: PNG file to write.
+        metric: y-axis label.
+        dense: the dense model's metric (at speedup 1), drawn as a horizontal reference line.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in series.items():
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if dense is not None:
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel("measured speedup vs dense")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_layer_heatmap(plan: PrunePlan, dense_plan: PrunePlan, path: str | Path, *, title: str | None = None) -> Path:
-    """Per-layer picture of a plan: kept heads as a (layers x heads) grid, kept FFN neurons as a fraction per layer."""
+    """Per-layer picture of a plan: kept heads as a (layers x heads) grid, kept FFN neurons as a fraction per layer
+    (removed layers say so)."""
     import numpy as np
 
     plt = _pyplot()
@@ -193,8 +226,10 @@ def plot_layer_heatmap(plan: PrunePlan, dense_plan: PrunePlan, path: str | Path,
     ax_h.set_yticks(range(layers))
     ax_h.set_title("heads kept")
     ax_n.imshow(neurons, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    kept_layers = set(plan.kept_layers)
     for i in range(layers):
-        ax_n.text(0, i, f"{len(plan.neurons[i])}/{len(dense_plan.neurons[i])}", ha="center", va="center", fontsize=7)
+        text = f"{len(plan.neurons[i])}/{len(dense_plan.neurons[i])}" if i in kept_layers else "removed"
+        ax_n.text(0, i, text, ha="center", va="center", fontsize=7)
     ax_n.set_xticks([])
     ax_n.set_yticks(range(layers))
     ax_n.set_title("FFN kept")

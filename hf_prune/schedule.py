@@ -79,11 +79,22 @@ class PruningSchedule:
         p = (step - self.start_step) / (events[-1] - self.start_step)
         return 1.0 - (1.0 - p) ** 3
 
-    def budget_at(self, config: PruningConfig, step: int, dense_params: int) -> PruningConfig:
+    def fade(self, step: int) -> float:
+        """Gate of a layer being removed at optimizer step ``step``: gradual schedules fade it from 1 at
+        ``start_step`` to 0 at ``end_step`` along the same cubic as the budget; other kinds skip it at once."""
+        if self.kind != "gradual" or step >= self.last_step:
+            return 0.0
+        p = max(0.0, (step - self.start_step) / (self.last_step - self.start_step))
+        return (1.0 - p) ** 3
+
+    def budget_at(self, config: PruningConfig, step: int, dense_params: int,
+                  dense_layers: int | None = None) -> PruningConfig:
         """``config`` with its budget moved ``progress(step)`` of the way from "keep all" to its final value.
 
         Gradual schedules interpolate the kept fraction linearly in the cubic progress; iterative schedules
-        keep the same ratio at every round (geometric).
+        keep the same ratio at every round (geometric). The depth budget: a gradual schedule removes its final
+        layers from the first event (they fade out, see :meth:`fade`); an iterative one removes them round by
+        round (a count moves from ``dense_layers``).
         """
         s = self.progress(step)
         geometric = self.kind == "iterative"
@@ -94,7 +105,15 @@ class PruningSchedule:
         changes: dict[str, Any] = {}
         custom = dict(config.custom_budget or {})
         for name, value in set_budget(config).items():
-            if BUDGETS[name].scheduled_from == "one":
+            if BUDGETS[name].scheduled_from == "layers":
+                if self.kind == "gradual":
+                    continue
+                if value > 1:  # a count: as a fraction, so that a count of 1 is never read as "all"
+                    if dense_layers is None:
+                        raise ValueError(f"{name}={value} is a layer count: budget_at needs dense_layers")
+                    value = value / dense_layers
+                value = min(1.0, move(value))
+            elif BUDGETS[name].scheduled_from == "one":
                 value = min(1.0, move(value))
             else:  # a count that starts at the dense model's
                 value = int(move(value, float(dense_params)))

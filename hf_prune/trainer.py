@@ -23,6 +23,7 @@ from .api import prune
 from .callbacks import PruningCallback
 from .checkpoint import load_plan
 from .config import PruningConfig
+from .export import save_pruned
 from .distributed import broadcast_parameters_, is_distributed, is_main
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
@@ -40,8 +41,9 @@ class DistillationConfig:
         temperature: softmax temperature of the logit KL (``T^2``-scaled, Hinton et al. 2015). Regression
             heads (one output) use the mean squared error to the teacher instead.
         hidden_weight: weight of the hidden-state MSE loss; 0 turns it off.
-        layer_map: ``(student_layer, teacher_layer)`` pairs of ``hidden_states`` indices (0 = embeddings) for the
-            hidden loss; default: every index to itself (pruning keeps depth and width).
+        layer_map: ``(student_layer, teacher_layer)`` pairs of the *dense* model's ``hidden_states`` indices
+            (0 = embeddings, ``i + 1`` = layer ``i``'s output) for the hidden loss; after depth pruning the student
+            side is mapped to the layers it kept. Default: every kept layer to the same dense layer of the teacher.
     """
 
     alpha: float = 0.5
@@ -150,6 +152,9 @@ class PruningTrainer(Trainer):
             self._rebuild_pruned_shapes(str(resume_from_checkpoint))
         elif self._pruner is None and PrunePlan.of(self._base_model()) == PrunePlan.dense(self._base_model()):
             self._one_shot_prune()
+        if self.distillation is not None and self.distillation.hidden_weight > 0:
+            n = len(PrunePlan.of(self._base_model()).kept_layers) + 1
+            self._hidden_pairs(n)  # a layer_map into removed layers fails here, before any training
         if self.recovery == "lora" and not is_peft(self.model):
             self._wrap_lora()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -246,6 +251,17 @@ class PruningTrainer(Trainer):
         super()._load_best_model()
 
     # ------------------------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``; with ``PruningConfig(deployable=True)`` the final model (not the training
+        checkpoints, which resume in the per-layer format) is saved as its stock architecture."""
+        if _internal_call or not self.pruning_config.deployable:
+            return super().save_model(output_dir, _internal_call)
+        if is_main():
+            model = copy.deepcopy(self.model).merge_and_unload() if is_peft(self.model) else self.model
+            save_pruned(model, output_dir or self.args.output_dir, deployable=True)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir or self.args.output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         if is_peft(self.model):
@@ -255,6 +271,21 @@ class PruningTrainer(Trainer):
             merged.save_pretrained(output_dir or self.args.output_dir)
 
     # ------------------------------------------------------------------------------------ loss
+    def _hidden_pairs(self, n_student: int) -> list[tuple[int, int]]:
+        """``(student, teacher)`` hidden-state indices for the hidden loss. ``layer_map`` speaks of the dense
+        model's indices on both sides; after layers are removed they are mapped to the student's own."""
+        assert self.distillation is not None
+        kept = PrunePlan.of(self._base_model()).kept_layers
+        where = _student_hidden_index(kept, n_student)
+        pairs = self.distillation.layer_map or [(i, i) for i in where]
+        gone = [(s, t) for s, t in pairs if s not in where]
+        if gone:
+            raise ValueError(
+                f"DistillationConfig.layer_map pairs {gone} point at student hidden states of layers the plan removes "
+                f"(kept dense layers: {kept}; index i + 1 is layer i's output): drop those pairs or keep the layers"
+            )
+        return [(where[s], t) for s, t in pairs]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kd = self.distillation
         if kd is None or self.teacher is None:
@@ -270,10 +301,18 @@ class PruningTrainer(Trainer):
                 raise ValueError("the batch has no labels: set DistillationConfig(alpha=1.0) to train on the teacher alone")
             loss = loss + (1 - kd.alpha) * outputs.loss
         if hidden:
-            pairs = kd.layer_map or [(i, i) for i in range(len(outputs.hidden_states))]
+            pairs = self._hidden_pairs(len(outputs.hidden_states))
             hid = sum(F.mse_loss(outputs.hidden_states[s], teacher_out.hidden_states[t]) for s, t in pairs)
             loss = loss + kd.hidden_weight * hid / len(pairs)
         return (loss, outputs) if return_outputs else loss
+
+
+def _student_hidden_index(kept: list[int], n_student: int) -> dict[int, int]:
+    """Dense ``hidden_states`` index -> the student's: 0 = embeddings, ``i + 1`` = the output of dense layer ``i``.
+    A model with every layer (masked or not yet cut) maps each index to itself."""
+    if n_student != len(kept) + 1:
+        return {i: i for i in range(n_student)}
+    return {0: 0, **{i + 1: p + 1 for p, i in enumerate(kept)}}
 
 
 def distillation_loss(

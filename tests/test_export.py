@@ -98,3 +98,50 @@ def test_the_card_of_a_stock_export_says_how_to_load_it_without_custom_code(tmp_
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-stock")' in text and "trust_remote_code" not in text
     assert f"parameters kept {hp.count_params(model):,}/{hp.count_params(dense):,}" in text
     assert "| 0 | 2/4 | 1/2 | 24/48 |" in text  # kept / dense per layer, from the plan's dense sizes
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"flops_keep": 0.5, "deployable": True}, "set allocation='uniform'"),
+        ({"method": "retraining_free", "flops_keep": 0.5, "allocation": "uniform", "deployable": True},
+         "sizes each layer on its own"),
+        ({"neurons_keep": 0.5, "allocation": "uniform", "allow_empty_layers": True, "deployable": True},
+         "drop allow_empty_layers"),
+    ],
+)
+def test_deployable_settings_that_cannot_give_one_shape_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hp.PruningConfig(**kwargs)
+    hp.PruningConfig(layers_keep=2, deployable=True)  # depth alone is always one shape
+    hp.PruningConfig(method="retraining_free", layers_keep=2, deployable=True)
+
+
+def test_deployable_bert_with_fewer_heads_fails_right_after_the_cut():
+    model = BY_NAME["bert"].model()
+    cfg = hp.PruningConfig(importance="magnitude", heads_keep=0.5, allocation="uniform", deployable=True)
+    with pytest.raises(hp.NotStockExpressible, match="derives the head size"):
+        hp.prune(model, None, cfg)
+
+
+def test_deployable_trainer_saves_the_stock_architecture(tmp_path):
+    import datasets
+    import transformers as T
+
+    tiny = BY_NAME["llama"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (16, 8), generator=g).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 8] * 16, "labels": ids})
+    args = T.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                               report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    cfg = hp.PruningConfig(layers_keep=2, heads_keep=0.5, neurons_keep=0.5, allocation="uniform", deployable=True,
+                           progress=False)
+    trainer = hp.PruningTrainer(model=tiny.model(), args=args, train_dataset=data, pruning_config=cfg)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert "hf_prune" not in config and config["num_hidden_layers"] == 2 and config["num_attention_heads"] == 2
+    stock = tiny.auto_class.from_pretrained(tmp_path / "final").eval()
+    x = inputs_only(tiny.batch())
+    with torch.no_grad():
+        assert torch.equal(stock(**x).logits, trainer.model.eval()(**x).logits)

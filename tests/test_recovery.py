@@ -290,11 +290,13 @@ def test_trainer_runs_retraining_free_then_recovery(tmp_path):
         torch.testing.assert_close(trainer.model(**_probe()).logits, reference(**_probe()).logits)
 
 
-def test_callback_applies_retraining_free_as_masks_over_folded_weights(tmp_path):
+@pytest.mark.parametrize("depth", [{}, {"layers_keep": 2}], ids=["width", "depth_and_width"])
+def test_callback_applies_retraining_free_as_masks_over_folded_weights(tmp_path, depth):
     calib = _calibration()
-    reference, plan = hp.prune(TINY.model(), calib, _retraining_free_config())
+    reference, plan = hp.prune(TINY.model(), calib, _retraining_free_config(**depth))
+    assert len(plan.kept_layers) == (2 if depth else 3)
     model = TINY.model()
-    cb = PruningCallback(_retraining_free_config(), calibration_dataloader=calib)
+    cb = PruningCallback(_retraining_free_config(**depth), calibration_dataloader=calib)
     T.Trainer(model=model, args=_args(tmp_path, learning_rate=0.0, max_steps=2), train_dataset=_dataset(),
               callbacks=[cb]).train()
     assert "retraining_free" in cb.plan.meta and hp.count_params(model) == hp.count_params(TINY.model())
@@ -304,7 +306,8 @@ def test_callback_applies_retraining_free_as_masks_over_folded_weights(tmp_path)
         cb.prune_model_(model)
         torch.testing.assert_close(model(**_probe()).logits, reference(**_probe()).logits)
     got, want = hp.PrunePlan.of(model), hp.PrunePlan.of(reference)
-    assert (got.heads, got.neurons) == (want.heads, want.neurons) == (plan.heads, plan.neurons)
+    assert (got.heads, got.neurons, got.layers) == (want.heads, want.neurons, want.layers) == (
+        plan.heads, plan.neurons, plan.layers)
 
 
 def test_retraining_free_refuses_what_it_cannot_honour(tmp_path):
@@ -317,3 +320,67 @@ def test_retraining_free_refuses_what_it_cannot_honour(tmp_path):
         PruningTrainer(model=TINY.model(), args=_args(tmp_path), train_dataset=_dataset(),
                        pruning_config=_retraining_free_config(),
                        schedule=PruningSchedule("iterative", start_step=1, end_step=4))
+
+
+class _GateRecorder(PruningCallback):
+    """Records the gate of every layer being removed at the start of each step."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gates = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        super().on_step_begin(args, state, control, **kwargs)
+        self.gates.append([float(g) for g in self.controller.masks.layers if g is not None])
+
+
+def test_callback_fades_removed_layers_out_on_a_gradual_schedule_and_the_cut_matches(tmp_path):
+    model = TINY.model()
+    cfg = hp.PruningConfig(layers_keep=2, neurons_keep=0.5, progress=False)
+    schedule = PruningSchedule("gradual", start_step=2, end_step=8, frequency=3)
+    cb = _GateRecorder(cfg, schedule, calibration_dataloader=[{k: torch.tensor(v) for k, v in _dataset(8)[:8].items()}])
+    T.Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=[cb]).train()
+    assert len(cb.plan.kept_layers) == 2
+    faded = [g[0] for g in cb.gates if g]
+    assert faded[0] == pytest.approx(schedule.fade(2)) and 0 < faded[1] < 1  # ramps down ...
+    assert all(a >= b for a, b in zip(faded, faded[1:])) and faded[-1] == 0.0  # ... to skipped
+    model.eval()
+    with torch.no_grad():
+        masked = model(**_probe()).logits
+        cb.prune_model_(model)
+        pruned = model(**_probe()).logits
+    torch.testing.assert_close(pruned, masked, atol=1e-5, rtol=1e-5)
+    assert len(model.bert.encoder.layer) == 2
+
+
+def test_trainer_removes_layers_and_distils_hidden_states_of_the_layers_kept(tmp_path):
+    model = TINY.model()
+    trainer = PruningTrainer(
+        model=model, args=_args(tmp_path, max_steps=8), train_dataset=_dataset(),
+        pruning_config=hp.PruningConfig(layers_keep=2, flops_keep=0.5, progress=False),
+        distillation=DistillationConfig(alpha=0.5, hidden_weight=0.1),
+    )
+    trainer.train()
+    kept = trainer.plan.kept_layers
+    assert len(trainer.model.bert.encoder.layer) == 2
+    assert trainer._hidden_pairs(3) == [(0, 0)] + [(p + 1, i + 1) for p, i in enumerate(kept)]
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = hp.load_pruned(tmp_path / "final").eval()
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**_probe()).logits, trainer.model(**_probe()).logits)
+
+
+def test_a_distillation_map_into_a_removed_layer_is_refused_before_training(tmp_path):
+    model = TINY.model()
+    with torch.no_grad():  # layer 2 does nothing: block influence removes it
+        model.bert.encoder.layer[2].output.dense.weight.zero_()
+        model.bert.encoder.layer[2].attention.output.dense.weight.zero_()
+    trainer = PruningTrainer(
+        model=model, args=_args(tmp_path, max_steps=4), train_dataset=_dataset(),
+        pruning_config=hp.PruningConfig(layers_keep=2, progress=False),
+        distillation=DistillationConfig(alpha=0.5, hidden_weight=0.1, layer_map=[(3, 3), (1, 1)]),
+    )
+    with pytest.raises(ValueError, match=r"layer_map pairs \[\(3, 3\)\].*kept dense layers: \[0, 1\]"):
+        trainer.train()
+    assert trainer.state.global_step == 0

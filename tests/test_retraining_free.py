@@ -11,6 +11,7 @@ from helpers import plan_masks
 from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
+from hf_prune.adapters import layers_of
 from hf_prune.modeling_pruned import get_module, layer_list
 from hf_prune.retraining_free import quadratic_loss, swap_descent
 
@@ -306,6 +307,39 @@ def test_prune_retraining_free_end_to_end_meets_the_budget_and_reports_stages():
     assert set(info["times"]) >= {"fisher_s", "search_s", "rearrange_s", "tuning_s", "total_s"}
     assert len(info["mask_tuning"]) == 6 and len(info["rearrangement"]) == 6
     assert torch.isfinite(pruned(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("fit", ["weights", "scales"])
+def test_retraining_free_removes_layers_and_refits_the_next_ones(fit):
+    model = _minilm_shaped(seed=2)
+    batches = _text_batches(200, n=4, seed=2)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, layers_keep=4, tuning_fit=fit,
+                              select_stages=False, progress=False)
+    dense_flops = hp.count_flops(model)["total"]
+    pruned, plan = hp.prune(copy.deepcopy(model), batches, config)
+    assert len(plan.kept_layers) == 4 and len(layers_of(pruned)) == 4
+    assert 0.97 * 0.4 * dense_flops <= hp.count_flops(pruned)["total"] <= 0.4 * dense_flops
+    info = plan.meta["retraining_free"]
+    assert "layer_scores_s" in info["times"]
+    removed = [i for i in range(6) if i not in plan.kept_layers]
+    assert [i for i, e in enumerate(info["mask_tuning"]) if "removed" in e] == removed
+    for e in info["mask_tuning"]:  # each fit never raises its layer's error, whatever was removed before it
+        if "removed" not in e:
+            assert e["attention_after"] <= e["attention_before"] + 1e-9 and e["ffn_after"] <= e["ffn_before"] + 1e-9
+    with torch.no_grad():
+        assert torch.isfinite(pruned(**inputs_only(batches[0])).logits).all()
+
+
+def test_latency_search_with_removed_layers_spends_their_time_on_the_rest():
+    model = BY_NAME["bert"].model()
+    table = hp.LatencyTable(head_points=[0, 4], head_ms=[0.0, 1.0], neuron_points=[0, 48], neuron_ms=[0.0, 1.0],
+                            fixed_ms=0.25, num_layers=3, batch_size=1, seq_len=16)
+    config = hp.PruningConfig(method="retraining_free", latency_keep=0.6, layers_keep=2, seq_len=16, progress=False)
+    _, plan = hp.prune(model, _batches("bert"), config, latency_table=table)
+    assert len(plan.kept_layers) == 2
+    assert table.plan_ms(plan) <= 0.6 * table.dense_ms() + 1e-9
+    # two layers of 2.25 ms would be 4.5 > 0.6 * 6.75 = 4.05: width had to give, but less than without depth
+    assert table.plan_ms(plan) > 0.5 * table.dense_ms()
 
 
 def test_without_rearrangement_and_tuning_it_is_the_fisher_one_shot_plan():

@@ -168,6 +168,7 @@ class Recipe:
     def _run_budget(self, dense: nn.Module, budget: Mapping[str, Any], calibration: list, results: RecipeResults,
                     several: bool) -> dict[str, Any]:
         """Prune → recover → measure → save (+ card, heatmap, push) for one budget; the main process writes."""
+        from ..export import save_pruned
         from ..hub import push_pruned, write_model_card
 
         args, seq = self.training_args, self.prune_args.seq_len
@@ -188,7 +189,7 @@ class Recipe:
         if self.bench_args.bench_latency:
             run["latency"] = measure_latency(dense, model, self.bench_args, self.latency_seq_len,
                                              inputs_fn=self.latency_inputs, flops_seq_len=seq)
-        model.save_pretrained(folder)
+        save_pruned(model, folder, deployable=self.prune_args.deployable)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
         report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), self.out / f"layers_{res.name}.png",

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter, model_dims
 from ..batches import model_device
 from ..costs import dummy_inputs, time_once
+from ..depth import layers_to_keep
 from ..importance import ImportanceScores
 from ..modeling_pruned import layer_list, prune_layer_
 from ..budget import build_plan
@@ -69,8 +70,8 @@ class LatencyTable:
         return self.num_layers * self.layer_ms(self.head_points[-1], self.neuron_points[-1])
 
     def plan_ms(self, plan: PrunePlan) -> float:
-        """Encoder latency of the model ``plan`` gives, predicted by the table."""
-        return sum(self.layer_ms(s["num_heads"], s["intermediate_size"]) for s in plan.layer_sizes())
+        """Encoder latency of the model ``plan`` gives, predicted by the table (removed layers cost nothing)."""
+        return sum(self.layer_ms(s["num_heads"], s["intermediate_size"]) for s in plan.physical_sizes())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,24 +168,36 @@ def _monotone(ms: list[float]) -> list[float]:
 
 
 def search_masks(
-    fisher: FisherInfo, model: nn.Module, config: "PruningConfig", latency_table: LatencyTable | None = None
+    fisher: FisherInfo, model: nn.Module, config: "PruningConfig", latency_table: LatencyTable | None = None,
+    layer_scores: torch.Tensor | None = None,
 ) -> PrunePlan:
     """Kept heads and neurons per layer maximising the kept diagonal Fisher under ``config``'s budget.
 
     ``config.latency_keep`` uses ``latency_table`` (measured on ``model`` if None); every other budget is
-    :func:`hf_prune.build_plan` on the diagonal Fisher.
+    :func:`hf_prune.build_plan` on the diagonal Fisher. With ``config.layers_keep``, the layers with the lowest
+    ``layer_scores`` (``(L,)``, :func:`hf_prune.layer_importance`) are removed first and the width budget is
+    spent on the rest.
     """
     scores = fisher.scores()
+    scores.layers = layer_scores
+    if config.layers_keep is not None and layer_scores is None:
+        raise ValueError("layers_keep needs layer_scores (hf_prune.layer_importance) for the search")
     if getattr(config, "latency_keep", None) is None:
         plan = build_plan(scores, model, config)
     else:
+        keep = None
+        if config.layers_keep is not None:
+            keep = layers_to_keep(layer_scores, config.layers_keep, PrunePlan.of(model))
+            gone = [i for i in range(scores.heads.shape[0]) if i not in keep]
+            scores.heads[gone] = float("nan")
+            scores.neurons[gone] = float("nan")
         if latency_table is None:
             latency_table = measure_latency_table(
                 model, config.latency_batch_size, config.seq_len, round_to=config.round_to, progress=config.progress
             )
         plan = search_latency(
             scores, model, latency_table, config.latency_keep,
-            round_to=config.round_to, allow_empty_layers=config.allow_empty_layers,
+            round_to=config.round_to, allow_empty_layers=config.allow_empty_layers, layers=keep,
         )
         plan.meta.update({"budget": config.budget(), "latency_table": latency_table.to_dict()})
     plan.meta["search"] = "fisher"
@@ -219,6 +232,7 @@ def _neuron_choices(row: torch.Tensor, layer: int, round_to: int, floor: int, ta
     avail = (~torch.isnan(row)).nonzero().view(-1)
     ranked = avail[torch.argsort(row[avail], descending=True, stable=True)].tolist()
     counts = sorted({min(len(ranked), b * round_to) for b in range(floor, math.ceil(len(ranked) / round_to) + 1)})
+    counts = counts or [0]  # a removed layer: nothing left to keep
     counts_a = np.asarray(counts)
     prefix = np.concatenate([[0.0], np.cumsum(row[ranked].double().numpy())])
     return _Choice(layer, "neurons", ranked, counts_a, prefix[counts_a], table.ffn(counts_a))
@@ -258,13 +272,15 @@ def search_latency(
     round_to: int = 1,
     allow_empty_layers: bool = False,
     bins: int = 4000,
+    layers: list[int] | None = None,
 ) -> PrunePlan:
     """Kept heads/neurons per layer maximising the kept diagonal Fisher with the table's predicted encoder
     latency at most ``latency_keep`` of the dense model's.
 
     Within a layer the best-scored units are kept; across layers the number kept per block is an exact
     multiple-choice knapsack (dynamic programming over a grid of ``bins`` latency steps), which handles a
-    latency that is not proportional to the kept count (fixed overheads, kernel-size steps).
+    latency that is not proportional to the kept count (fixed overheads, kernel-size steps). ``layers``: the dense
+    layers kept (None: all); a removed layer costs nothing, not even its fixed overhead (its scores must be NaN).
     """
     current = PrunePlan.of(model)
     floor = 0 if allow_empty_layers else 1
@@ -273,11 +289,12 @@ def search_latency(
     for i in range(L):
         choices.append(_head_choices(scores.heads[i], i, current.group_size, floor, table))
         choices.append(_neuron_choices(scores.neurons[i], i, round_to, floor, table))
-    budget = latency_keep * table.dense_ms() - L * table.fixed_ms
+    n_kept = L if layers is None else len(layers)
+    budget = latency_keep * table.dense_ms() - n_kept * table.fixed_ms
     if budget <= 0:
         raise ValueError(
             f"latency_keep={latency_keep} is unreachable: the parts of a layer pruning cannot remove (norms, "
-            f"residuals) already take {L * table.fixed_ms:.3g} of {table.dense_ms():.3g} ms"
+            f"residuals) already take {n_kept * table.fixed_ms:.3g} of {table.dense_ms():.3g} ms"
         )
     picked = _knapsack(choices, budget, bins)
     heads: list[list[int]] = [[] for _ in range(L)]
@@ -287,5 +304,6 @@ def search_latency(
     return PrunePlan(
         model_type=current.model_type, num_heads=current.num_heads, num_kv_heads=current.num_kv_heads,
         intermediate_size=current.intermediate_size, hidden_size=current.hidden_size, heads=heads,
-        neurons=neurons, meta={**current.meta, "criterion": "fisher", "calibration_samples": scores.num_samples},
+        neurons=neurons, layers=layers,
+        meta={**current.meta, "criterion": "fisher", "calibration_samples": scores.num_samples},
     )

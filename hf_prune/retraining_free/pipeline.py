@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from torch import nn
 
 from ..batches import batch_size, by_length, collect_batches, split_batches
+from ..depth import layer_importance
 from ..plan import PrunePlan
 from ..surgery import apply_plan_
 from .fisher import fisher_information
@@ -45,8 +46,14 @@ def retraining_free_plan(
     tune_batches, held_out = by_length(tune_batches), by_length(held_out)
     fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress)
     times["fisher_s"] = time.perf_counter() - start
+    layer_scores = None
+    if config.layers_keep is not None:
+        t = time.perf_counter()
+        layer_scores = layer_importance(model, by_length(batches), config.layer_importance, seed=config.seed,
+                                        progress=config.progress)
+        times["layer_scores_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan = search_masks(fisher, model, config, latency_table)
+    plan = search_masks(fisher, model, config, latency_table, layer_scores)
     times["search_s"] = time.perf_counter() - t
     stages = {"search": plan}
     info: dict[str, Any] = {"calibration_samples": fisher.num_samples}

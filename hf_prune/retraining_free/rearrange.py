@@ -69,23 +69,25 @@ def rearrange_masks(
     """
     current = fisher.current
     group = current.group_size
-    heads, neurons, stats = [], [], []
-    for i in tqdm(range(current.num_layers), desc="rearrange", disable=not progress):
+    heads: list[list[int]] = [[] for _ in range(current.num_layers)]  # dense rows; removed layers stay empty
+    neurons: list[list[int]] = [[] for _ in range(current.num_layers)]
+    stats = []
+    for p, i in enumerate(tqdm(current.kept_layers, desc="rearrange", disable=not progress)):
         # Heads: a KV group is removed whole, so its loss term is the group-summed block P^T F P.
         ids = current.heads[i]
         groups = sorted({h // group for h in ids})
         P = torch.tensor([[float(h // group == k) for k in groups] for h in ids], dtype=torch.float64)
         P = P.view(len(ids), len(groups))  # (H_l, G) membership
-        Fg = P.T @ fisher.heads[i].double().cpu() @ P  # (G, G)
+        Fg = P.T @ fisher.heads[p].double().cpu() @ P  # (G, G)
         keep_g = torch.tensor([k * group in plan.heads[i] for k in groups], dtype=torch.bool)
         new_g = swap_descent(Fg, keep_g, max_swaps)
-        heads.append([k * group + j for k, kept in zip(groups, new_g.tolist()) if kept for j in range(group)])
+        heads[i] = [k * group + j for k, kept in zip(groups, new_g.tolist()) if kept for j in range(group)]
         # Neurons.
-        Fn = fisher.neurons[i].double().cpu()  # (I_l, I_l)
+        Fn = fisher.neurons[p].double().cpu()  # (I_l, I_l)
         kept_set = set(plan.neurons[i])
         keep_n = torch.tensor([n in kept_set for n in current.neurons[i]], dtype=torch.bool)
         new_n = swap_descent(Fn, keep_n, max_swaps)
-        neurons.append([n for n, kept in zip(current.neurons[i], new_n.tolist()) if kept])
+        neurons[i] = [n for n, kept in zip(current.neurons[i], new_n.tolist()) if kept]
         stats.append({
             "heads_before": quadratic_loss(Fg, keep_g), "heads_after": quadratic_loss(Fg, new_g),
             "neurons_before": quadratic_loss(Fn, keep_n), "neurons_after": quadratic_loss(Fn, new_n),

@@ -212,27 +212,46 @@ def tune_masks(
             dense_x = [x.hidden for x in all_inputs]  # per batch (B, T, D)
             pruned_x = list(dense_x)  # the embeddings are not pruned: both streams start equal
             last_read = read_positions(model, layers[-1], batches, all_inputs) if read_positions_only else None
+            kept = set(plan.kept_layers)
             for i in tqdm(range(len(layers)), desc="mask tuning", disable=not progress):
                 inputs = [x.at(i) for x in all_inputs]
                 if i == len(layers) - 1 and last_read is not None:
                     inputs = [x if r is None else replace(x, tokens=r) for x, r in zip(inputs, last_read)]
                 targets, pre_norm, dense_x = _dense_targets(layers[i], adapter, inputs, dense_x)
+                if current.kept_layers[i] not in kept:
+                    # a removed layer: the cut stream skips it, so the next kept layer's fit, whose targets are
+                    # the dense stream's, also makes up for what this layer added
+                    result.heads.append(torch.zeros(len(current.heads[current.kept_layers[i]])))
+                    result.neurons.append(torch.zeros(len(current.neurons[current.kept_layers[i]])))
+                    result.errors.append({"removed": 1.0})
+                    if fit == "weights":
+                        result.weights.append(_removed_weights(layers[i], adapter))
+                    continue
                 cut = copy.deepcopy(layers[i]).eval()
-                prune_layer_(cut, adapter, head_dim, current.group_size, keep_h[i], keep_n[i])
+                prune_layer_(cut, adapter, head_dim, current.group_size, keep_h[current.kept_layers[i]],
+                             keep_n[current.kept_layers[i]])
                 h_scale, h_err = _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping,
                                               scale_range)
                 n_scale, n_err = _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, damping,
                                                 scale_range)
                 pruned_x = [run_layer(cut, x, h) for x, h in zip(inputs, pruned_x)]
-                result.heads.append(_scatter(h_scale, keep_h[i], len(current.heads[i])))
-                result.neurons.append(_scatter(n_scale, keep_n[i], len(current.neurons[i])))
+                d = current.kept_layers[i]
+                result.heads.append(_scatter(h_scale, keep_h[d], len(current.heads[d])))
+                result.neurons.append(_scatter(n_scale, keep_n[d], len(current.neurons[d])))
                 result.errors.append({**h_err, **n_err, "pre_norm": float(pre_norm)})
                 if fit == "weights":
-                    result.weights.append(_output_weights(cut, adapter, keep_h[i], keep_n[i]))
+                    result.weights.append(_output_weights(cut, adapter, keep_h[d], keep_n[d]))
                 del cut
     finally:
         model.train(was_training)
     return result
+
+
+def _removed_weights(layer: nn.Module, adapter) -> dict[str, Any]:
+    """A removed layer's entry of a weights fit: nothing kept (folding zeroes its O and down columns; the layer is
+    gated off or cut anyway)."""
+    d = get_module(layer, adapter.o).out_features
+    return {"heads": [], "neurons": [], "o_weight": torch.zeros(d, 0), "down_weight": torch.zeros(d, 0)}
 
 
 def _scatter(values: torch.Tensor, positions: list[int], size: int) -> torch.Tensor:

@@ -1,0 +1,226 @@
+"""Depth pruning: how much each whole layer matters (``(L,)`` scores the ``layers_keep`` budget ranks).
+
+Layer criteria (pick by name, see :data:`LAYER_CRITERIA`; add one with :func:`register_layer_criterion`):
+
+- ``block_influence``: mean over tokens of ``1 - cos(layer input, layer output)`` (ShortGPT's "block influence",
+  Men et al. 2024): a layer that barely turns the residual stream can go. One forward pass, no labels.
+- ``fisher``: sum over samples of the squared gradient of the loss w.r.t. a per-sample gate on the layer's residual
+  branch (the gate is 1; ``x + g * (layer(x) - x)``): the diagonal Fisher of the layer's gate, on the scale of the
+  head and neuron Fisher scores.
+- ``skip_divergence``: the measured divergence of the model's outputs when the layer alone is skipped (KL of the
+  logits, squared error for hidden states and regression heads); one forward pass per layer and batch.
+
+Scores are indexed by *dense* layer id; layers already removed are NaN. Higher = more important. Under
+``torch.distributed`` they are summed over processes, so every rank removes the same layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import layers_of
+from .batches import batch_size, to_device
+from .distributed import all_reduce_sum_
+from .importance import per_sample_loss
+from .masks import LayerMasks, layer_io, mask_hooks
+from .plan import PrunePlan
+
+#: per-sample statistic of one layer call: (x, y, token mask or None) -> (B,), x/y: (B, T, D)
+LayerStat = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LayerCriterion:
+    """One whole-layer importance criterion. Set exactly one of ``stat``, ``gradient`` and ``skip``.
+
+    Args:
+        name: what ``PruningConfig(layer_importance=...)`` calls it.
+        description: one line for docs and errors.
+        stat: forward statistic of the layer's input and output, per sample, averaged over samples.
+        gradient: the Fisher of a per-sample gate on the layer's residual branch (needs a loss; labels optional).
+        skip: the divergence of the model's outputs with the layer skipped, averaged over samples.
+    """
+
+    name: str
+    description: str
+    stat: LayerStat | None = None
+    gradient: bool = False
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.stat is not None) + self.gradient + self.skip != 1:
+            raise ValueError(f"layer criterion {self.name!r}: set exactly one of stat, gradient and skip")
+
+
+LAYER_CRITERIA: dict[str, LayerCriterion] = {}
+
+
+def register_layer_criterion(criterion: LayerCriterion) -> LayerCriterion:
+    """Make ``criterion`` available as ``PruningConfig(layer_importance=criterion.name)``."""
+    if criterion.name in LAYER_CRITERIA:
+        raise ValueError(f"a layer criterion named {criterion.name!r} is already registered")
+    LAYER_CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def get_layer_criterion(name: str) -> LayerCriterion:
+    if name not in LAYER_CRITERIA:
+        raise ValueError(f"unknown layer_importance {name!r}; choose one of {', '.join(LAYER_CRITERIA)}")
+    return LAYER_CRITERIA[name]
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # values: (B, T); mask: (B, T) or None -> (B,)
+    if mask is None or mask.shape != values.shape:
+        return values.mean(-1)
+    m = mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1).clamp_min(1)
+
+
+def _block_influence(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return _token_mean(1 - F.cosine_similarity(x.float(), y.float(), dim=-1), mask)
+
+
+def _outputs(out: Any) -> tuple[torch.Tensor, bool]:
+    """The tensor a skip is judged on, and whether it is logits over classes/tokens (KL) or not (squared error)."""
+    logits = getattr(out, "logits", None)
+    if logits is not None:
+        return logits.float(), logits.shape[-1] > 1
+    return out.last_hidden_state.float(), False
+
+
+def _divergence(ref: torch.Tensor, out: torch.Tensor, kl: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    # (B, [T,] C) -> (B,)
+    if kl:
+        d = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
+    else:
+        d = (ref - out).pow(2).sum(-1)
+    return _token_mean(d, mask) if d.dim() == 2 else d
+
+
+def layer_importance(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    criterion: str = "block_influence",
+    *,
+    max_samples: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Score every layer ``model`` has: ``(L,)`` over the dense layer ids, NaN for layers already removed.
+
+    Args:
+        model: a supported transformers model (may already be pruned).
+        dataloader: calibration batches (``labels`` are used by ``fisher`` when present).
+        criterion: one of :data:`LAYER_CRITERIA`.
+        max_samples: stop after this many samples (whole batches).
+        seed: for the label-free random projections of ``fisher``.
+        progress: show a progress bar.
+    """
+    crit = get_layer_criterion(criterion)
+    current = PrunePlan.of(model)
+    layers = layers_of(model)
+    n = len(layers)
+    device = next(model.parameters()).device
+    acc = torch.zeros(n, dtype=torch.float64, device=device)
+    seen = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=max_samples, desc=f"{crit.name} layer scores", unit="sample", disable=not progress)
+    try:
+        for step, raw in enumerate(dataloader):
+            batch = to_device(raw, device)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            mask = batch.get("attention_mask")
+            bsz = batch_size(batch)
+            if crit.stat is not None:
+                _add_stats_(layers, inputs, model, crit.stat, mask, acc)
+            elif crit.gradient:
+                masks = LayerMasks(n)
+                masks.layers = [torch.ones(bsz, device=device, requires_grad=True) for _ in range(n)]  # (B,)
+                with mask_hooks(model, masks):
+                    loss = per_sample_loss(model, batch, seed + step)
+                grads = torch.autograd.grad(loss, masks.layers, allow_unused=True)
+                for p, g in enumerate(grads):
+                    if g is not None:
+                        acc[p] += g.double().pow(2).sum()
+            else:
+                with torch.no_grad():
+                    ref, kl = _outputs(model(**inputs))
+                    masks = LayerMasks(n)
+                    with mask_hooks(model, masks):
+                        for p in range(n):
+                            masks.layers = [None] * n
+                            masks.layers[p] = torch.zeros(1, device=device)
+                            out, _ = _outputs(model(**inputs))
+                            acc[p] += _divergence(ref, out, kl, mask).double().sum()
+            seen += bsz
+            bar.update(bsz)
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("the calibration dataloader yielded no batches: layer scores need at least one batch")
+    counts = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+    all_reduce_sum_([acc, counts])
+    if not crit.gradient:
+        acc = acc / counts
+    scores = torch.full((current.num_layers,), float("nan"))
+    scores[current.kept_layers] = acc.float().cpu()
+    return scores
+
+
+@torch.no_grad()
+def _add_stats_(layers: nn.ModuleList, inputs: dict, model: nn.Module, stat: LayerStat,
+                mask: torch.Tensor | None, acc: torch.Tensor) -> None:
+    """One forward pass with a hook on every layer adding ``stat``'s per-sample values to ``acc[p]``."""
+
+    def hook(_module, args, kwargs, output, p):
+        x, y = layer_io(args, kwargs, output)
+        acc[p] += stat(x, y, mask).double().sum()
+
+    with ExitStack() as stack:
+        for p, layer in enumerate(layers):
+            h = layer.register_forward_hook(lambda *a, p=p: hook(*a, p), with_kwargs=True)
+            stack.callback(h.remove)
+        model(**inputs)
+
+
+def layers_to_keep(scores: torch.Tensor, value: float, current: PrunePlan) -> list[int]:
+    """Dense ids of the layers a ``layers_keep`` budget keeps: the ``n`` best-scoring layers the model still has.
+
+    ``value`` in (0, 1] is a fraction of the dense model's layers (rounded to the nearest count); above 1, a count.
+    """
+    dense = current.num_layers
+    n = round(value * dense) if value <= 1 else int(value)
+    if n < 1:
+        raise ValueError(f"layers_keep={value} keeps no layer of {dense}: keep at least one (a fraction >= "
+                         f"{0.5 / dense:.3g} or a count >= 1)")
+    if tuple(scores.shape) != (dense,):
+        raise ValueError(f"layer scores of shape {tuple(scores.shape)} do not fit this model's {dense} dense layers; "
+                         "compute them with hf_prune.layer_importance(model, ...)")
+    # the layers still there that are not masked out already (NaN: removed, or gated off by an earlier event)
+    have = [i for i in current.kept_layers if not torch.isnan(scores[i])]
+    if n > len(have):
+        raise ValueError(f"layers_keep={value} keeps {n} layers but the model has {len(have)} (of {dense} dense); "
+                         f"use a count <= {len(have)} or a smaller fraction")
+    order = sorted(have, key=lambda i: -float(scores[i]))
+    return sorted(order[:n])
+
+
+register_layer_criterion(LayerCriterion(
+    "block_influence", "mean 1 - cos(layer input, layer output) over tokens (ShortGPT)", stat=_block_influence))
+register_layer_criterion(LayerCriterion(
+    "fisher", "squared loss gradient of a per-sample gate on the layer's residual branch", gradient=True))
+register_layer_criterion(LayerCriterion(
+    "skip_divergence", "divergence of the outputs when the layer alone is skipped", skip=True))
