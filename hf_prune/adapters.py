@@ -152,5 +152,8 @@ for _adapter in (
     replace(LLAMA, model_type="mistral"),
     replace(LLAMA, model_type="qwen2"),
     replace(LLAMA, model_type="qwen3"),
+    # Gemma 3 text: Llama's module names; q/k norms act per head_dim (no per-head slicing), head_dim is a config
+    # field (heads x head_dim != hidden), sliding/full layers are config.layer_types
+    replace(LLAMA, model_type="gemma3_text"),
 ):
     register_adapter(_adapter)

@@ -68,7 +68,7 @@ def test_a_second_cut_of_a_depth_pruned_model_removes_more(tiny):
         hp.apply_plan_(twice, first)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gemma3_text"])
 @torch.no_grad()
 def test_decoder_without_a_layer_generates_with_the_cache_like_the_gated_dense_model(name):
     tiny = BY_NAME[name]
@@ -115,14 +115,14 @@ def test_sliding_window_layer_types_follow_the_layers_that_stay(tmp_path):
     assert torch.equal(stock(ids).logits, pruned(ids).logits)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "bert", "roberta", "electra", "distilbert",
-                                  "vit"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "bert", "roberta", "electra",
+                                  "distilbert", "vit"])
 @torch.no_grad()
 def test_depth_plus_uniform_width_exports_as_the_stock_architecture(name, tmp_path):
     tiny = BY_NAME[name]
     model = tiny.model()
     budget = {"heads_keep": 0.5, "neurons_keep": 0.5} if tiny.auto_class is not T.AutoModelForImageClassification \
-        and name in ("llama", "mistral", "qwen2", "qwen3") else {"neurons_keep": 0.5}
+        and name in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text") else {"neurons_keep": 0.5}
     cfg = hp.PruningConfig(importance="magnitude", allocation="uniform", round_to=8, layers_keep=2,
                            layer_importance="block_influence", progress=False, **budget)
     hp.prune(model, [tiny.batch()], cfg)

@@ -14,7 +14,7 @@ import hf_prune as hp
 from hf_prune.cli import main
 
 #: families whose configs carry head_dim take any head count; BERT-style ones (head size = hidden / heads) only FFN
-HEADS_AND_FFN = ["llama", "mistral", "qwen2", "qwen3"]
+HEADS_AND_FFN = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 FFN_ONLY = ["bert", "roberta", "electra", "distilbert", "vit"]
 
 

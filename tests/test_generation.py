@@ -10,7 +10,7 @@ from tiny import BY_NAME
 
 import hf_prune as hp
 
-DECODERS = ["llama", "mistral"]
+DECODERS = ["llama", "mistral", "gemma3_text"]
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
 
 

@@ -76,6 +76,9 @@ TINY = [
     Tiny("mistral", _decoder(T.MistralConfig), T.MistralForCausalLM, T.AutoModelForCausalLM, labels="lm"),
     Tiny("qwen2", _decoder(T.Qwen2Config), T.Qwen2ForSequenceClassification, T.AutoModelForSequenceClassification),
     Tiny("qwen3", _decoder(T.Qwen3Config, head_dim=8), T.Qwen3Model, T.AutoModel, labels="none"),
+    Tiny("gemma3_text", _decoder(T.Gemma3TextConfig, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+         T.Gemma3ForCausalLM, T.AutoModelForCausalLM, labels="lm"),
 ]
 BY_NAME = {t.name: t for t in TINY}
 
