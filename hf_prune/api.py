@@ -13,10 +13,14 @@ from .export import stock_config
 from .importance import compute_importance
 from .budget import build_plan
 from .plan import PrunePlan
-from .retraining_free import LatencyTable, prune_retraining_free
+from .batches import collect_batches
+from .retraining_free import LatencyTable, choose_depth, prune_retraining_free
 from .surgery import apply_plan_
 
 M = TypeVar("M", bound=nn.Module)
+#: calibration samples ``depth_search`` compares its one-shot candidates on (``retraining_free`` uses its own
+#: held-out selection samples)
+DEPTH_SEARCH_SAMPLES = 256
 
 
 def prune(
@@ -42,9 +46,12 @@ def prune(
         if config.deployable:
             stock_config(model)
         return model, plan
-    if config.layers_keep is not None and dataloader is None:
-        raise ValueError(f"layers_keep scores whole layers on calibration data (layer_importance="
+    depth = config.layers_keep is not None or config.depth_search
+    if depth and dataloader is None:
+        raise ValueError(f"layers_keep and depth_search score whole layers on calibration data (layer_importance="
                          f"{config.layer_importance!r}): pass a dataloader")
+    if depth:  # every stage sees the same samples, even from a one-shot iterator
+        dataloader = collect_batches(dataloader, config.max_calibration_samples)
     scores = compute_importance(
         model,
         dataloader,
@@ -53,12 +60,17 @@ def prune(
         seed=config.seed,
         progress=config.progress,
     )
-    if config.layers_keep is not None:
+    if depth:
         scores.layers = layer_importance(
             model, dataloader, config.layer_importance, max_samples=config.max_calibration_samples,
             seed=config.seed, progress=config.progress,
         )
-    plan = build_plan(scores, model, config)
+    if config.depth_search:
+        held_out = collect_batches(dataloader, DEPTH_SEARCH_SAMPLES)
+        plan = choose_depth(model, held_out, config, lambda c: build_plan(scores, model, c),
+                            PrunePlan.of(model).num_layers)
+    else:
+        plan = build_plan(scores, model, config)
     apply_plan_(model, plan)
     if config.deployable:  # a shape the stock config cannot hold fails now, not after recovery
         stock_config(model)

@@ -23,6 +23,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .adapters import get_adapter, model_dims
+from .api import DEPTH_SEARCH_SAMPLES
+from .batches import collect_batches
 from .budget import build_plan
 from .config import PruningConfig
 from .costs import CostModel, count_params
@@ -33,6 +35,7 @@ from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan
+from .retraining_free import choose_depth
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
 
@@ -198,7 +201,11 @@ class PruningCallback(TrainerCallback, ExportableState):
                 )
             if calibration_dataloader is None:
                 raise ValueError("method='retraining_free' needs calibration data: pass calibration_dataloader=...")
-        if self.config.layers_keep is not None and calibration_dataloader is None:
+        if self.config.depth_search and self.schedule.kind != "one_shot":
+            raise ValueError(f"depth_search chooses the layer count at one one-shot event, not on a {self.schedule.kind} "
+                             "schedule: use a one_shot schedule, or set layers_keep (a gradual schedule fades those "
+                             "layers out)")
+        if (self.config.layers_keep is not None or self.config.depth_search) and calibration_dataloader is None:
             raise ValueError(f"layers_keep scores whole layers (layer_importance={self.config.layer_importance!r}) on "
                              "calibration data: pass calibration_dataloader=...")
         crit = get_criterion(self.config.importance)
@@ -324,12 +331,21 @@ class PruningCallback(TrainerCallback, ExportableState):
             )
         else:
             scores = self.controller.gradient_scores()
-        if cfg.layers_keep is not None:
+        if cfg.layers_keep is not None or cfg.depth_search:
             scores.layers = layer_importance(
                 model, self.calibration_dataloader, cfg.layer_importance, max_samples=cfg.max_calibration_samples,
                 seed=cfg.seed + step, progress=cfg.progress and is_main(),
             )
-        return build_plan(self.controller.restrict(scores), model, cfg)
+        scores = self.controller.restrict(scores)
+        if not cfg.depth_search:
+            return build_plan(scores, model, cfg)
+        self.controller.remove()  # the candidates are cut copies of the model, without its mask hooks
+        try:
+            held_out = collect_batches(self.calibration_dataloader, DEPTH_SEARCH_SAMPLES)
+            return choose_depth(model, held_out, cfg, lambda c: build_plan(scores, model, c),
+                                self.controller.physical.num_layers)
+        finally:
+            self.controller.install()
 
     def _retraining_free_event(self, model: nn.Module, cfg: PruningConfig) -> PrunePlan:
         """Retraining-free plan, its tuning folded into the kept weights in place (same tensors, so the

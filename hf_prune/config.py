@@ -47,8 +47,14 @@ class PruningConfig:
             whole count above 1; the lowest-scoring layers (``layer_importance``) are removed whole. Alone, or with
             one width budget, which then counts the removed layers as saved (``flops_keep=0.4, layers_keep=0.5``:
             half the layers go, and heads and neurons of the rest are cut until 40% of the FLOPs remain).
-        layer_importance: how whole layers are scored for ``layers_keep``, a name in
+        layer_importance: how whole layers are scored for ``layers_keep`` and ``depth_search``, a name in
             :data:`hf_prune.depth.LAYER_CRITERIA` (``block_influence``, ``fisher``, ``skip_divergence``).
+        depth_search: with a ``flops_keep`` or ``latency_keep`` budget and no ``layers_keep``: let the budget trade
+            layers against heads and neurons. One plan per number of layers kept (from all of them down to the
+            budget's share; the lowest-scoring layers go first, the width budget is spent on the rest); the plan
+            whose cut model's outputs are closest to the dense model's (KL of the logits, squared error otherwise)
+            on held-out calibration samples wins (``retraining_free``: the selection samples, before tuning;
+            ``one_shot``: the first 256 calibration samples).
         custom_budget: a budget of a kind added with :func:`hf_prune.budget.register_budget`, by name, e.g.
             ``{"my_kind": 0.5}`` (recipes and the CLI take it as JSON).
         seq_len: sequence length at which FLOPs are counted (and latency is measured).
@@ -94,6 +100,7 @@ class PruningConfig:
     latency_keep: float | None = None
     layers_keep: float | None = None
     layer_importance: str = "block_influence"
+    depth_search: bool = False
     custom_budget: dict[str, float] | None = None
     seq_len: int = 128
     latency_batch_size: int = 1
@@ -121,9 +128,17 @@ class PruningConfig:
         if self.layer_importance not in LAYER_CRITERIA:
             raise ValueError(f"unknown layer_importance {self.layer_importance!r}; choose one of "
                              f"{', '.join(LAYER_CRITERIA)}")
-        if self.layers_keep is None and self.layer_importance != defaults["layer_importance"]:
-            raise ValueError("layer_importance only applies to a layers_keep budget (it scores whole layers): set "
-                             "layers_keep or drop layer_importance")
+        if self.layers_keep is None and not self.depth_search and \
+                self.layer_importance != defaults["layer_importance"]:
+            raise ValueError("layer_importance only applies to a layers_keep budget or depth_search (it scores whole "
+                             "layers): set one of them or drop layer_importance")
+        if self.depth_search:
+            if self.layers_keep is not None:
+                raise ValueError("depth_search chooses the number of layers itself: drop layers_keep (or keep "
+                                 "layers_keep and drop depth_search)")
+            if not {"flops_keep", "latency_keep"} & set(self.budget()):
+                raise ValueError("depth_search trades layers against heads and neurons under one cost budget: set "
+                                 "flops_keep (or latency_keep with method='retraining_free')")
         if self.method != "retraining_free":
             changed = [n for n in RETRAINING_FREE_FIELDS if getattr(self, n) != defaults[n]]
             if changed:

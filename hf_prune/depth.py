@@ -16,6 +16,7 @@ Scores are indexed by *dense* layer id; layers already removed are NaN. Higher =
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -216,6 +217,14 @@ def layers_to_keep(scores: torch.Tensor, value: float, current: PrunePlan) -> li
                          f"use a count <= {len(have)} or a smaller fraction")
     order = sorted(have, key=lambda i: -float(scores[i]))
     return sorted(order[:n])
+
+
+def depth_candidates(num_layers: int, dense_layers: int, keep: float) -> list[float]:
+    """``layers_keep`` values (fractions of the dense layers) that ``depth_search`` tries for a cost budget keeping
+    ``keep`` of the dense model: every count from the ``num_layers`` the model has down to the budget's share of
+    the dense layers (one below it too: a little slack can beat thinner layers)."""
+    low = max(1, min(num_layers, math.floor(keep * dense_layers)))
+    return [n / dense_layers for n in range(num_layers, low - 1, -1)]
 
 
 register_layer_criterion(LayerCriterion(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import datasets
 import pytest
 import torch
 import transformers as T
@@ -229,3 +230,56 @@ def test_iterative_schedules_remove_layers_round_by_round_and_gradual_ones_fade_
     assert gr.budget_at(cfg, 0, 1000, dense_layers=4).layers_keep == 2  # chosen at once ...
     assert gr.fade(0) == 1.0 and 0 < gr.fade(5) < 1 and gr.fade(10) == 0.0  # ... and faded out
     assert hp.PruningSchedule().fade(0) == 0.0
+
+
+def _with_identity_layer(tiny):
+    model = tiny.model()
+    layer = model.model.layers[1]
+    with torch.no_grad():  # no attention output and no FFN output: the layer is the identity
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("method", ["one_shot", "retraining_free"])
+def test_depth_search_trades_a_layer_that_does_nothing_for_width(method):
+    """At 70% of the FLOPs, dropping the identity layer (2 of 3 layers = 67%) loses nothing, while cutting heads and
+    neurons of all three layers does: the search must find it."""
+    tiny = BY_NAME["llama"]
+    model = _with_identity_layer(tiny)
+    batches = [tiny.batch(seed=s) for s in range(4)]
+    extra = {"tuning_samples": 6, "selection_samples": 6} if method == "retraining_free" else {}
+    cfg = hp.PruningConfig(method=method, flops_keep=0.7, depth_search=True, seq_len=7, progress=False, **extra)
+    _, plan = hp.prune(model, batches, cfg)
+    search = plan.meta["depth_search"]
+    assert set(search["divergence"]) == {"3", "2"} and search["chosen"] == 2
+    assert plan.kept_layers == [0, 2] and search["divergence"]["2"] < search["divergence"]["3"]
+
+
+def test_depth_search_in_a_callback_equals_prune(tmp_path):
+    tiny = BY_NAME["llama"]
+    batches = [tiny.batch(seed=s) for s in range(4)]
+    cfg = hp.PruningConfig(flops_keep=0.7, depth_search=True, seq_len=7, progress=False)
+    _, want = hp.prune(_with_identity_layer(tiny), batches, cfg)
+    cb = hp.PruningCallback(cfg, calibration_dataloader=batches)
+    ids = torch.randint(3, 97, (8, 7), generator=torch.Generator().manual_seed(0)).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 7] * 8, "labels": ids})
+    args = T.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, learning_rate=0.0, report_to=[],
+                               per_device_train_batch_size=4, use_cpu=True, save_strategy="no", disable_tqdm=True)
+    T.Trainer(model=_with_identity_layer(tiny), args=args, train_dataset=data, callbacks=[cb]).train()
+    got = cb.plan
+    assert (got.layers, got.heads, got.neurons) == (want.layers, want.heads, want.neurons)
+    with pytest.raises(ValueError, match="not on a gradual schedule"):
+        hp.PruningCallback(cfg, hp.PruningSchedule("gradual", start_step=0, end_step=4), calibration_dataloader=batches)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"heads_keep": 0.5, "depth_search": True}, "under one cost budget: set flops_keep"),
+        ({"flops_keep": 0.5, "layers_keep": 2, "depth_search": True}, "drop layers_keep"),
+    ],
+)
+def test_bad_depth_search_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hp.PruningConfig(**kwargs)

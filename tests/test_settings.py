@@ -29,6 +29,7 @@ VALUES = {
     "latency_keep": (0.6, {"method": "retraining_free"}),
     "layers_keep": (0.5, {}),
     "layer_importance": ("skip_divergence", {"layers_keep": 0.5}),
+    "depth_search": (True, {"flops_keep": 0.5}),
     "seq_len": (64, {}),
     "latency_batch_size": (4, {"method": "retraining_free", "latency_keep": 0.6}),
     "rearrange": (False, {"method": "retraining_free"}),

@@ -26,6 +26,11 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
    final plan with scales as well when the fit is weights) are compared on held-out calibration samples by how
    far their outputs are from the dense model's, and the closest is cut.
 
+Depth (``layers_keep``): the lowest-scoring layers (:func:`hf_prune.layer_importance`) are removed in the search
+and the width budget is spent on the rest; the tuning skips them in the cut stream, so the next kept layer's fit
+(its targets are the dense stream's) also makes up for what they added. ``depth_search`` tries every layer count
+the budget allows and keeps the search plan closest to the dense outputs (:func:`choose_depth`) before tuning.
+
 One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the latency table for ``latency_keep``),
 :mod:`.rearrange`, :mod:`.tuning`, :mod:`.selection`; :mod:`.layer_io` records and replays layer calls;
 :mod:`.pipeline` chains them.
@@ -37,11 +42,12 @@ from .latency import LatencyTable, measure_latency_table, search_latency, search
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
 from .pipeline import prune_retraining_free, retraining_free_plan
 from .rearrange import quadratic_loss, rearrange_masks, swap_descent
-from .selection import model_output, output_divergence, sample_divergence
+from .selection import choose_depth, model_output, output_divergence, sample_divergence
 from .tuning import MaskTuning, fold_tuning_, tune_masks
 
 __all__ = [
-    "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "by_length", "capture_layer_calls", "collect_batches",
+    "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "by_length", "capture_layer_calls", "choose_depth",
+    "collect_batches",
     "fisher_information", "fold_tuning_", "layer_inputs", "measure_latency_table", "model_output",
     "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_masks",
     "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches", "swap_descent",

@@ -17,7 +17,7 @@ from ..surgery import apply_plan_
 from .fisher import fisher_information
 from .latency import LatencyTable, search_masks
 from .rearrange import rearrange_masks
-from .selection import cut_candidate, output_divergence
+from .selection import choose_depth, cut_candidate, output_divergence
 from .tuning import MaskTuning, fold_tuning_, tune_masks
 
 if TYPE_CHECKING:
@@ -47,13 +47,18 @@ def retraining_free_plan(
     fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress)
     times["fisher_s"] = time.perf_counter() - start
     layer_scores = None
-    if config.layers_keep is not None:
+    if config.layers_keep is not None or config.depth_search:
         t = time.perf_counter()
         layer_scores = layer_importance(model, by_length(batches), config.layer_importance, seed=config.seed,
                                         progress=config.progress)
         times["layer_scores_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    plan = search_masks(fisher, model, config, latency_table, layer_scores)
+    if config.depth_search:  # one search per layer count, the untuned cut closest to the dense outputs wins
+        plan = choose_depth(model, held_out or tune_batches, config,
+                            lambda c: search_masks(fisher, model, c, latency_table, layer_scores),
+                            fisher.current.num_layers)
+    else:
+        plan = search_masks(fisher, model, config, latency_table, layer_scores)
     times["search_s"] = time.perf_counter() - t
     stages = {"search": plan}
     info: dict[str, Any] = {"calibration_samples": fisher.num_samples}

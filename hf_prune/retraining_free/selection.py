@@ -4,12 +4,15 @@ calibration samples."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..batches import Batch, model_device, to_device
+from ..batches import Batch, batch_size, model_device, to_device
 from ..distributed import is_distributed
 from ..plan import PrunePlan
 from ..surgery import apply_plan_
@@ -76,3 +79,32 @@ def cut_candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None) 
     """A copy of ``model`` with ``tuning``'s scales folded in (if any), cut to ``plan``."""
     copied = copy.deepcopy(model)
     return apply_plan_(fold_tuning_(copied, tuning) if tuning is not None else copied, plan)
+
+
+def choose_depth(
+    model: nn.Module, held_out: Sequence[Batch], config: Any, make_plan: Callable[[Any], PrunePlan],
+    dense_layers: int,
+) -> PrunePlan:
+    """``config.depth_search``: one plan per number of layers kept (``make_plan(config with that layers_keep)``;
+    counts whose width budget is unreachable are skipped), and the one whose cut model (untuned) is closest to
+    ``model``'s outputs on ``held_out``; its ``meta["depth_search"]`` records every candidate's divergence."""
+    from ..depth import depth_candidates
+
+    keep = config.budget().get("flops_keep", config.budget().get("latency_keep"))
+    plans: dict[str, PrunePlan] = {}
+    have = len(PrunePlan.of(model).kept_layers)
+    for frac in depth_candidates(have, dense_layers, keep):
+        try:
+            plan = make_plan(dataclasses.replace(config, layers_keep=frac, depth_search=False))
+        except ValueError:  # this many layers cannot hold the width budget's floor
+            continue
+        plans[str(len(plan.kept_layers))] = plan
+    if not plans:
+        raise ValueError(f"depth_search found no layer count that meets {config.budget()}: raise the budget")
+    divergence = output_divergence(model, held_out, {n: functools.partial(cut_candidate, model, p, None)
+                                                     for n, p in plans.items()})
+    chosen = min(divergence, key=divergence.get)
+    plan = plans[chosen]
+    plan.meta["depth_search"] = {"divergence": divergence, "chosen": int(chosen),
+                                 "samples": sum(batch_size(b) for b in held_out)}
+    return plan
