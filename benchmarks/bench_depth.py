@@ -2,7 +2,8 @@
 
 - **MiniLM / SST-2** (all-MiniLM-L6-v2, 6 layers, fine-tuned on SST-2 once and cached): at each FLOPs target, the
   retraining-free cut (``PruningConfig(method="retraining_free", ...)``) removing heads and neurons only (width),
-  whole layers only (depth, ``layers_keep``), or both, then KD recovery with ``PruningTrainer`` (teacher = the dense
+  whole layers only (depth, ``layers_keep``), or both (a fixed layer count, or ``depth_search=True``: the library
+  picks it, "auto"), then KD recovery with ``PruningTrainer`` (teacher = the dense
   model, a fixed number of steps): dev accuracy before and after recovery, measured batch-1 and batch-32 speedups
   (dense and pruned interleaved, seq 128).
 - **SmolLM2-135M-Instruct** (Llama, 30 layers): the same three kinds of cut, retraining-free on packed QNLI
@@ -53,6 +54,10 @@ MINILM_GRID = [
     ("both", 0.25, {"layers_keep": 3, "flops_keep": 0.25}),
     ("depth", 1 / 6, {"layers_keep": 1}),
     ("both", 0.15, {"layers_keep": 2, "flops_keep": 0.15}),
+    # depth_search: the budget alone, the layer count chosen by the library
+    ("auto", 0.50, {"flops_keep": 0.50, "depth_search": True}),
+    ("auto", 1 / 3, {"flops_keep": 1 / 3, "depth_search": True}),
+    ("auto", 0.25, {"flops_keep": 0.25, "depth_search": True}),
 ]
 QUICK_MINILM = MINILM_GRID[:6]
 
@@ -64,6 +69,8 @@ SMOL_GRID = [
     ("width", 0.7, {"flops_keep": 0.7}),
     ("depth", 0.7, {"layers_keep": 21}),
     ("both", 0.7, {"layers_keep": 25, "flops_keep": 0.7}),
+    ("auto", 0.8, {"flops_keep": 0.8, "depth_search": True}),
+    ("auto", 0.7, {"flops_keep": 0.7, "depth_search": True}),
 ]
 QUICK_SMOL = SMOL_GRID[:3]
 
@@ -234,7 +241,8 @@ def smollm2(args: DepthArguments) -> dict[str, Any]:
 
 def _budget_text(row: dict[str, Any]) -> str:
     parts = [f"layers_keep={row['layers_keep']}" if "layers_keep" in row else None,
-             f"flops_keep={row['flops_keep']:.3g}" if "flops_keep" in row else None]
+             f"flops_keep={row['flops_keep']:.3g}" if "flops_keep" in row else None,
+             "depth_search" if row.get("depth_search") else None]
     return ", ".join(p for p in parts if p)
 
 
@@ -267,7 +275,7 @@ def write(results: dict[str, Any], args: DepthArguments) -> None:
             headers={"flops_kept": "FLOPs kept", "params_m": "params (M)", "drop_pruned": "Δ", "drop_recovered": "Δ",
                      "b1_of_ideal": "b1 % of ideal", "b32_of_ideal": "b32 % of ideal", "layers_kept": "layers"}))
         series = {kind: [(x["b1_speedup"], x["recovered"]) for x in r["rows"] if x["kind"] == kind]
-                  for kind in ("width", "depth", "both")}
+                  for kind in ("width", "depth", "both", "auto")}
         report.plot_metric_vs_speedup(series, out / f"{stem}_minilm_sst2.png", metric="SST-2 dev accuracy (recovered)",
                                       dense=r["dense_accuracy"], title="MiniLM / SST-2: accuracy vs batch-1 speedup")
         lines.append(f"\n![accuracy vs batch-1 speedup]({stem}_minilm_sst2.png)\n")
@@ -287,7 +295,7 @@ def write(results: dict[str, Any], args: DepthArguments) -> None:
             headers={"flops_kept": "FLOPs kept", "params_m": "params (M)", "ppl_ratio": "ppl / dense",
                      "decode_ms": "decode ms/token", "layers_kept": "layers"}))
         series = {kind: [(x["decode_speedup"], x["ppl"]) for x in r["rows"] if x["kind"] == kind]
-                  for kind in ("width", "depth", "both")}
+                  for kind in ("width", "depth", "both", "auto")}
         report.plot_metric_vs_speedup(series, out / f"{stem}_smollm2.png", metric="held-out perplexity",
                                       dense=r["dense_ppl"], title="SmolLM2-135M: perplexity vs decode speedup (b1)")
         lines.append(f"\n![perplexity vs decode speedup]({stem}_smollm2.png)\n")

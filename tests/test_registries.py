@@ -1,5 +1,5 @@
-"""Extension points are registries: a new criterion, budget kind or architecture is one registration call, with no
-edit of library files, and then works everywhere (config validation, plans, cuts)."""
+"""Extension points are registries: a new criterion, layer criterion, budget kind or architecture is one registration
+call, with no edit of library files, and then works everywhere (config validation, plans, cuts)."""
 
 from __future__ import annotations
 
@@ -103,3 +103,26 @@ def test_a_registered_adapter_prunes_a_new_family():
             model(**x)
     finally:
         _REGISTRY.pop("toy-bert")
+
+
+def test_a_registered_layer_criterion_chooses_the_layers_removed():
+    """A statistic no built-in computes (the inverse of the output norm): the registered function decides which
+    layers stay."""
+    from hf_prune.depth import LAYER_CRITERIA
+
+    def output_norm_inverse(x, y, mask):  # (B, T, D) -> (B,): small outputs = important, the reverse of usual
+        return 1.0 / y.float().norm(dim=-1).mean(-1)
+
+    hp.register_layer_criterion(hp.LayerCriterion("inverse_norm", "1 / |output|", stat=output_norm_inverse))
+    try:
+        tiny = BY_NAME["llama"]
+        model = tiny.model()
+        batches = [tiny.batch(seed=s) for s in range(2)]
+        scores = hp.layer_importance(model, batches, "inverse_norm", progress=False)
+        _, plan = hp.prune(model, batches, hp.PruningConfig(layers_keep=2, layer_importance="inverse_norm",
+                                                            progress=False))
+        assert plan.kept_layers == sorted(torch.argsort(scores, descending=True)[:2].tolist())
+        with pytest.raises(ValueError, match="already registered"):
+            hp.register_layer_criterion(LAYER_CRITERIA["inverse_norm"])
+    finally:
+        LAYER_CRITERIA.pop("inverse_norm")
