@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -249,7 +248,7 @@ def _budget_text(row: dict[str, Any]) -> str:
 def write(results: dict[str, Any], args: DepthArguments) -> None:
     stem = "depth_quick" if args.quick else "depth"
     out = HERE / "results"
-    lines = [f"# Depth vs width vs both at equal layer FLOPs\n",
+    lines = ["# Depth vs width vs both at equal layer FLOPs\n",
              f"> Written by `benchmarks/bench_depth.py{' --quick' if args.quick else ''}`; do not edit by hand.\n",
              f"- command: `.venv/bin/python benchmarks/bench_depth.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
              f"- environment: {json.dumps(report.environment())}\n"]

@@ -8,6 +8,8 @@ own copy of the modeling code, never code from the checkpoint. Without hf_prune,
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,23 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from .adapters import get_adapter
+from .costs import CostModel, count_flops, count_params, model_layer_sizes, plan_flops, plan_params
 from .export import is_stock_export
 from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
-from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes, pruned_class, stock_class
+from .modeling_pruned import (
+    CONFIG_KEY,
+    PLAN_FILE,
+    config_get,
+    current_layer_sizes,
+    layer_list,
+    layer_sizes,
+    pruned_class,
+    stock_class,
+)
 from .plan import PlanMismatchError, PrunePlan
 
+#: sequence length the checkpoint statistics (and model cards) count FLOPs at
+FLOPS_SEQ_LEN = 128
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 
 
@@ -150,3 +164,47 @@ def resolve_class(config: Any, auto_class: type | None) -> type:
             saved = [a.removeprefix("Pruned") for a in config.architectures or []]
             stock = next((c for c in stock if c.__name__ in saved), stock[0])
     return pruned_class(stock)
+
+
+def checkpoint_stats(folder: str | Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
+    """Dense and kept sizes, parameters and FLOPs of a pruned checkpoint folder (what its model card states),
+    without reading any weights."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    plan_file = folder / PLAN_FILE
+    saved = PrunePlan.load(plan_file) if plan_file.exists() else None
+    stock = is_stock_export(raw, saved)
+    if not raw.get(CONFIG_KEY) and not stock:
+        raise ValueError(f"{folder}/config.json has no '{CONFIG_KEY}' section: not a checkpoint saved by hf_prune")
+    config = AutoConfig.from_pretrained(str(folder))
+    config.allow_global_per_layer_attribute_access = True
+    # A model on the meta device has every shape and no storage. Safetensors key names are no substitute:
+    # transformers 5 renames some families' keys on save (ViT's q_proj is stored as attention.query).
+    cls = resolve_class(config, None)
+    with torch.device("meta"):
+        model = (stock_class(cls) if stock else cls)(config)
+    if stock:  # the config holds the kept sizes; the dense ones are the plan's
+        L = saved.num_layers
+        dense_plan = replace(saved, heads=[list(range(saved.num_heads))] * L,
+                             neurons=[list(range(saved.intermediate_size))] * L, meta={})
+    else:
+        dense_plan = PrunePlan.dense(config)
+    sizes = model_layer_sizes(model)
+    kept = saved.kept_layers if saved is not None else list(range(len(sizes)))
+    dense_params = plan_params(dense_plan, model)
+    if len(sizes) < dense_plan.num_layers:  # removed layers also held what width pruning cannot touch (norms, biases)
+        layer = layer_list(model, get_adapter(model))[0]
+        cost = CostModel.for_model(model)
+        fixed = count_params(layer) - cost.total([current_layer_sizes(layer, get_adapter(model), cost.head_dim)])["total"]
+        dense_params += (dense_plan.num_layers - len(sizes)) * fixed
+    return {
+        "stock": stock,
+        "config": raw,
+        "dense": dense_plan.layer_sizes()[0],
+        "dense_layers": dense_plan.num_layers,
+        "kept_layers": kept,
+        "sizes": sizes,
+        "params": (count_params(model), dense_params),
+        "flops": (count_flops(model, seq_len)["total"], plan_flops(dense_plan, model, seq_len)["total"]),
+        "plan_meta": saved.meta if saved is not None else {},
+    }

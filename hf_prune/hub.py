@@ -11,24 +11,19 @@ import json
 import numbers
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from transformers import AutoConfig
 
-from .checkpoint import CorruptCheckpointError, resolve_class
-from .costs import count_flops, count_params, model_layer_sizes, plan_flops, plan_params
+from .checkpoint import FLOPS_SEQ_LEN, CorruptCheckpointError, checkpoint_stats
 from .export import is_stock_export
 from .io import WEIGHTS_INDEX_FILE, weight_file_names, write_text_atomic
-from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE, stock_class
+from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE
 from .plan import PrunePlan
 from .report import markdown_table
 
 CARD_FILE = "README.md"
-FLOPS_SEQ_LEN = 128
 # Hub pipeline tags by class-name suffix; other heads get none (the Hub then guesses from the config).
 _PIPELINE_TAGS = {
     "ForSequenceClassification": "text-classification",
@@ -50,45 +45,22 @@ def _weight_files(folder: Path) -> list[Path]:
     return [folder / name for name in weight_file_names(index if index.exists() else None)]
 
 
+def _is_stock_folder(folder: Path) -> bool:
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return is_stock_export(raw, PrunePlan.load(folder / PLAN_FILE))
+    except (OSError, ValueError):
+        return False
+
+
 def missing_files(checkpoint_dir: str | Path) -> list[str]:
-    """Files a complete pruned checkpoint needs that ``checkpoint_dir`` lacks (empty list: complete)."""
+    """Files a complete pruned checkpoint needs that ``checkpoint_dir`` lacks (empty list: complete); a stock export
+    (:func:`hf_prune.save_stock`) needs no ``modeling_pruned.py``."""
     folder = Path(checkpoint_dir)
-    wanted = ["config.json", PLAN_FILE, MODELING_FILE]
+    wanted = ["config.json", PLAN_FILE] + ([] if _is_stock_folder(folder) else [MODELING_FILE])
     return [n for n in wanted if not (folder / n).is_file()] + [
         f.name for f in _weight_files(folder) if not f.is_file()
     ]
-
-
-def _stats(folder: Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
-    """Dense and kept sizes, parameters and FLOPs of a pruned checkpoint, without reading any weights."""
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    plan_file = folder / PLAN_FILE
-    saved = PrunePlan.load(plan_file) if plan_file.exists() else None
-    stock = is_stock_export(raw, saved)
-    if not raw.get(CONFIG_KEY) and not stock:
-        raise ValueError(f"{folder}/config.json has no '{CONFIG_KEY}' section: not a checkpoint saved by hf_prune")
-    config = AutoConfig.from_pretrained(str(folder))
-    config.allow_global_per_layer_attribute_access = True
-    # A model on the meta device has every shape and no storage. Safetensors key names are no substitute:
-    # transformers 5 renames some families' keys on save (ViT's q_proj is stored as attention.query).
-    cls = resolve_class(config, None)
-    with torch.device("meta"):
-        model = (stock_class(cls) if stock else cls)(config)
-    if stock:  # the config holds the kept sizes; the dense ones are the plan's
-        L = saved.num_layers
-        dense_plan = replace(saved, heads=[list(range(saved.num_heads))] * L,
-                             neurons=[list(range(saved.intermediate_size))] * L, meta={})
-    else:
-        dense_plan = PrunePlan.dense(config)
-    return {
-        "stock": stock,
-        "config": raw,
-        "dense": dense_plan.layer_sizes()[0],
-        "sizes": model_layer_sizes(model),
-        "params": (count_params(model), plan_params(dense_plan, model)),
-        "flops": (count_flops(model, seq_len)["total"], plan_flops(dense_plan, model, seq_len)["total"]),
-        "plan_meta": saved.meta if saved is not None else {},
-    }
 
 
 def _auto_class(config: Mapping[str, Any]) -> str:
@@ -201,12 +173,12 @@ def model_card(
         check_repo_id(base_model, "base_model")
     if repo_id is not None:
         check_repo_id(repo_id, "repo_id")
-    s = _stats(folder, seq_len)
+    s = checkpoint_stats(folder, seq_len)
     config, dense, sizes = s["config"], s["dense"], s["sizes"]
     repo_id = repo_id or folder.resolve().name
     auto = _auto_class(config)
     meta = _front_matter(config, repo_id, base_model, task, dataset, metrics, extra_tags)
-    n = len(sizes)
+    n = s["dense_layers"]
     heads = sum(x["num_heads"] for x in sizes)
     neurons = sum(x["intermediate_size"] for x in sizes)
     base = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "A transformers model"
@@ -214,14 +186,15 @@ def model_card(
     out += [
         f"{base} structurally pruned with hf_prune"
         + (f" for {task}" if task else "")
-        + f": attention heads kept {_kept(heads, dense['num_heads'] * n)}, "
+        + (f": layers kept {_kept(len(sizes), n)}," if len(sizes) < n else ":")
+        + f" attention heads kept {_kept(heads, dense['num_heads'] * n)}, "
         f"FFN neurons kept {_kept(neurons, dense['intermediate_size'] * n)}, "
         f"parameters kept {_kept(*s['params'])}, "
         f"layer FLOPs kept at sequence length {seq_len} {_kept(*s['flops'])}.",
         "",
         (
-            "Whole heads and neurons are removed, so the weights are physically smaller and the model is faster "
-            "without sparse kernels."
+            "Whole layers, heads and neurons are removed, so the weights are physically smaller and the model is "
+            "faster without sparse kernels."
         ),
         "",
         "## Per-layer shapes",
@@ -229,11 +202,13 @@ def model_card(
     ]
     gqa = dense["num_kv_heads"] != dense["num_heads"]  # KV column only where it can differ from the heads
     header = ["layer", "heads kept / dense"] + (["KV heads kept / dense"] if gqa else []) + ["FFN neurons kept / dense"]
+    by_id = dict(zip(s["kept_layers"], sizes))  # dense layer id -> its kept sizes
     rows = [
         [i, f"{x['num_heads']}/{dense['num_heads']}"]
         + ([f"{x['num_kv_heads']}/{dense['num_kv_heads']}"] if gqa else [])
         + [f"{x['intermediate_size']}/{dense['intermediate_size']}"]
-        for i, x in enumerate(sizes)
+        if x is not None else [i, "removed"] + (["removed"] if gqa else []) + ["removed"]
+        for i, x in ((i, by_id.get(i)) for i in range(n))
     ]
     out += _table(header, rows) + [""]
     if metrics:
@@ -379,7 +354,7 @@ def push_pruned(
     (``checkpoint-*`` folders, optimizer/scheduler/RNG state) are not uploaded.
 
     Args:
-        checkpoint_dir: folder written by ``save_pretrained`` of a pruned model.
+        checkpoint_dir: folder written by ``save_pretrained`` of a pruned model (or by ``save_stock``).
         repo_id: target repo, ``"namespace/name"``.
         token: Hub token; default: ``HF_TOKEN`` or the stored login.
         private: create the repo private (only applies when the repo does not exist yet).
@@ -398,7 +373,8 @@ def push_pruned(
             f"{folder} is not a complete pruned checkpoint: missing {', '.join(missing)}. Save the pruned model "
             "with model.save_pretrained(folder) (after hf_prune.prune / apply_plan_) and push that folder."
         )
-    if CONFIG_KEY not in json.loads((folder / "config.json").read_text(encoding="utf-8")):
+    if CONFIG_KEY not in json.loads((folder / "config.json").read_text(encoding="utf-8")) and not \
+            _is_stock_folder(folder):
         raise CorruptCheckpointError(f"{folder}/config.json has no '{CONFIG_KEY}' section: not saved by hf_prune")
     if card_kwargs is not None or not (folder / CARD_FILE).exists():
         write_model_card(folder, **{"repo_id": repo_id, **(card_kwargs or {})})

@@ -342,3 +342,30 @@ def test_card_names_the_embedded_models_hub_id_and_never_links_a_local_path(bert
         hp.model_card(bert_ckpt[1], base_model="minilm!")
     with pytest.raises(ValueError, match="repo_id 'a/b/c' is not a valid Hub repo id"):
         hp.model_card(bert_ckpt[1], repo_id="a/b/c")
+
+
+def test_a_stock_export_with_removed_layers_is_pushed_and_its_card_says_so(fake_hub, tmp_path):
+    tiny = BY_NAME["llama"]
+    cfg = hp.PruningConfig(importance="magnitude", layers_keep=2, neurons_keep=0.5, allocation="uniform",
+                           deployable=True, progress=False)
+    model, _ = hp.prune(tiny.model(), [tiny.batch()], cfg)
+    folder = hp.save_pruned(model, tmp_path / "stock", deployable=True)
+    hp.push_pruned(folder, REPO, token="hf_fake")
+    assert {"config.json", "model.safetensors", "prune_plan.json", "README.md"} <= set(fake_hub.files)
+    assert "modeling_pruned.py" not in fake_hub.files
+    card = fake_hub.files["README.md"].decode()
+    assert "layers kept 2/3" in card and "stock architecture" in card and "trust_remote_code" not in card
+    removed = [i for i in range(3) if i not in model.prune_plan.kept_layers]
+    assert f"| {removed[0]} | removed | removed | removed |" in card  # the dense layer id, with its KV column
+
+
+def test_card_of_a_depth_pruned_checkpoint_counts_the_dense_layers(tmp_path):
+    tiny = BY_NAME["bert"]
+    model = tiny.model()
+    dense_params = hp.count_params(model)
+    hp.prune(model, [tiny.batch()], hp.PruningConfig(layers_keep=2, progress=False))
+    model.save_pretrained(tmp_path / "ckpt")
+    card = hp.model_card(tmp_path / "ckpt")
+    kept = hp.count_params(model)
+    assert "layers kept 2/3" in card and "attention heads kept 8/12" in card
+    assert f"parameters kept {kept:,}/{dense_params:,}" in card

@@ -55,7 +55,8 @@ def retraining_free_plan(
     t = time.perf_counter()
     if config.depth_search:  # one search per layer count, the untuned cut closest to the dense outputs wins
         plan = choose_depth(model, held_out or tune_batches, config,
-                            lambda c: search_masks(fisher, model, c, latency_table, layer_scores),
+                            functools.partial(search_masks, fisher, model, latency_table=latency_table,
+                                              layer_scores=layer_scores),
                             fisher.current.num_layers)
     else:
         plan = search_masks(fisher, model, config, latency_table, layer_scores)
