@@ -95,6 +95,22 @@ def test_flags_override_config():
     assert cfg.method == "retraining_free" and cfg.tuning_fit == "scales"
 
 
+def test_a_depth_budget_goes_with_every_flops_budget_of_a_recipe():
+    from hf_prune.recipes.common import run_name
+
+    *_, prune, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.5", "0.3",
+                                            "--layers_keep", "4"])
+    budgets = prune.budgets()
+    assert budgets == [{"flops_keep": 0.5, "layers_keep": 4}, {"flops_keep": 0.3, "layers_keep": 4}]
+    assert [run_name(b) for b in budgets] == ["flops50_layers4", "flops30_layers4"]
+    cfg = prune.pruning_config(budgets[1], seed=train.seed)
+    assert cfg.layers_keep == 4 and cfg.flops_keep == 0.3
+    *_, prune, _, _, _, _ = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.5",
+                                        "--depth_search", "true"])
+    assert prune.pruning_config(prune.budgets()[0], seed=0).depth_search
+    assert run_name({"layers_keep": 0.5}) == "layers50pct"
+
+
 def test_unknown_config_key_lists_valid_keys(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("recipe: glue\ntask_name: sst2\nflops_kep: 0.5\n")

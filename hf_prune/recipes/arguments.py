@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..budget import DEFAULT_BUDGET, FIELD_BUDGETS
+from ..budget import BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS
 from ..config import PruningConfig, flag_fields, from_flag
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -38,19 +38,22 @@ class _PruneArgumentsBase:
     """Methods of :class:`PruneArguments` (its fields are made from :class:`PruningConfig`'s)."""
 
     def budgets(self) -> list[dict[str, Any]]:
-        """One budget dict ``{kind: value}`` per run, e.g. ``[{"flops_keep": 0.75}, {"flops_keep": 0.5}]``."""
+        """One budget dict ``{kind: value}`` per run, e.g. ``[{"flops_keep": 0.75}, {"flops_keep": 0.5}]``; the depth
+        budget (``layers_keep``) goes with every one of them."""
         others = {k: getattr(self, k) for k in FIELD_BUDGETS if k != "flops_keep" and getattr(self, k) is not None}
         others.update(from_flag("custom_budget", self.custom_budget) or {})
+        depth = {k: v for k, v in others.items() if k in BUDGETS and BUDGETS[k].combines}
+        others = {k: v for k, v in others.items() if k not in depth}
         flops = getattr(self, "flops_keep")
         if isinstance(flops, (int, float)):  # a YAML scalar instead of a list
             flops = [float(flops)]
         if flops and others:
             raise ConfigError(f"set flops_keep or {sorted(others)}, not both")
         if others:
-            return [others]
+            return [{**others, **depth}]
         if flops:
-            return [{"flops_keep": float(f)} for f in flops]
-        return [dict(DEFAULT_BUDGET)]
+            return [{"flops_keep": float(f), **depth} for f in flops]
+        return [depth] if depth else [dict(DEFAULT_BUDGET)]
 
     def pruning_config(self, budget: Mapping[str, Any], seed: int) -> PruningConfig:
         """The library's :class:`PruningConfig` for one budget (raises ConfigError on a bad value)."""

@@ -127,10 +127,16 @@ class PruneResult:
 
 
 def run_name(budget: Mapping[str, Any]) -> str:
-    """Folder name of a budget's run: ``flops50``, ``heads75_neurons50``, ``params20M``."""
+    """Folder name of a budget's run: ``flops50``, ``heads75_neurons50``, ``params20M``, ``flops40_layers4`` (a layer
+    count), ``layers50pct`` (a fraction of the layers)."""
     parts = []
     for key, value in budget.items():
-        parts.append(f"params{value / 1e6:.3g}M" if key == "target_params" else f"{key.split('_')[0]}{round(value * 100)}")
+        if key == "target_params":
+            parts.append(f"params{value / 1e6:.3g}M")
+        elif key == "layers_keep":
+            parts.append(f"layers{int(value)}" if value > 1 else f"layers{round(value * 100)}pct")
+        else:
+            parts.append(f"{key.split('_')[0]}{round(value * 100)}")
     return "_".join(parts)
 
 
