@@ -127,6 +127,12 @@ class PruningTrainer(Trainer):
                 )
             teacher_model = copy.deepcopy(model)
         self.teacher = teacher_model.eval().requires_grad_(False) if teacher_model is not None else None
+        if pruning_config.deployable and getattr(args, "push_to_hub", False):
+            raise ValueError(
+                "deployable=True saves the final model as its stock architecture, but TrainingArguments(push_to_hub="
+                "True) pushes the per-layer training checkpoints: drop push_to_hub, save with trainer.save_model(DIR) "
+                "and push that folder with hf_prune.push_pruned(DIR, repo_id)"
+            )
         super().__init__(model=model, args=args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -144,6 +150,10 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("no parameter of the model requires grad, so recovery would train nothing (a model "
+                             "passed as teacher_model before is frozen): call model.requires_grad_(True), or pass a "
+                             "copy as the teacher")
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:

@@ -145,3 +145,13 @@ def test_deployable_trainer_saves_the_stock_architecture(tmp_path):
     x = inputs_only(tiny.batch())
     with torch.no_grad():
         assert torch.equal(stock(**x).logits, trainer.model.eval()(**x).logits)
+
+
+def test_deployable_trainer_refuses_to_push_training_checkpoints(tmp_path):
+    import transformers as T
+
+    args = T.TrainingArguments(output_dir=str(tmp_path / "out"), push_to_hub=True, hub_model_id="me/x",
+                               report_to=[], use_cpu=True)
+    cfg = hp.PruningConfig(layers_keep=2, deployable=True, progress=False)
+    with pytest.raises(ValueError, match="push that folder with hf_prune.push_pruned"):
+        hp.PruningTrainer(model=BY_NAME["llama"].model(), args=args, train_dataset=[], pruning_config=cfg)

@@ -384,3 +384,11 @@ def test_a_distillation_map_into_a_removed_layer_is_refused_before_training(tmp_
     with pytest.raises(ValueError, match=r"layer_map pairs \[\(3, 3\)\].*kept dense layers: \[0, 1\]"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_a_frozen_model_is_refused_before_training(tmp_path):
+    model = TINY.model().requires_grad_(False)  # e.g. it served as teacher_model of an earlier PruningTrainer
+    trainer = PruningTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_dataset(),
+                             pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False))
+    with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+        trainer.train()
