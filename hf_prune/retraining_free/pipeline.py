@@ -53,11 +53,12 @@ def retraining_free_plan(
                                         progress=config.progress)
         times["layer_scores_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    if config.depth_search:  # one search per layer count, the untuned cut closest to the dense outputs wins
+    if config.depth_search:  # one search per layer count; the tuned cut closest to the dense outputs wins
+        tune = functools.partial(_tune_quietly, model, tune_batches, config.tuning_fit) if config.mask_tuning else None
         plan = choose_depth(model, held_out or tune_batches, config,
                             functools.partial(search_masks, fisher, model, latency_table=latency_table,
                                               layer_scores=layer_scores),
-                            fisher.current.num_layers)
+                            fisher.current.num_layers, tune)
     else:
         plan = search_masks(fisher, model, config, latency_table, layer_scores)
     times["search_s"] = time.perf_counter() - t
@@ -116,6 +117,10 @@ def retraining_free_plan(
     plan.meta["retraining_free"] = info
     info["times"] = {**times, "total_s": time.perf_counter() - start}
     return plan, tuning
+
+
+def _tune_quietly(model: nn.Module, batches: list, fit: str, plan: PrunePlan) -> MaskTuning:
+    return tune_masks(model, batches, plan, fit=fit, progress=False)
 
 
 def prune_retraining_free(

@@ -83,11 +83,16 @@ def cut_candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None) 
 
 def choose_depth(
     model: nn.Module, held_out: Sequence[Batch], config: Any, make_plan: Callable[[Any], PrunePlan],
-    dense_layers: int,
+    dense_layers: int, tune: Callable[[PrunePlan], MaskTuning] | None = None,
 ) -> PrunePlan:
     """``config.depth_search``: one plan per number of layers kept (``make_plan(config with that layers_keep)``;
-    counts whose width budget is unreachable are skipped), and the one whose cut model (untuned) is closest to
-    ``model``'s outputs on ``held_out``; its ``meta["depth_search"]`` records every candidate's divergence."""
+    counts whose width budget is unreachable are skipped), and the one whose cut model is closest to ``model``'s
+    outputs on ``held_out``; its ``meta["depth_search"]`` records every candidate's divergence.
+
+    ``tune``: fit each candidate before it is compared (retraining-free: the refit recovers far more of a width cut
+    than of a depth cut, so untuned candidates would be judged on what the pipeline does not deliver; measured on
+    MiniLM/SST-2 at a third of the FLOPs, the untuned comparison chose 3 layers, 77.5% dev accuracy after tuning,
+    over 6 thinner layers, 86.7%)."""
     from ..depth import depth_candidates
 
     keep = config.budget().get("flops_keep", config.budget().get("latency_keep"))
@@ -101,10 +106,12 @@ def choose_depth(
         plans[str(len(plan.kept_layers))] = plan
     if not plans:
         raise ValueError(f"depth_search found no layer count that meets {config.budget()}: raise the budget")
-    divergence = output_divergence(model, held_out, {n: functools.partial(cut_candidate, model, p, None)
-                                                     for n, p in plans.items()})
+    def build(plan: PrunePlan) -> nn.Module:
+        return cut_candidate(model, plan, tune(plan) if tune is not None else None)
+
+    divergence = output_divergence(model, held_out, {n: functools.partial(build, p) for n, p in plans.items()})
     chosen = min(divergence, key=divergence.get)
     plan = plans[chosen]
-    plan.meta["depth_search"] = {"divergence": divergence, "chosen": int(chosen),
+    plan.meta["depth_search"] = {"divergence": divergence, "chosen": int(chosen), "tuned": tune is not None,
                                  "samples": sum(batch_size(b) for b in held_out)}
     return plan
