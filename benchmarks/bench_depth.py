@@ -6,8 +6,8 @@
   picks it, "auto"), then KD recovery with ``PruningTrainer`` (teacher = the dense
   model, a fixed number of steps): dev accuracy before and after recovery, measured batch-1 and batch-32 speedups
   (dense and pruned interleaved, seq 128).
-- **SmolLM2-135M-Instruct** (Llama, 30 layers): the same three kinds of cut, retraining-free on packed QNLI
-  (Wikipedia) training text, held-out perplexity on QNLI dev text, decode ms/token at batch 1 with the KV cache and
+- **SmolLM2-135M-Instruct** (Llama, 30 layers): the same kinds of cut, retraining-free on packed QNLI (Wikipedia)
+  sentences (the first 2,000 of the dev file), held-out perplexity on later ones (from the 3,000th), decode ms/token at batch 1 with the KV cache and
   prefill latency (``hp.compare_decode``, models interleaved).
 
 Cells are cached (``benchmarks/cache/depth/``), so a rerun only computes what is missing; the dense fine-tune is
@@ -76,8 +76,8 @@ class DepthArguments:
         recovery_steps: KD recovery steps (batch 32) after each MiniLM cut.
         recovery_lr: learning rate of the recovery.
         calibration_samples: SST-2 training sentences the retraining-free cut scores and tunes on.
-        lm_calibration_blocks: SmolLM2 calibration blocks of 128 tokens (QNLI training text).
-        lm_eval_blocks: held-out blocks of 128 tokens (QNLI dev text) for perplexity.
+        lm_calibration_blocks: SmolLM2 calibration blocks of 128 tokens (QNLI dev sentences 0-1999).
+        lm_eval_blocks: held-out blocks of 128 tokens (QNLI dev sentences from 3000) for perplexity.
         repeats: timed runs per latency measurement (median reported).
         seed: calibration draw and recovery seed.
     """
@@ -190,10 +190,9 @@ def smollm2(args: DepthArguments) -> dict[str, Any]:
     path = embedded_model_path("smollm2")
     tok = T.AutoTokenizer.from_pretrained(path)
     dense = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    calib = pack_text_blocks(tok, _qnli_sentences("train")[:20000], block_size=128, batch_size=4,
-                             max_blocks=args.lm_calibration_blocks)
-    held_out = pack_text_blocks(tok, _qnli_sentences("dev"), block_size=128, batch_size=4,
-                                max_blocks=args.lm_eval_blocks)
+    sentences = _qnli_sentences("dev")  # the only QNLI split in ../shared: calibration first, held-out text after
+    calib = pack_text_blocks(tok, sentences[:2000], block_size=128, batch_size=4, max_blocks=args.lm_calibration_blocks)
+    held_out = pack_text_blocks(tok, sentences[3000:], block_size=128, batch_size=4, max_blocks=args.lm_eval_blocks)
     dense_ppl = perplexity(dense, held_out)
     rows = []
     for kind, target, budget in QUICK_SMOL if args.quick else SMOL_GRID:
@@ -273,8 +272,8 @@ def write(results: dict[str, Any], args: DepthArguments) -> None:
     if "smollm2" in results:
         r = results["smollm2"]
         lines.append(f"\n## SmolLM2-135M-Instruct (held-out perplexity, QNLI dev text)\n\nDense perplexity "
-                     f"{r['dense_ppl']:.2f} on {args.lm_eval_blocks} blocks of 128 tokens; retraining-free on "
-                     f"{args.lm_calibration_blocks} blocks of QNLI training text, no recovery. Decode: batch 1, "
+                     f"{r['dense_ppl']:.2f} on {args.lm_eval_blocks} blocks of 128 tokens (QNLI sentences from the "
+                     f"3,000th); retraining-free on {args.lm_calibration_blocks} blocks of earlier ones, no recovery. Decode: batch 1, "
                      "prompt 128, 32 new tokens with the KV cache, CPU, dense and pruned interleaved.\n")
         rows = [{**x, "budget": _budget_text(x), "ppl_ratio": x["ppl"] / r["dense_ppl"]} for x in r["rows"]]
         lines.append(report.markdown_table(
