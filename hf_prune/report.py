@@ -113,6 +113,35 @@ def _pyplot():
     return plt
 
 
+def _line_plot(
+    series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str, ylabel: str,
+    dense: float | None = None, title: str | None = None, flops_axis: bool = False, ideal: bool = False,
+) -> Path:
+    """One line per series (points sorted by x). ``dense``: a horizontal reference line; ``flops_axis``: x is the
+    fraction of FLOPs kept, drawn right to left (left to right = more pruning); ``ideal``: the FLOPs-ideal speedup
+    1/x."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = sorted({p[0] for points in series.values() for p in points})
+    if ideal and xs:
+        grid = [min(xs) + (max(xs) - min(xs)) * i / 50 for i in range(51)]
+        ax.plot(grid, [1 / x for x in grid], color="black", linestyle="--", linewidth=1, label="FLOPs-ideal")
+    for name, points in series.items():
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if dense is not None:
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if flops_axis:
+        ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_metric_vs_flops(
     series: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -129,44 +158,16 @@ def plot_metric_vs_flops(
         metric: y-axis label.
         dense: the dense model's metric, drawn as a horizontal reference line.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, points in series.items():
-        pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if dense is not None:
-        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("fraction of encoder FLOPs kept")
-    ax.set_ylabel(metric)
-    ax.invert_xaxis()  # left to right = more pruning
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    return _line_plot(series, path, xlabel="fraction of encoder FLOPs kept", ylabel=metric, dense=dense,
+                      title=title, flops_axis=True)
 
 
 def plot_speedup_vs_flops(
     series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *, title: str | None = None
 ) -> Path:
     """Measured speedup against FLOPs kept, one line per setting (e.g. batch size), with the ideal 1/kept line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    xs = sorted({p[0] for points in series.values() for p in points})
-    if xs:
-        grid = [min(xs) + (max(xs) - min(xs)) * i / 50 for i in range(51)]
-        ax.plot(grid, [1 / x for x in grid], color="black", linestyle="--", linewidth=1, label="FLOPs-ideal")
-    for name, points in series.items():
-        pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("fraction of encoder FLOPs kept")
-    ax.set_ylabel("speedup vs dense")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    return _line_plot(series, path, xlabel="fraction of encoder FLOPs kept", ylabel="speedup vs dense", title=title,
+                      flops_axis=True, ideal=True)
 
 
 def plot_metric_vs_speedup(
@@ -177,7 +178,7 @@ def plot_metric_vs_speedup(
     dense: float | None = None,
     title: str | None = None,
 ) -> Path:
-    """The trade-off a user buys: the metric against the *measured* speedup, one marker style per method.
+    """The trade-off a user buys: the metric against the *measured* speedup, one line per method.
 
     Args:
         series: ``{method: [(speedup, metric), ...]}``.
@@ -185,20 +186,7 @@ def plot_metric_vs_speedup(
         metric: y-axis label.
         dense: the dense model's metric (at speedup 1), drawn as a horizontal reference line.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, points in series.items():
-        pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if dense is not None:
-        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
-    ax.set_xlabel("measured speedup vs dense")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    return _line_plot(series, path, xlabel="measured speedup vs dense", ylabel=metric, dense=dense, title=title)
 
 
 def plot_layer_heatmap(plan: PrunePlan, dense_plan: PrunePlan, path: str | Path, *, title: str | None = None) -> Path:
