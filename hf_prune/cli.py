@@ -152,7 +152,11 @@ def cmd_prune(argv: list[str]) -> int:
     key = "logits" if getattr(a, "logits", None) is not None else "last_hidden_state"
     same = torch.equal(getattr(a, key), getattr(b, key))
     print(f"\nsaved to {args.output_dir}; reloaded with hf_prune.load_pruned: outputs identical = {same}")
-    print(f"load it anywhere with: {args.auto_class}.from_pretrained({args.output_dir!r}, trust_remote_code=True)")
+    if cfg.deployable:  # the stock architecture: no custom code to trust
+        print(f"load it anywhere (transformers, vLLM, TGI, ...) with: {args.auto_class}.from_pretrained("
+              f"{args.output_dir!r})")
+    else:
+        print(f"load it anywhere with: {args.auto_class}.from_pretrained({args.output_dir!r}, trust_remote_code=True)")
     return 0 if same else 1
 
 

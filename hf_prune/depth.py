@@ -135,6 +135,10 @@ def layer_importance(
     seen = 0
     was_training = model.training
     model.eval()
+    try:
+        total = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
     bar = tqdm(total=max_samples, desc=f"{crit.name} layer scores", unit="sample", disable=not progress)
     try:
         for step, raw in enumerate(dataloader):
@@ -142,6 +146,8 @@ def layer_importance(
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             mask = batch.get("attention_mask")
             bsz = batch_size(batch)
+            if step == 0 and total is not None:  # batches x first batch size: the bar's best guess
+                bar.total = min(max_samples or total * bsz, total * bsz)
             if crit.stat is not None:
                 _add_stats_(layers, inputs, model, crit.stat, mask, acc)
             elif crit.gradient:

@@ -163,6 +163,21 @@ def test_cli_prunes_to_a_latency_budget_with_retraining_free(tmp_path, capsys):
     assert "retraining_free" in plan.meta
 
 
+def test_cli_writes_a_deployable_depth_pruned_minilm_that_plain_transformers_loads(tmp_path, capsys):
+    """The real embedded MiniLM: 4 of 6 layers and half of every FFN, written as the stock BertModel."""
+    import transformers as T
+
+    out = tmp_path / "stock"
+    code = main(["prune", "--layers_keep", "4", "--neurons_keep", "0.5", "--allocation", "uniform", "--deployable",
+                 "true", "--samples", "32", "--batch_size", "16", "--max_length", "16", "--bench", "false",
+                 "--progress", "false", "--output_dir", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "outputs identical = True" in text and "trust_remote_code" not in text.split("saved to")[1]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["intermediate_size"] == 768 and "hf_prune" not in config
+    assert type(T.AutoModel.from_pretrained(out)).__name__ == "BertModel"
+
+
 def test_invalid_hub_model_id_is_refused_before_any_work(capsys):
     assert main(["run", str(ROOT / "recipes/glue/sst2.yaml"), "--hub_model_id", "a/b/c"]) == 2
     err = capsys.readouterr().err
