@@ -53,8 +53,8 @@ class PruningConfig:
             layers against heads and neurons. One plan per number of layers kept (from all of them down to the
             budget's share; the lowest-scoring layers go first, the width budget is spent on the rest); the plan
             whose cut model's outputs are closest to the dense model's (KL of the logits, squared error otherwise)
-            on held-out calibration samples wins (``retraining_free``: the selection samples, before tuning;
-            ``one_shot``: the first 256 calibration samples).
+            on held-out calibration samples wins (``retraining_free``: each candidate mask-tuned on the tuning
+            samples, then compared on the selection samples; ``one_shot``: the first 256 calibration samples).
         custom_budget: a budget of a kind added with :func:`hf_prune.budget.register_budget`, by name, e.g.
             ``{"my_kind": 0.5}`` (recipes and the CLI take it as JSON).
         seq_len: sequence length at which FLOPs are counted (and latency is measured).

@@ -29,7 +29,7 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
 Depth (``layers_keep``): the lowest-scoring layers (:func:`hf_prune.layer_importance`) are removed in the search
 and the width budget is spent on the rest; the tuning skips them in the cut stream, so the next kept layer's fit
 (its targets are the dense stream's) also makes up for what they added. ``depth_search`` tries every layer count
-the budget allows and keeps the search plan closest to the dense outputs (:func:`choose_depth`) before tuning.
+the budget allows, tunes each candidate and keeps the one closest to the dense outputs (:func:`choose_depth`).
 
 One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the latency table for ``latency_keep``),
 :mod:`.rearrange`, :mod:`.tuning`, :mod:`.selection`; :mod:`.layer_io` records and replays layer calls;
