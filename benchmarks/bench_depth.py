@@ -7,8 +7,8 @@
   model, a fixed number of steps): dev accuracy before and after recovery, measured batch-1 and batch-32 speedups
   (dense and pruned interleaved, seq 128).
 - **SmolLM2-135M-Instruct** (Llama, 30 layers): the same kinds of cut, retraining-free on packed QNLI (Wikipedia)
-  sentences (the first 2,000 of the dev file), held-out perplexity on later ones (from the 3,000th), decode ms/token at batch 1 with the KV cache and
-  prefill latency (``hp.compare_decode``, models interleaved).
+  sentences (the first 2,000 of the dev file), held-out perplexity on later ones (from the 3,000th), decode
+  ms/token at batch 1 with the KV cache and prefill latency (``hp.compare_decode``, models interleaved).
 
 Cells are cached (``benchmarks/cache/depth/``), so a rerun only computes what is missing; the dense fine-tune is
 cached too. Writes ``benchmarks/results/depth{_quick}.json`` / ``.md`` and the plots.
@@ -273,8 +273,8 @@ def write(results: dict[str, Any], args: DepthArguments) -> None:
         r = results["smollm2"]
         lines.append(f"\n## SmolLM2-135M-Instruct (held-out perplexity, QNLI dev text)\n\nDense perplexity "
                      f"{r['dense_ppl']:.2f} on {args.lm_eval_blocks} blocks of 128 tokens (QNLI sentences from the "
-                     f"3,000th); retraining-free on {args.lm_calibration_blocks} blocks of earlier ones, no recovery. Decode: batch 1, "
-                     "prompt 128, 32 new tokens with the KV cache, CPU, dense and pruned interleaved.\n")
+                     f"3,000th); retraining-free on {args.lm_calibration_blocks} blocks of earlier ones, no recovery. "
+                     "Decode: batch 1, prompt 128, 32 new tokens with the KV cache, CPU, dense and pruned interleaved.\n")
         rows = [{**x, "budget": _budget_text(x), "ppl_ratio": x["ppl"] / r["dense_ppl"]} for x in r["rows"]]
         lines.append(report.markdown_table(
             rows, ["target", "kind", "budget", "layers_kept", "flops_kept", "params_m", "ppl", "ppl_ratio",

@@ -202,9 +202,9 @@ class PruningCallback(TrainerCallback, ExportableState):
             if calibration_dataloader is None:
                 raise ValueError("method='retraining_free' needs calibration data: pass calibration_dataloader=...")
         if self.config.depth_search and self.schedule.kind != "one_shot":
-            raise ValueError(f"depth_search chooses the layer count at one one-shot event, not on a {self.schedule.kind} "
-                             "schedule: use a one_shot schedule, or set layers_keep (a gradual schedule fades those "
-                             "layers out)")
+            raise ValueError(f"depth_search chooses the layer count at one one-shot event, not on a "
+                             f"{self.schedule.kind} schedule: use a one_shot schedule, or set layers_keep (a gradual "
+                             "schedule fades those layers out)")
         if (self.config.layers_keep is not None or self.config.depth_search) and calibration_dataloader is None:
             raise ValueError(f"layers_keep scores whole layers (layer_importance={self.config.layer_importance!r}) on "
                              "calibration data: pass calibration_dataloader=...")

@@ -195,7 +195,8 @@ def checkpoint_stats(folder: str | Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[s
     if len(sizes) < dense_plan.num_layers:  # removed layers also held what width pruning cannot touch (norms, biases)
         layer = layer_list(model, get_adapter(model))[0]
         cost = CostModel.for_model(model)
-        fixed = count_params(layer) - cost.total([current_layer_sizes(layer, get_adapter(model), cost.head_dim)])["total"]
+        sizes_0 = current_layer_sizes(layer, get_adapter(model), cost.head_dim)
+        fixed = count_params(layer) - cost.total([sizes_0])["total"]
         dense_params += (dense_plan.num_layers - len(sizes)) * fixed
     return {
         "stock": stock,
