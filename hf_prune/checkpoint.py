@@ -186,7 +186,7 @@ def checkpoint_stats(folder: str | Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[s
     if stock:  # the config holds the kept sizes; the dense ones are the plan's
         L = saved.num_layers
         dense_plan = replace(saved, heads=[list(range(saved.num_heads))] * L,
-                             neurons=[list(range(saved.intermediate_size))] * L, meta={})
+                             neurons=[list(range(saved.intermediate_size))] * L, meta={}, layers=None)
     else:
         dense_plan = PrunePlan.dense(config)
     sizes = model_layer_sizes(model)

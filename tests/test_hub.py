@@ -348,6 +348,7 @@ def test_a_stock_export_with_removed_layers_is_pushed_and_its_card_says_so(fake_
     tiny = BY_NAME["llama"]
     cfg = hp.PruningConfig(importance="magnitude", layers_keep=2, neurons_keep=0.5, allocation="uniform",
                            deployable=True, progress=False)
+    dense = tiny.model()
     model, _ = hp.prune(tiny.model(), [tiny.batch()], cfg)
     folder = hp.save_pruned(model, tmp_path / "stock", deployable=True)
     hp.push_pruned(folder, REPO, token="hf_fake")
@@ -357,6 +358,10 @@ def test_a_stock_export_with_removed_layers_is_pushed_and_its_card_says_so(fake_
     assert "layers kept 2/3" in card and "stock architecture" in card and "trust_remote_code" not in card
     removed = [i for i in range(3) if i not in model.prune_plan.kept_layers]
     assert f"| {removed[0]} | removed | removed | removed |" in card  # the dense layer id, with its KV column
+    # the dense side of each ratio is the whole dense model, not the plan's kept layers
+    assert f"parameters kept {hp.count_params(model):,}/{hp.count_params(dense):,}" in card
+    dense_flops = hp.count_flops(dense, 128)["total"]
+    assert f"layer FLOPs kept at sequence length 128 {hp.count_flops(model, 128)['total']:,}/{dense_flops:,}" in card
 
 
 def test_card_of_a_depth_pruned_checkpoint_counts_the_dense_layers(tmp_path):
