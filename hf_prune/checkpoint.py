@@ -19,15 +19,13 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from .adapters import get_adapter
-from .costs import CostModel, count_flops, count_params, model_layer_sizes, plan_flops, plan_params
+from .costs import count_flops, count_params, layer_fixed_params, model_layer_sizes, plan_flops, plan_params
 from .export import is_stock_export
 from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
 from .modeling_pruned import (
     CONFIG_KEY,
     PLAN_FILE,
     config_get,
-    current_layer_sizes,
-    layer_list,
     layer_sizes,
     pruned_class,
     stock_class,
@@ -193,11 +191,7 @@ def checkpoint_stats(folder: str | Path, seq_len: int = FLOPS_SEQ_LEN) -> dict[s
     kept = saved.kept_layers if saved is not None else list(range(len(sizes)))
     dense_params = plan_params(dense_plan, model)
     if len(sizes) < dense_plan.num_layers:  # removed layers also held what width pruning cannot touch (norms, biases)
-        layer = layer_list(model, get_adapter(model))[0]
-        cost = CostModel.for_model(model)
-        sizes_0 = current_layer_sizes(layer, get_adapter(model), cost.head_dim)
-        fixed = count_params(layer) - cost.total([sizes_0])["total"]
-        dense_params += (dense_plan.num_layers - len(sizes)) * fixed
+        dense_params += (dense_plan.num_layers - len(sizes)) * layer_fixed_params(model)
     return {
         "stock": stock,
         "config": raw,

@@ -126,6 +126,14 @@ def plan_flops(plan: "PrunePlan", model: nn.Module, seq_len: int = 128) -> dict[
     return CostModel.for_model(model).total(plan.layer_sizes(), seq_len)
 
 
+def layer_fixed_params(model: nn.Module) -> int:
+    """Parameters of one layer that width pruning cannot remove (norms, output biases): what removing a whole layer
+    saves beyond its heads and neurons. The same in every layer (none of them depends on the kept widths)."""
+    layer = layer_list(model, get_adapter(model))[0]
+    cost = CostModel.for_model(model)
+    return count_params(layer) - cost.total([current_layer_sizes(layer, get_adapter(model), cost.head_dim)])["total"]
+
+
 def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
     """Total parameter count the model will have once ``plan`` is applied (analytic)."""
     from .plan import PrunePlan
@@ -133,11 +141,8 @@ def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
     cost = CostModel.for_model(model)
     now = cost.total(model_layer_sizes(model))["total"]
     kept = set(plan.kept_layers)
-    # a removed layer also frees what width pruning cannot touch (norms, output biases)
-    ids = PrunePlan.of(model).kept_layers
-    gone = [layer for i, layer in zip(ids, layer_list(model, get_adapter(model))) if i not in kept]
-    fixed_gone = sum(count_params(layer) for layer in gone) - cost.total(
-        [current_layer_sizes(layer, get_adapter(model), cost.head_dim) for layer in gone])["total"]
+    removed = sum(i not in kept for i in PrunePlan.of(model).kept_layers)
+    fixed_gone = removed * layer_fixed_params(model) if removed else 0
     return count_params(model) - now + cost.total(plan.layer_sizes())["total"] - fixed_gone
 
 
