@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .adapters import layers_of
 from .batches import batch_size, to_device
 from .distributed import all_reduce_sum_
+from .divergence import model_output, sample_divergence
 from .importance import per_sample_loss
 from .masks import LayerMasks, layer_io, mask_hooks
 from .plan import PrunePlan
@@ -90,23 +91,6 @@ def _block_influence(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
     return _token_mean(1 - F.cosine_similarity(x.float(), y.float(), dim=-1), mask)
 
 
-def _outputs(out: Any) -> tuple[torch.Tensor, bool]:
-    """The tensor a skip is judged on, and whether it is logits over classes/tokens (KL) or not (squared error)."""
-    logits = getattr(out, "logits", None)
-    if logits is not None:
-        return logits.float(), logits.shape[-1] > 1
-    return out.last_hidden_state.float(), False
-
-
-def _divergence(ref: torch.Tensor, out: torch.Tensor, kl: bool, mask: torch.Tensor | None) -> torch.Tensor:
-    # (B, [T,] C) -> (B,)
-    if kl:
-        d = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
-    else:
-        d = (ref - out).pow(2).sum(-1)
-    return _token_mean(d, mask) if d.dim() == 2 else d
-
-
 def layer_importance(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
@@ -161,14 +145,14 @@ def layer_importance(
                         acc[p] += g.double().pow(2).sum()
             else:
                 with torch.no_grad():
-                    ref, kl = _outputs(model(**inputs))
+                    ref, kl = model_output(model(**inputs))
                     masks = LayerMasks(n)
                     with mask_hooks(model, masks):
                         for p in range(n):
                             masks.layers = [None] * n
                             masks.layers[p] = torch.zeros(1, device=device)
-                            out, _ = _outputs(model(**inputs))
-                            acc[p] += _divergence(ref, out, kl, mask).double().sum()
+                            out, _ = model_output(model(**inputs))
+                            acc[p] += sample_divergence(ref, out, kl, mask).double().sum()
             seen += bsz
             bar.update(bsz)
             if max_samples is not None and seen >= max_samples:

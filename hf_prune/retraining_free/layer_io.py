@@ -14,6 +14,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from ..batches import Batch, model_device, to_device
+from ..divergence import model_output
 from ..modeling_pruned import get_module
 
 
@@ -227,10 +228,3 @@ def run_until(layer: nn.Module, adapter, x: LayerInput, hidden: torch.Tensor, st
         except Stop:
             pass
     return rec
-
-def model_output(out: Any) -> tuple[torch.Tensor, bool]:
-    """The output compared across candidates, and whether it is logits over classes/tokens (KL) or not (MSE)."""
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        return out.last_hidden_state.float(), False
-    return logits.float(), logits.shape[-1] > 1

@@ -14,26 +14,11 @@ from torch import nn
 
 from ..batches import Batch, batch_size, model_device, to_device
 from ..distributed import is_distributed
+from ..divergence import model_output, sample_divergence
 from ..plan import PrunePlan
 from ..surgery import apply_plan_
-from .layer_io import model_output
 from .tuning import MaskTuning, fold_tuning_
 
-
-
-def sample_divergence(
-    ref: torch.Tensor, out: torch.Tensor, kl: bool, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Per-sample ``(B,)`` divergence: KL(ref || out) of the softmax over the last axis for logits, squared
-    error otherwise (regression heads, hidden states); token outputs are averaged over ``attention_mask``."""
-    if kl:
-        d = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1)
-    else:
-        d = (ref - out).pow(2).sum(-1)
-    if d.dim() == 2:  # (B, T): per-token outputs
-        m = attention_mask.to(d.dtype) if attention_mask is not None else torch.ones_like(d)
-        d = (d * m).sum(-1) / m.sum(-1).clamp_min(1)
-    return d
 
 
 @torch.no_grad()
