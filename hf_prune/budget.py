@@ -11,7 +11,6 @@ kept while their summed cost fits the limit.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -332,7 +331,7 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
             raise ValueError("layers_keep needs whole-layer scores: pass ImportanceScores(layers=hf_prune."
                              "layer_importance(model, data)) (hf_prune.prune computes them)")
         layers = layers_to_keep(scores.layers, budget["layers_keep"], current)
-        scores = _without_layers(scores, layers)  # the width budget is spent on the layers that stay
+        scores = scores.only_layers(layers)  # the width budget is spent on the layers that stay
     kinds = [BUDGETS[name] for name in budget if not BUDGETS[name].combines]
     costed = [k for k in kinds if k.unit_costs is not None]
     if kinds and not costed and kinds[0].group != "units":
@@ -382,12 +381,3 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
         },
     )
     return plan
-
-
-def _without_layers(scores: "ImportanceScores", keep: list[int]) -> "ImportanceScores":
-    """``scores`` with every unit of the layers not in ``keep`` marked removed (NaN)."""
-    gone = [i for i in range(scores.heads.shape[0]) if i not in set(keep)]
-    h, n = scores.heads.clone(), scores.neurons.clone()
-    h[gone] = float("nan")
-    n[gone] = float("nan")
-    return dataclasses.replace(scores, heads=h, neurons=n)

@@ -20,6 +20,7 @@ Under ``torch.distributed`` scores are summed over processes, so every rank buil
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,14 @@ class ImportanceScores:
             h[i, current.heads[i]] = heads[p].detach().float().cpu()
             n[i, current.neurons[i]] = neurons[p].detach().float().cpu()
         return cls(h, n, criterion, num_samples)
+
+    def only_layers(self, keep: list[int]) -> "ImportanceScores":
+        """These scores with every unit of the layers not in ``keep`` (dense ids) marked removed (NaN)."""
+        gone = [i for i in range(self.heads.shape[0]) if i not in set(keep)]
+        h, n = self.heads.clone(), self.neurons.clone()
+        h[gone] = float("nan")
+        n[gone] = float("nan")
+        return dataclasses.replace(self, heads=h, neurons=n)
 
     @property
     def comparable(self) -> bool:

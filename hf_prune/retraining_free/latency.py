@@ -188,9 +188,7 @@ def search_masks(
         keep = None
         if config.layers_keep is not None:
             keep = layers_to_keep(layer_scores, config.layers_keep, PrunePlan.of(model))
-            gone = [i for i in range(scores.heads.shape[0]) if i not in keep]
-            scores.heads[gone] = float("nan")
-            scores.neurons[gone] = float("nan")
+            scores = scores.only_layers(keep)
         if latency_table is None:
             latency_table = measure_latency_table(
                 model, config.latency_batch_size, config.seq_len, round_to=config.round_to, progress=config.progress
