@@ -6,11 +6,12 @@ these, so the data never makes round trips between the modules that consume it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 Batch = dict[str, Any]
 
@@ -31,6 +32,47 @@ def batch_size(batch: Mapping[str, Any]) -> int:
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s (first) parameters live: calibration batches are moved there."""
     return next(model.parameters()).device
+
+
+class CalibrationPass:
+    """One pass over calibration batches, up to ``max_samples`` samples (whole batches), with a progress bar.
+
+    Iterating gives ``(step, batch on device, batch size)``; afterwards ``seen`` is the number of samples gone
+    through and ``total`` the number of batches (None when the dataloader has no length).
+
+    Args:
+        dataloader: the calibration batches.
+        device: where each batch is moved.
+        max_samples: stop after this many samples (None: all).
+        desc: the progress bar's label.
+        progress: show the bar.
+    """
+
+    def __init__(self, dataloader: Iterable[Mapping[str, Any]], device: torch.device, max_samples: int | None,
+                 desc: str, progress: bool) -> None:
+        self.dataloader, self.device, self.max_samples = dataloader, device, max_samples
+        self.desc, self.progress = desc, progress
+        self.seen = 0
+        try:
+            self.total: int | None = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            self.total = None
+
+    def __iter__(self) -> Iterator[tuple[int, Batch, int]]:
+        bar = tqdm(total=self.max_samples, desc=self.desc, unit="sample", disable=not self.progress)
+        try:
+            for step, raw in enumerate(self.dataloader):
+                batch = to_device(raw, self.device)
+                bsz = batch_size(batch)
+                if step == 0 and self.total is not None:  # batches x first batch size: the bar's best guess
+                    bar.total = min(self.max_samples or self.total * bsz, self.total * bsz)
+                yield step, batch, bsz
+                self.seen += bsz
+                bar.update(bsz)
+                if self.max_samples is not None and self.seen >= self.max_samples:
+                    break
+        finally:
+            bar.close()
 
 
 def collect_batches(dataloader: Iterable[Mapping[str, Any]], max_samples: int | None) -> list[Batch]:

@@ -25,10 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import layers_of
-from .batches import batch_size, to_device
+from .batches import CalibrationPass
 from .distributed import all_reduce_sum_
 from .divergence import model_output, sample_divergence
 from .importance import per_sample_loss
@@ -116,22 +115,13 @@ def layer_importance(
     n = len(layers)
     device = next(model.parameters()).device
     acc = torch.zeros(n, dtype=torch.float64, device=device)
-    seen = 0
     was_training = model.training
     model.eval()
+    data = CalibrationPass(dataloader, device, max_samples, f"{crit.name} layer scores", progress)
     try:
-        total = len(dataloader)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    bar = tqdm(total=max_samples, desc=f"{crit.name} layer scores", unit="sample", disable=not progress)
-    try:
-        for step, raw in enumerate(dataloader):
-            batch = to_device(raw, device)
+        for step, batch, bsz in data:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             mask = batch.get("attention_mask")
-            bsz = batch_size(batch)
-            if step == 0 and total is not None:  # batches x first batch size: the bar's best guess
-                bar.total = min(max_samples or total * bsz, total * bsz)
             if crit.stat is not None:
                 _add_stats_(layers, inputs, model, crit.stat, mask, acc)
             elif crit.gradient:
@@ -153,16 +143,11 @@ def layer_importance(
                             masks.layers[p] = torch.zeros(1, device=device)
                             out, _ = model_output(model(**inputs))
                             acc[p] += sample_divergence(ref, out, kl, mask).double().sum()
-            seen += bsz
-            bar.update(bsz)
-            if max_samples is not None and seen >= max_samples:
-                break
     finally:
-        bar.close()
         model.train(was_training)
-    if seen == 0:
+    if data.seen == 0:
         raise ValueError("the calibration dataloader yielded no batches: layer scores need at least one batch")
-    counts = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+    counts = torch.tensor([float(data.seen)], dtype=torch.float64, device=device)
     all_reduce_sum_([acc, counts])
     if not crit.gradient:
         acc = acc / counts

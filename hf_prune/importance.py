@@ -28,10 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .adapters import get_adapter, model_dims
-from .batches import batch_size, to_device
+from .batches import CalibrationPass, batch_size
 from .criteria import CRITERIA, Criterion, get_criterion
 from .distributed import all_reduce_sum_
 from .masks import LayerMasks, mask_hooks
@@ -172,21 +171,11 @@ def _data_scores(
     n_neurons = [get_module(l, adapter.up).out_features for l in layers]
     head_acc = [torch.zeros(h, device=device) for h in n_heads]
     neuron_acc = [torch.zeros(n, device=device) for n in n_neurons]
-    seen = 0
     was_training = model.training
     model.eval()  # dropout off: scores must not depend on dropout noise
-    total = None
+    data = CalibrationPass(dataloader, device, max_samples, f"{crit.name} scores", progress)
     try:
-        total = len(dataloader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    bar = tqdm(total=max_samples, desc=f"{crit.name} scores", unit="sample", disable=not progress)
-    try:
-        for step, raw in enumerate(dataloader):
-            batch = to_device(raw, device)
-            bsz = batch_size(batch)
-            if step == 0 and total is not None:  # batches x first batch size: the bar's best guess
-                bar.total = min(max_samples or total * bsz, total * bsz)
+        for step, batch, _ in data:
             if crit.stats is not None:
                 with torch.no_grad(), crit.stats(model, batch, head_acc, neuron_acc):
                     model(**{k: v for k, v in batch.items() if k != "labels"})
@@ -195,19 +184,14 @@ def _data_scores(
                 for acc, g in zip(head_acc + neuron_acc, grads):
                     if g is not None:
                         acc += crit.reduce(g)
-            seen += bsz
-            bar.update(bsz)
-            if max_samples is not None and seen >= max_samples:
-                break
     finally:
-        bar.close()
         model.train(was_training)
-    if seen == 0:
+    if data.seen == 0:
         raise ValueError(
             "the calibration dataloader yielded no batches: pass a non-empty dataloader "
-            f"(got {total if total is not None else 'an empty iterable'})"
+            f"(got {data.total if data.total is not None else 'an empty iterable'})"
         )
-    counts = torch.tensor([float(seen)], device=device)
+    counts = torch.tensor([float(data.seen)], device=device)
     all_reduce_sum_(head_acc + neuron_acc + [counts])
     if crit.stats is not None:  # forward statistics are means over samples
         head_acc = [a / counts for a in head_acc]
