@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] in ("inspect", "bench", "export") and len(argv) > 1 and not argv[1].startswith("-"):
         argv = [argv[0], "--checkpoint", *argv[1:]]  # positional CHECKPOINT
+    from .distributed import shutdown
     from .recipes.common import quiet_expected_warnings
 
     quiet_expected_warnings()
@@ -407,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"hf-prune {argv[0]}: error: {message}  (--debug shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        shutdown()  # under `accelerate launch -m hf_prune.cli run ...`
 
 
 if __name__ == "__main__":

@@ -38,3 +38,11 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if is_distributed():
         torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the process group, if one runs: the last call of a script launched with ``accelerate launch`` or
+    ``torchrun``. A gloo group left to interpreter shutdown can abort the process (SIGABRT, "terminate called
+    without an active exception") after all the work succeeded, while its worker threads still hold tensors."""
+    if is_distributed():
+        torch.distributed.destroy_process_group()

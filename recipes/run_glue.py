@@ -9,6 +9,8 @@ Same as ``hf-prune run CONFIG``. The steps live in :mod:`hf_prune.recipes.glue` 
 """
 
 from hf_prune.recipes.glue import main
+from hf_prune.distributed import shutdown
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -9,6 +9,8 @@ Same as ``hf-prune run CONFIG``. The steps live in :mod:`hf_prune.recipes.image_
 """
 
 from hf_prune.recipes.image_classification import main
+from hf_prune.distributed import shutdown
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -211,4 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from ..distributed import shutdown
+
     main()
+    shutdown()
