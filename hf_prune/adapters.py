@@ -137,7 +137,7 @@ LLAMA = ArchAdapter(
     up="mlp.up_proj",
     down="mlp.down_proj",
     num_kv_heads_field="num_key_value_heads",
-    attrs=(("mlp.intermediate_size", "intermediate_size"),),
+    attrs=(("mlp.intermediate_size", "intermediate_size"), ("self_attn.num_key_value_groups", "kv_groups")),
 )
 
 for _adapter in (

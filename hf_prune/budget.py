@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from torch import nn
 
 from .adapters import model_dims
 from .depth import layers_to_keep
 from .plan import PlanMismatchError, PrunePlan
+from .units import Unit, kv_group_units, neuron_units, normalise_, query_head_units
 
 if TYPE_CHECKING:
     from .config import PruningConfig
@@ -157,51 +157,9 @@ for _kind in (
 # -------------------------------------------------------------------------------------------- allocation
 
 
-@dataclass
-class _Unit:
-    """A prunable unit: one head group, or one block of ``round_to`` neurons, of one layer."""
-
-    layer: int
-    ids: list[int]
-    score: float
-    cost: float
-
-
-def _head_units(scores: torch.Tensor, group: int, cost: float) -> list[list[_Unit]]:
-    """Per layer, available head groups sorted best first. ``scores``: (L, H), NaN = already removed."""
-    out = []
-    for i, row in enumerate(scores):
-        g = row.view(-1, group)  # (KV, group)
-        units = [
-            _Unit(i, list(range(k * group, (k + 1) * group)), float(g[k].sum()), cost)
-            for k in range(g.shape[0])
-            if not torch.isnan(g[k]).any()
-        ]
-        out.append(sorted(units, key=lambda u: -u.score))
-    return out
-
-
-def _neuron_units(scores: torch.Tensor, round_to: int, cost: float) -> list[list[_Unit]]:
-    """Per layer, blocks of ``round_to`` neurons, best neurons first. ``scores``: (L, I)."""
-    out = []
-    for i, row in enumerate(scores):
-        avail = (~torch.isnan(row)).nonzero().view(-1)
-        order = avail[torch.argsort(row[avail], descending=True, stable=True)].tolist()
-        blocks = [order[j : j + round_to] for j in range(0, len(order), round_to)]
-        out.append([_Unit(i, b, float(row[b].sum()), cost * len(b)) for b in blocks])
-    return out
-
-
-def _normalise_(units: list[list[_Unit]], unit_cost: float) -> None:
-    """Put a criterion whose heads and neurons are on unrelated scales on one scale: a unit of average
-    score is worth its cost, so uniform scores give a uniform cut."""
-    flat = [u for layer in units for u in layer]
-    mean = sum(u.score for u in flat) / max(1, sum(u.cost for u in flat) / unit_cost)
-    for u in flat:
-        u.score = u.score / mean * unit_cost if mean > 0 else u.cost
-
-
-def _take_count(units: list[list[_Unit]], n_keep: int, allocation: str, floor: int) -> list[list[_Unit]]:
+def _take_count(
+    units: list[list[Unit]], n_keep: int, allocation: str, floor: int, per_id: bool = False
+) -> list[list[Unit]]:
     """Keep ``n_keep`` units' worth of ids (per layer for uniform, in total for global), never more."""
     if allocation == "uniform":
         kept = []
@@ -217,7 +175,9 @@ def _take_count(units: list[list[_Unit]], n_keep: int, allocation: str, floor: i
     kept = [layer[: min(floor, len(layer))] for layer in units]
     n = sum(len(u.ids) for layer in kept for u in layer)
     nxt = [len(k) for k in kept]
-    pool = sorted((u for i, layer in enumerate(units) for u in layer[nxt[i] :]), key=lambda u: -u.score)
+    # By score per id: query-head units differ in size (KV groups and neuron blocks are equal, but for the last)
+    key = (lambda u: -u.score / len(u.ids)) if per_id else (lambda u: -u.score)
+    pool = sorted((u for i, layer in enumerate(units) for u in layer[nxt[i] :]), key=key)
     for u in pool:
         # Within a layer units are taken in order, so ids stay the layer's best.
         if n + len(u.ids) > n_keep or units[u.layer][nxt[u.layer]] is not u:
@@ -229,8 +189,8 @@ def _take_count(units: list[list[_Unit]], n_keep: int, allocation: str, floor: i
 
 
 def _take_budget(
-    heads: list[list[_Unit]], neurons: list[list[_Unit]], budget: float, allocation: str, floor: int
-) -> tuple[list[list[_Unit]], list[list[_Unit]]]:
+    heads: list[list[Unit]], neurons: list[list[Unit]], budget: float, allocation: str, floor: int
+) -> tuple[list[list[Unit]], list[list[Unit]]]:
     """Maximise kept score under a cost budget. Tries every number of head units (per layer for uniform,
     in total for global) and fills what is left with the best neuron blocks."""
     L = len(heads)
@@ -245,7 +205,7 @@ def _take_budget(
 
     neuron_pool = sorted((u for i, x in enumerate(neurons) for u in x[n_floor[i] :]), key=lambda u: -u.score)
 
-    def fill(kept: list[list[_Unit]], units: list[list[_Unit]], left: float) -> float:
+    def fill(kept: list[list[Unit]], units: list[list[Unit]], left: float) -> float:
         """Add neuron blocks best-first (each layer in its own order) while they fit; return what is left."""
         nxt = [len(k) for k in kept]
         for u in neuron_pool:
@@ -255,7 +215,7 @@ def _take_budget(
                 left -= u.cost
         return left
 
-    best: tuple[float, list[list[_Unit]], list[list[_Unit]]] | None = None
+    best: tuple[float, list[list[Unit]], list[list[Unit]]] | None = None
     if allocation == "uniform":
         max_h = max((len(x) for x in heads), default=0)
         for k in range(min(h_floor or [0]), max_h + 1):
@@ -282,13 +242,13 @@ def _take_budget(
                 best = (score, kh, kn)
     else:
         base_h = [x[: h_floor[i]] for i, x in enumerate(heads)]
-        pool = sorted((u for i, x in enumerate(heads) for u in x[h_floor[i] :]), key=lambda u: -u.score)
+        # By score per cost: query-head units differ in cost (whole KV groups all cost the same); a layer's units
+        # come in falling score per cost, so every prefix of the pool takes each layer's units in order.
+        pool = sorted((u for i, x in enumerate(heads) for u in x[h_floor[i] :]), key=lambda u: -u.score / u.cost)
         for n_h in range(len(pool) + 1):
             kh = [list(x) for x in base_h]
             for u in pool[:n_h]:
                 kh[u.layer].append(u)
-            for x in kh:  # keep each layer's heads in its own best-first order
-                x.sort(key=lambda u: -u.score)
             left = budget - fixed - sum(u.cost for u in pool[:n_h])
             if left < -1e-9:
                 break
@@ -304,7 +264,8 @@ def _take_budget(
 def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningConfig") -> PrunePlan:
     """Choose the heads and neurons to keep from ``scores`` under ``config``'s budget.
 
-    Heads of a grouped-query-attention model are chosen a whole key/value group at a time; neurons in
+    Heads of a grouped-query-attention model are chosen a whole key/value group at a time, or with
+    ``config.head_unit="query_head"`` one query head at a time with the same number per kept KV head; neurons in
     blocks of ``config.round_to``. Unless ``config.allow_empty_layers``, each layer keeps at least one
     head group and one neuron block. Never exceeds the budget; raises ``ValueError`` if it cannot be met.
     """
@@ -339,14 +300,20 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
     seq = config.seq_len
     per_head, per_kv, per_neuron = costed[0].unit_costs(cost, seq) if costed else (1.0, 0.0, 1.0)
     head_cost = group * per_head + per_kv  # a unit is a KV group: its query heads and its K/V head
-    heads = _head_units(scores.heads, group, head_cost)
-    neurons = _neuron_units(scores.neurons, config.round_to, per_neuron)
+    by_query = config.head_unit == "query_head" and group > 1
+    if by_query:
+        heads = query_head_units(scores.heads, group, per_head, per_kv, config.allocation == "uniform")
+    else:
+        heads = kv_group_units(scores.heads, group, head_cost)
+    neurons = neuron_units(scores.neurons, config.round_to, per_neuron)
 
     if not costed:  # count budgets: so many heads / neurons
         kh = heads
         if config.heads_keep is not None:
             n = round(config.heads_keep * (L if config.allocation == "global" else 1) * d["num_kv_heads"])
-            kh = _take_count(heads, n * group, config.allocation, floor)
+            if by_query:
+                n = round(config.heads_keep * (L if config.allocation == "global" else 1) * d["num_heads"])
+            kh = _take_count(heads, n if by_query else n * group, config.allocation, floor, per_id=by_query)
         kn = neurons
         if config.neurons_keep is not None:
             per = config.neurons_keep * d["intermediate_size"]
@@ -354,8 +321,8 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
             kn = _take_count(neurons, n, config.allocation, floor)
     else:
         if not scores.comparable:
-            _normalise_(heads, head_cost)
-            _normalise_(neurons, per_neuron)
+            normalise_(heads, head_cost)
+            normalise_(neurons, per_neuron)
         kind = costed[0]
         limit = kind.limit(budget[kind.name], model, cost, seq)
         kh, kn = _take_budget(heads, neurons, limit, config.allocation, floor)

@@ -107,13 +107,13 @@ class MaskController:
     def zero_masked_weights_(self) -> None:
         """Zero Q/K/V rows, O columns, FFN up/gate rows and down columns of masked units (biases too)."""
         a, d = self.adapter, self.dims["head_dim"]
-        group = self.plan.group_size
         for p, layer in enumerate(layer_list(self.model, a)):
             hm = self.masks.heads[p]
             if not bool((hm == 0).any()) and not bool((self.masks.neurons[p] == 0).any()):
                 continue
+            kv = get_module(layer, a.k).out_features // d  # the layer's KV heads as it is now
             q_off = (hm == 0).repeat_interleave(d)  # (H * d,)
-            kv_off = (hm.view(-1, group).sum(1) == 0).repeat_interleave(d)  # (KV * d,)
+            kv_off = (hm.view(max(kv, 1), -1).sum(1) == 0)[:kv].repeat_interleave(d)  # (KV * d,): no query head left
             n_off = self.masks.neurons[p] == 0  # (I,)
             for path, off, dim in (
                 (a.q, q_off, 0), (a.k, kv_off, 0), (a.v, kv_off, 0), (a.o, q_off, 1),

@@ -19,6 +19,8 @@ RETRAINING_FREE_FIELDS = ("rearrange", "mask_tuning", "tuning_fit", "tuning_samp
                           "selection_samples")
 #: What retraining-free mask tuning fits per layer (``tuning_fit``; :func:`hf_prune.tune_masks`).
 TUNING_FITS = ("weights", "scales")
+#: What one attention unit is under grouped-query attention (``head_unit``).
+HEAD_UNITS = ("kv_group", "query_head")
 
 
 @dataclass
@@ -80,6 +82,12 @@ class PruningConfig:
         allocation: ``global`` ranks units of all layers together; ``uniform`` keeps the same number in
             every layer.
         round_to: keep FFN neurons per layer in multiples of this (e.g. 8 or 64, for fast kernels).
+        head_unit: under grouped-query attention, what is kept or removed as one: ``kv_group`` (a key/value
+            head with all its query heads) or ``query_head`` (single query heads; a KV head goes with its last
+            query head). Attention repeats each KV head for a fixed number of query heads, so with ``query_head``
+            every kept KV head of a layer keeps the same number of its query heads: each layer chooses how many
+            KV heads and how many query heads per KV head to keep (a model with one KV head, like Gemma-3-270M,
+            can lose attention heads only this way). Without grouped-query attention both mean one head.
         deployable: aim for a checkpoint that stock transformers and serving runtimes load without custom code:
             every layer keeps the same shape (needs ``allocation="uniform"``; ``layers_keep`` is fine), and recipes,
             the CLI and ``PruningTrainer.save_model`` save the stock architecture (:func:`hf_prune.save_stock`);
@@ -112,6 +120,7 @@ class PruningConfig:
     selection_samples: int = 256
     allocation: Literal["global", "uniform"] = "global"
     round_to: int = 1
+    head_unit: Literal["kv_group", "query_head"] = "kv_group"
     allow_empty_layers: bool = False
     deployable: bool = False
     max_calibration_samples: int | None = 2048
@@ -174,6 +183,12 @@ class PruningConfig:
             if self.allow_empty_layers:
                 raise ValueError("deployable=True cannot keep empty attention/FFN blocks (stock code builds every "
                                  "block): drop allow_empty_layers")
+        if self.head_unit not in HEAD_UNITS:
+            raise ValueError(f"head_unit must be one of {', '.join(HEAD_UNITS)}, not {self.head_unit!r}")
+        if self.head_unit == "query_head" and (self.latency_keep is not None or self.method == "retraining_free"):
+            raise ValueError("head_unit='query_head' is allocated by flops_keep, target_params or heads_keep with "
+                             "method='one_shot'; the retraining-free search and rearrangement keep whole key/value "
+                             "groups: use head_unit='kv_group' there")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if self.seq_len < 1:

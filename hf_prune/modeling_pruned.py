@@ -53,7 +53,7 @@ class ArchSpec:
         head_dim_field: config field holding the head size when the family has one; otherwise the head
             size is ``hidden // num_heads`` of the dense config.
         attrs: ``(attribute path inside a layer, quantity)`` pairs kept in sync by surgery; quantity is one
-            of ``num_heads``, ``num_kv_heads``, ``all_head_size``, ``intermediate_size``. Attributes missing
+            of ``num_heads``, ``num_kv_heads``, ``kv_groups`` (query heads per KV head), ``all_head_size``, ``intermediate_size``. Attributes missing
             from a given transformers version are skipped.
         special_tokens: vision families: tokens besides the ``(image_size / patch_size)^2`` patches (CLS, DeiT's
             distillation token); None for text, where the sequence length is the token count.
@@ -206,22 +206,26 @@ def prune_layer_(
     layer: nn.Module,
     spec: ArchSpec,
     head_dim: int,
-    group_size: int,
     heads: list[int] | None,
     neurons: list[int] | None,
 ) -> None:
     """Keep query heads ``heads`` and FFN neurons ``neurons`` (positions in the layer as it is now).
 
-    ``group_size`` query heads share one key/value head (1 without grouped-query attention); ``heads``
-    must hold whole groups, so the kept KV heads are ``{h // group_size}``. None leaves that block as is.
+    Under grouped-query attention the layer's query heads come in groups that share one key/value head (read
+    off the weights: Q rows / K rows); a KV head stays while any of its query heads does, and every kept KV head
+    must keep the same number of query heads, because attention repeats each KV head for a fixed number of
+    query heads. Kept heads stay in order, so the new groups are again contiguous. None leaves that block as is.
     """
     if heads is not None:
         heads = sorted(int(h) for h in heads)
-        groups = sorted({h // group_size for h in heads})
-        if len(groups) * group_size != len(heads):
+        kv_now = get_module(layer, spec.k).out_features // head_dim
+        group = get_module(layer, spec.q).out_features // head_dim // max(kv_now, 1)
+        groups = sorted({h // group for h in heads})
+        per_group = [sum(1 for h in heads if h // group == k) for k in groups]
+        if len(set(per_group)) > 1:
             raise ValueError(
-                f"query heads {heads} do not form whole key/value groups of {group_size}: with grouped-query "
-                "attention a KV head can only be removed together with all of its query heads"
+                f"query heads {heads} keep {per_group} heads in their key/value groups of {group}: every kept KV "
+                "head must keep the same number of query heads"
             )
         q_rows = _rows(heads, head_dim)
         kv_rows = _rows(groups, head_dim)
@@ -251,13 +255,15 @@ def sync_layer_attrs_(layer: nn.Module, spec: ArchSpec, head_dim: int) -> None:
     """Set the module attributes the forward pass reads (head counts etc.) from the weight shapes."""
     sizes = current_layer_sizes(layer, spec, head_dim)
     values = {**sizes, "all_head_size": sizes["num_heads"] * head_dim}
+    if sizes["num_kv_heads"]:  # query heads per KV head (attention repeats each KV head that often)
+        values["kv_groups"] = sizes["num_heads"] // sizes["num_kv_heads"]
     for path, quantity in spec.attrs:
         owner_path, _, attr = path.rpartition(".")
         try:
             owner = get_module(layer, owner_path) if owner_path else layer
         except AttributeError:
             continue
-        if hasattr(owner, attr):
+        if hasattr(owner, attr) and quantity in values:
             setattr(owner, attr, values[quantity])
 
 
@@ -271,14 +277,17 @@ def resize_to_config_(model: nn.Module, spec: ArchSpec) -> None:
     group = dims["num_heads"] // dims["num_kv_heads"]
     for layer, sizes in zip(layer_list(model, spec), layer_sizes(model.config, spec)):
         now = current_layer_sizes(layer, spec, dims["head_dim"])
-        heads = list(range(sizes["num_heads"])) if sizes["num_heads"] != now["num_heads"] else None
+        heads = None
+        if (sizes["num_heads"], sizes["num_kv_heads"]) != (now["num_heads"], now["num_kv_heads"]):
+            per = sizes["num_heads"] // max(sizes["num_kv_heads"], 1)  # query heads per kept KV head
+            heads = [k * group + j for k in range(sizes["num_kv_heads"]) for j in range(per)]
         neurons = (
             list(range(sizes["intermediate_size"]))
             if sizes["intermediate_size"] != now["intermediate_size"]
             else None
         )
         if heads is not None or neurons is not None:
-            prune_layer_(layer, spec, dims["head_dim"], group, heads, neurons)
+            prune_layer_(layer, spec, dims["head_dim"], heads, neurons)
 
 
 # ----------------------------------------------------------------------------------------------- classes

@@ -34,7 +34,9 @@ class PrunePlan:
         num_kv_heads: key/value heads per layer in the dense model (== num_heads without GQA).
         intermediate_size: FFN neurons per layer in the dense model.
         hidden_size: model width (a sanity check against plans for other sizes).
-        heads: per layer, sorted ids of kept query heads (ids of the dense model).
+        heads: per layer, sorted ids of kept query heads (ids of the dense model). Under grouped-query
+            attention every kept key/value group keeps the same number of its query heads (a KV head is kept
+            while any of its query heads is).
         neurons: per layer, sorted ids of kept FFN neurons.
         meta: free-form provenance (criterion, budget, base model, ...).
         layers: sorted ids of the dense layers kept (depth pruning), or None when every layer stays. The rows of
@@ -76,10 +78,12 @@ class PrunePlan:
                 raise PlanMismatchError(
                     f"layer {i}: neuron ids must be distinct and in [0, {self.intermediate_size})"
                 )
-            if len({h // group for h in hs}) * group != len(hs):
+            per_group = [sum(1 for h in hs if h // group == k) for k in sorted({h // group for h in hs})]
+            if len(set(per_group)) > 1:
                 raise PlanMismatchError(
-                    f"layer {i}: kept heads {hs} split a key/value group of {group} query heads; with "
-                    "grouped-query attention heads are kept or removed a whole group at a time"
+                    f"layer {i}: kept heads {hs} keep {per_group} query heads in their key/value groups of "
+                    f"{group}; every kept KV head must keep the same number of query heads (attention repeats "
+                    "each KV head for a fixed number of query heads)"
                 )
 
     # ------------------------------------------------------------------------------------------ views
@@ -103,7 +107,7 @@ class PrunePlan:
     def layer_sizes(self) -> list[dict[str, int]]:
         """Kept sizes per *dense* layer (a removed layer: all zero, which is what it costs)."""
         return [
-            {"num_heads": len(h), "num_kv_heads": len(h) // self.group_size, "intermediate_size": len(n)}
+            {"num_heads": len(h), "num_kv_heads": len({x // self.group_size for x in h}), "intermediate_size": len(n)}
             for h, n in zip(self.heads, self.neurons)
         ]
 

@@ -53,7 +53,7 @@ def apply_plan_(model: M, plan: PrunePlan) -> M:
         heads = head_pos[i] if plan.heads[i] != current.heads[i] else None
         neurons = neuron_pos[i] if plan.neurons[i] != current.neurons[i] else None
         if heads is not None or neurons is not None:
-            prune_layer_(layer, adapter, dims["head_dim"], plan.group_size, heads, neurons)
+            prune_layer_(layer, adapter, dims["head_dim"], heads, neurons)
     stay = [p for p, i in enumerate(current.kept_layers) if i in kept]
     if len(stay) != len(current.kept_layers):
         remove_layers_(model, adapter, stay)

@@ -7,17 +7,24 @@ import torch
 import hf_prune as hp
 
 
-def random_plan(model, seed: int = 0, empty_layer: int | None = None) -> hp.PrunePlan:
-    """A plan keeping a different random subset in every layer (whole KV groups for GQA)."""
+def random_plan(model, seed: int = 0, empty_layer: int | None = None, query_heads: bool = False) -> hp.PrunePlan:
+    """A plan keeping a different random subset in every layer (whole KV groups for GQA; with ``query_heads``,
+    a random number of random query heads in each kept group, the same number in every group of a layer)."""
     g = torch.Generator().manual_seed(seed)
     dense = hp.PrunePlan.dense(model)
     group = dense.group_size
     heads, neurons = [], []
     for i in range(dense.num_layers):
         n_groups = dense.num_kv_heads
-        k = 0 if i == empty_layer else int(torch.randint(1, n_groups, (1,), generator=g))  # at least one goes
-        groups = torch.randperm(n_groups, generator=g)[:k].tolist()
-        heads.append([gi * group + j for gi in groups for j in range(group)])
+        if query_heads:  # 1..all groups, 1..group-1 heads in each: at least one query head goes
+            k = 0 if i == empty_layer else int(torch.randint(1, n_groups + 1, (1,), generator=g))
+            per = int(torch.randint(1, group, (1,), generator=g))
+            groups = torch.randperm(n_groups, generator=g)[:k].tolist()
+            heads.append([gi * group + int(j) for gi in groups for j in torch.randperm(group, generator=g)[:per]])
+        else:
+            k = 0 if i == empty_layer else int(torch.randint(1, n_groups, (1,), generator=g))  # at least one goes
+            groups = torch.randperm(n_groups, generator=g)[:k].tolist()
+            heads.append([gi * group + j for gi in groups for j in range(group)])
         n = 0 if i == empty_layer else int(torch.randint(1, dense.intermediate_size, (1,), generator=g))
         neurons.append(torch.randperm(dense.intermediate_size, generator=g)[:n].tolist())
     return hp.PrunePlan(

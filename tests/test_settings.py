@@ -40,6 +40,7 @@ VALUES = {
     "selection_samples": (32, {"method": "retraining_free"}),
     "allocation": ("uniform", {}),
     "round_to": (8, {}),
+    "head_unit": ("query_head", {}),
     "allow_empty_layers": (True, {}),
     "deployable": (True, {"allocation": "uniform"}),
     "max_calibration_samples": (100, {}),

@@ -58,7 +58,8 @@ def test_modules_and_config_follow_the_plan(tiny):
         assert sizes[i] == {"num_heads": h, "num_kv_heads": kv, "intermediate_size": n}
         for path, quantity in adapter.attrs:
             owner, _, attr = path.rpartition(".")
-            value = {"num_heads": h, "num_kv_heads": kv, "all_head_size": h * head_dim, "intermediate_size": n}
+            value = {"num_heads": h, "num_kv_heads": kv, "all_head_size": h * head_dim, "intermediate_size": n,
+                     "kv_groups": h // kv if kv else plan.group_size}
             assert getattr(get_module(layer, owner), attr) == value[quantity]
 
 
@@ -85,11 +86,11 @@ def test_pruning_twice_equals_pruning_once(tiny):
         hp.apply_plan_(twice, first)
 
 
-def test_gqa_heads_go_in_whole_groups():
+def test_gqa_kv_groups_keep_the_same_number_of_query_heads():
     from tiny import BY_NAME
 
     model = BY_NAME["llama"].model()
     dense = hp.PrunePlan.dense(model)
     assert dense.group_size == 2
-    with pytest.raises(hp.PlanMismatchError, match="group"):
-        hp.PrunePlan.from_dict({**dense.to_dict(), "heads": [[0], [0, 1], [2, 3]]})
+    with pytest.raises(hp.PlanMismatchError, match="same number of query heads"):  # group 0 keeps 1, group 1 keeps 2
+        hp.PrunePlan.from_dict({**dense.to_dict(), "heads": [[0, 2, 3], [0, 1], [2, 3]]})

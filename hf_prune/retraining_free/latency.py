@@ -119,9 +119,9 @@ def measure_latency_table(
     neuron_points = _points(dims["intermediate_size"], round_to, neuron_fractions)
     variants: dict[tuple[int, int], nn.Module] = {}
     for k in head_points:
-        variants[(k, dims["intermediate_size"])] = _cut_copy(layer, adapter, dims["head_dim"], group, k, None)
+        variants[(k, dims["intermediate_size"])] = _cut_copy(layer, adapter, dims["head_dim"], k, None)
     for n in neuron_points:
-        variants[(dims["num_heads"], n)] = _cut_copy(layer, adapter, dims["head_dim"], group, None, n)
+        variants[(dims["num_heads"], n)] = _cut_copy(layer, adapter, dims["head_dim"], None, n)
     times: dict[tuple[int, int], list[float]] = {key: [] for key in variants}
     calls = {key: _LayerCall(v, args, kwargs).eval() for key, v in variants.items()}  # copies: no dropout
     with torch.inference_mode():
@@ -152,10 +152,11 @@ class _LayerCall(nn.Module):
         return self.layer(*self.args, **self.kwargs)
 
 
-def _cut_copy(layer: nn.Module, adapter, head_dim: int, group: int, heads: int | None, neurons: int | None):
+def _cut_copy(layer: nn.Module, adapter, head_dim: int, heads: int | None, neurons: int | None):
+    # heads: a multiple of the group size (whole KV groups, the first ones)
     c = copy.deepcopy(layer)
     prune_layer_(
-        c, adapter, head_dim, group,
+        c, adapter, head_dim,
         None if heads is None else list(range(heads)),
         None if neurons is None else list(range(neurons)),
     )

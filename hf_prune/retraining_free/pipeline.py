@@ -37,6 +37,10 @@ def retraining_free_plan(
     ``plan.meta["retraining_free"]``) and the tuning to fold into the dense weights (None when the chosen
     stage is untuned). ``fold_tuning_`` then masks or ``apply_plan_`` reproduce the cut model exactly, which is
     how :class:`hf_prune.PruningCallback` applies it without reshaping parameters."""
+    current = PrunePlan.of(model)
+    if any(len(h) != len(current.kv_heads(i)) * current.group_size for i, h in enumerate(current.heads)):
+        raise ValueError("this model keeps part of some key/value groups (head_unit='query_head'); the retraining-free "
+                         "search and rearrangement move whole groups: run it on the base model")
     times: dict[str, float] = {}
     start = time.perf_counter()
     batches = collect_batches(dataloader, config.max_calibration_samples)

@@ -228,7 +228,7 @@ def tune_masks(
                         result.weights.append(_removed_weights(layers[i], adapter))
                     continue
                 cut = copy.deepcopy(layers[i]).eval()
-                prune_layer_(cut, adapter, head_dim, current.group_size, keep_h[current.kept_layers[i]],
+                prune_layer_(cut, adapter, head_dim, keep_h[current.kept_layers[i]],
                              keep_n[current.kept_layers[i]])
                 h_scale, h_err = _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping,
                                               scale_range)
