@@ -31,12 +31,13 @@ from typing import Any
 import datasets
 import torch
 import transformers as T
-from common import CACHE, GLUE, HERE, TASKS, calibration, dev_batches, evaluate, finetune
+from common import (CACHE, HERE, TASKS, cached_cell, calibration, dev_batches, evaluate, finetune, lm_measure,
+                    qnli_text)
 
 import hf_prune as hp
 from hf_prune import report
 from hf_prune.lm import pack_text_blocks, perplexity
-from hf_prune.resources import embedded_model_path, read_tsv
+from hf_prune.resources import embedded_model_path
 
 CELLS = CACHE / "depth"
 
@@ -95,15 +96,7 @@ class DepthArguments:
 
 
 def _cell(key: dict[str, Any], compute) -> dict[str, Any]:
-    """The cached result of one cell (keyed by everything that changes it), computed once."""
-    name = "-".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(key.items()))
-    path = CELLS / f"{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    out = {**key, **compute()}
-    CELLS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    return out
+    return cached_cell(CELLS, key, compute)
 
 
 # ----------------------------------------------------------------------------------------------- MiniLM / SST-2
@@ -182,15 +175,11 @@ def minilm(args: DepthArguments) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- SmolLM2
 
 
-def _qnli_sentences(split: str) -> list[str]:
-    return [r[2] for r in read_tsv(GLUE / "qnli" / f"{split}.tsv")]
-
-
 def smollm2(args: DepthArguments) -> dict[str, Any]:
     path = embedded_model_path("smollm2")
     tok = T.AutoTokenizer.from_pretrained(path)
     dense = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    sentences = _qnli_sentences("dev")  # the only QNLI split in ../shared: calibration first, held-out text after
+    sentences = qnli_text("dev")  # the only QNLI split in ../shared: calibration first, held-out text after
     calib = pack_text_blocks(tok, sentences[:2000], block_size=128, batch_size=4, max_blocks=args.lm_calibration_blocks)
     held_out = pack_text_blocks(tok, sentences[3000:], block_size=128, batch_size=4, max_blocks=args.lm_eval_blocks)
     dense_ppl = perplexity(dense, held_out)
@@ -207,17 +196,7 @@ def smollm2(args: DepthArguments) -> dict[str, Any]:
             start = time.perf_counter()
             hp.prune(model, calib, cfg)
             prune_s = time.perf_counter() - start
-            dec = hp.compare_decode({"dense": dense, "pruned": model}, prompt_len=128, new_tokens=32,
-                                    repeats=max(3, args.repeats // 2))
-            return {
-                "layers_kept": len(hp.PrunePlan.of(model).kept_layers),
-                "flops_kept": hp.count_flops(model, 128)["total"] / hp.count_flops(dense, 128)["total"],
-                "params_m": hp.count_params(model) / 1e6, "ppl": perplexity(model, held_out), "prune_s": prune_s,
-                "decode_ms": dec["pruned"].decode_ms_per_token, "dense_decode_ms": dec["dense"].decode_ms_per_token,
-                "decode_speedup": dec["dense"].decode_ms_per_token / dec["pruned"].decode_ms_per_token,
-                "prefill_ms": dec["pruned"].prefill_ms, "dense_prefill_ms": dec["dense"].prefill_ms,
-                "prefill_speedup": dec["dense"].prefill_ms / dec["pruned"].prefill_ms,
-            }
+            return {**lm_measure(dense, model, held_out, max(3, args.repeats // 2)), "prune_s": prune_s}
 
         row = _cell(key, compute)
         print(f"[smollm2] {kind:<5} {target:.0%} {budget}: ppl {row['ppl']:.2f} (dense {dense_ppl:.2f}), decode "

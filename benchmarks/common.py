@@ -191,3 +191,48 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- cached cells
+
+
+def cached_cell(folder: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The cached result of one benchmark cell (keyed by everything that changes it), computed once."""
+    import json
+
+    name = "-".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(key.items()))
+    path = folder / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out = {**key, **compute()}
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- causal LMs
+
+
+def qnli_text(split: str = "dev") -> list[str]:
+    """QNLI's Wikipedia sentences (column 2), in file order: calibration text first, held-out text after."""
+    from hf_prune.resources import read_tsv
+
+    return [r[2] for r in read_tsv(GLUE / "qnli" / f"{split}.tsv")]
+
+
+def lm_measure(dense: torch.nn.Module, model: torch.nn.Module, held_out: list[dict], repeats: int) -> dict[str, Any]:
+    """A pruned causal LM against its dense model: layers, FLOPs and params kept, held-out perplexity, decode
+    ms/token at batch 1 with the KV cache and prefill of 128 tokens (dense and pruned interleaved)."""
+    import hf_prune as hp
+    from hf_prune.lm import perplexity
+
+    dec = hp.compare_decode({"dense": dense, "pruned": model}, prompt_len=128, new_tokens=32, repeats=repeats)
+    return {
+        "layers_kept": len(hp.PrunePlan.of(model).kept_layers),
+        "flops_kept": hp.count_flops(model, 128)["total"] / hp.count_flops(dense, 128)["total"],
+        "params_m": hp.count_params(model) / 1e6, "ppl": perplexity(model, held_out),
+        "decode_ms": dec["pruned"].decode_ms_per_token, "dense_decode_ms": dec["dense"].decode_ms_per_token,
+        "decode_speedup": dec["dense"].decode_ms_per_token / dec["pruned"].decode_ms_per_token,
+        "prefill_ms": dec["pruned"].prefill_ms, "dense_prefill_ms": dec["dense"].prefill_ms,
+        "prefill_speedup": dec["dense"].prefill_ms / dec["pruned"].prefill_ms,
+    }
