@@ -345,6 +345,7 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
             "round_to": config.round_to,
             "seq_len": config.seq_len,
             **({"layer_importance": config.layer_importance} if layers is not None else {}),
+            **({"head_unit": config.head_unit} if by_query else {}),
         },
     )
     return plan

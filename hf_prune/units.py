@@ -53,22 +53,23 @@ def _ranked_groups(row: torch.Tensor, group: int) -> list[list[int]]:
 def _lattice_steps(value: torch.Tensor, per_head: float, per_kv: float) -> list[list[tuple[int, int]]]:
     """The order in which a layer grows from one query head to all: ``value[k, j]`` is the score of the j-th best
     query head of the k-th best KV group, ``(K, G)``. A balanced layer keeps the first ``g`` heads of its first
-    ``k`` groups; each step adds a group (its first ``g`` heads and its K/V head) or a level (the next head of
-    every kept group), whichever adds more score per cost, so every prefix of steps is balanced and nested.
-    Steps whose score per cost rises are merged with the step before, so a greedy allocation taking units in
-    order of score per cost always takes a layer's steps in order."""
+    ``k`` groups, so every step adds a group (its first ``g`` heads and its K/V head) or a level (the next head of
+    every kept group) and every prefix of steps is balanced and nested. The order is found from the full layer
+    down (budgets keep most of a model, so the first cuts matter most): each time the group or the level worth
+    least per cost goes. Steps whose score per cost rises are merged by the caller."""
     K, G = value.shape
-    steps, k, g = [[(0, 0)]], 1, 1
-    while k < K or g < G:
-        grow_k = (sum(float(value[k, j]) for j in range(g)), g * per_head + per_kv) if k < K else None
-        grow_g = (sum(float(value[i, g]) for i in range(k)), k * per_head) if g < G else None
-        if grow_g is None or (grow_k is not None and grow_k[0] * grow_g[1] >= grow_g[0] * grow_k[1]):
-            steps.append([(k, j) for j in range(g)])
-            k += 1
+    removed: list[list[tuple[int, int]]] = []
+    k, g = K, G
+    while (k, g) != (1, 1):
+        drop_k = (sum(float(value[k - 1, j]) for j in range(g)), g * per_head + per_kv) if k > 1 else None
+        drop_g = (sum(float(value[i, g - 1]) for i in range(k)), k * per_head) if g > 1 else None
+        if drop_g is None or (drop_k is not None and drop_k[0] * drop_g[1] <= drop_g[0] * drop_k[1]):
+            removed.append([(k - 1, j) for j in range(g)])
+            k -= 1
         else:
-            steps.append([(i, g) for i in range(k)])
-            g += 1
-    return steps
+            removed.append([(i, g - 1) for i in range(k)])
+            g -= 1
+    return [[(0, 0)], *reversed(removed)]
 
 
 def query_head_units(
@@ -83,11 +84,12 @@ def query_head_units(
         for i, r in enumerate(ranked)
     ]
     shared = None
-    if uniform and len({tuple(v.shape) for v in values}) == 1 and values[0].numel():
-        shared = _lattice_steps(sum(values), per_head, per_kv)
+    live = [v for v in values if v.numel()]  # removed layers have no heads left
+    if uniform and live and len({tuple(v.shape) for v in live}) == 1:
+        shared = _lattice_steps(sum(live), per_head, per_kv)
     out = []
     for i, (r, v) in enumerate(zip(ranked, values)):
-        steps = shared if shared is not None else (_lattice_steps(v, per_head, per_kv) if r else [])
+        steps = (shared if shared is not None else _lattice_steps(v, per_head, per_kv)) if r else []
         units: list[Unit] = []
         for cells in steps:
             u = Unit(i, [r[k][j] for k, j in cells], sum(float(v[k, j]) for k, j in cells),

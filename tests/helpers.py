@@ -54,3 +54,35 @@ def masked_output(model, plan, inputs, output_tensor):
     ref = copy.deepcopy(model)
     with hp.mask_hooks(ref, plan_masks(plan)):
         return output_tensor(ref(**inputs))
+
+
+GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+
+
+@torch.no_grad()
+def generate_cached_uncached_masked(dense, pruned, plan, ids) -> torch.Tensor:
+    """Greedy tokens of ``pruned`` with the KV cache, asserted equal to its tokens without the cache and to the
+    masked dense model's; returns them."""
+    cached = pruned.generate(ids, use_cache=True, **GREEDY)
+    uncached = pruned.generate(ids, use_cache=False, **GREEDY)
+    with hp.mask_hooks(dense, plan_masks(plan)):
+        masked = dense.generate(ids, use_cache=False, **GREEDY)
+    assert torch.equal(cached, uncached) and torch.equal(cached, masked)
+    return cached
+
+
+def save_tiny_llama(path, heads: int = 4, kv: int = 2, head_dim: int = 8):
+    """A tiny random Llama decoder with MiniLM's tokenizer (so real text tokenizes), saved without a task head like
+    a pretrained LLM; returns ``path``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_prune.resources import embedded_model_path
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=heads * head_dim, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=64,
+                      max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import plan_masks, random_plan
+from helpers import GREEDY, generate_cached_uncached_masked, random_plan
 from tiny import BY_NAME
 
 import hf_prune as hp
 
 DECODERS = ["llama", "mistral", "gemma3_text"]
-GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -23,12 +22,7 @@ def test_pruned_decoder_generates_like_the_masked_dense_model_with_and_without_c
     hp.apply_plan_(pruned, plan)
     assert len({len(h) for h in plan.heads}) > 1  # uneven layers: the cache holds different KV head counts
     ids = tiny.batch(batch_size=2, seq_len=6, labels=False)["input_ids"]
-    with torch.no_grad():
-        cached = pruned.generate(ids, use_cache=True, **GREEDY)
-        uncached = pruned.generate(ids, use_cache=False, **GREEDY)
-        with hp.mask_hooks(dense, plan_masks(plan)):
-            masked = dense.generate(ids, use_cache=False, **GREEDY)
-    assert torch.equal(cached, uncached) and torch.equal(cached, masked)
+    cached = generate_cached_uncached_masked(dense, pruned, plan, ids)
     pruned.save_pretrained(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(hp.load_pruned(tmp_path / "ckpt").eval().generate(ids, **GREEDY), cached)

@@ -9,14 +9,13 @@ import copy
 
 import pytest
 import torch
-from helpers import masked_output, plan_masks, random_plan
+from helpers import generate_cached_uncached_masked, masked_output, random_plan
 from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
 from hf_prune.modeling_pruned import get_module, layer_list
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
-GREEDY = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
 
 
 def _gqa(name: str, heads: int = 6, kv: int = 2, seed: int = 0):
@@ -24,7 +23,8 @@ def _gqa(name: str, heads: int = 6, kv: int = 2, seed: int = 0):
     tiny = BY_NAME[name]
     config = tiny.make_config()
     # hidden = heads x head_dim: transformers' Llama config validation asks hidden % heads == 0
-    config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads * 8, heads, kv, 8
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads = heads * 8, heads, kv
+    config.head_dim = 8
     if name == "gemma3_text":
         config.query_pre_attn_scalar = 8
     torch.manual_seed(seed)
@@ -63,13 +63,7 @@ def test_query_head_cut_generates_with_the_cache_like_the_masked_dense_model(nam
     dense, pruned = _gqa(name), _gqa(name)
     plan = random_plan(pruned, seed=4, query_heads=True, empty_layer=2)
     hp.apply_plan_(pruned, plan)
-    ids = tiny.batch(batch_size=2, seq_len=5, labels=False)["input_ids"]
-    with torch.no_grad():
-        cached = pruned.generate(ids, use_cache=True, **GREEDY)
-        uncached = pruned.generate(ids, use_cache=False, **GREEDY)
-        with hp.mask_hooks(dense, plan_masks(plan)):
-            masked = dense.generate(ids, use_cache=False, **GREEDY)
-    assert torch.equal(cached, uncached) and torch.equal(cached, masked)
+    generate_cached_uncached_masked(dense, pruned, plan, tiny.batch(batch_size=2, seq_len=5, labels=False)["input_ids"])
 
 
 def test_a_second_query_head_cut_of_a_pruned_model_equals_one_cut():
@@ -174,3 +168,18 @@ def test_retraining_free_refuses_a_model_with_partial_kv_groups():
     data = [BY_NAME["llama"].batch(seed=s) for s in range(2)]
     with pytest.raises(ValueError, match="base model"):
         hp.prune(model, data, hp.PruningConfig(method="retraining_free", flops_keep=0.5, progress=False))
+
+
+def test_query_heads_with_depth_pruning_export_as_the_stock_architecture(tmp_path):
+    tiny = BY_NAME["llama"]
+    model = _gqa("llama")
+    data = [tiny.batch(seed=s) for s in range(2)]
+    config = hp.PruningConfig(importance="taylor", head_unit="query_head", allocation="uniform", layers_keep=2,
+                              flops_keep=0.4, deployable=True, progress=False)
+    hp.prune(model, data, config)
+    sizes = model.prune_plan.physical_sizes()
+    assert len(sizes) == 2 and len({tuple(s.values()) for s in sizes}) == 1
+    stock = tiny.auto_class.from_pretrained(hp.save_stock(model, tmp_path / "stock")).eval()
+    x = inputs_only(tiny.batch())
+    with torch.no_grad():
+        assert torch.equal(output_tensor(stock(**x)), output_tensor(model(**x)))
