@@ -17,21 +17,37 @@ def pack_text_blocks(
 ) -> list[dict[str, torch.Tensor]]:
     """Token blocks of ``block_size`` packed from ``texts`` (joined with the tokenizer's EOS, or a newline when it
     has none), batched as ``{input_ids, attention_mask, labels}`` with ``labels = input_ids`` (the model shifts
-    them): what a causal LM's Fisher scores, tuning and perplexity run on. The tail shorter than a block is
-    dropped. Refuses text shorter than one block."""
+    them): what a causal LM's Fisher scores, tuning and perplexity run on. Every block starts with the special
+    tokens the tokenizer puts before a text (Gemma's ``<bos>``: without it Gemma's predictions fall apart; none for
+    Llama-style SmolLM2). The tail shorter than a block is dropped. Refuses text shorter than one block."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
     sep = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else "\n"
     ids = tokenizer(sep.join(texts), add_special_tokens=False)["input_ids"]
-    n = len(ids) // block_size
+    prefix = _leading_special_tokens(tokenizer)
+    body = block_size - len(prefix)
+    if body < 1:
+        raise ValueError(f"block_size={block_size} leaves no room for text after the {len(prefix)} special tokens "
+                         "every block starts with")
+    n = len(ids) // body
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of {block_size}: pass more text or a "
                          "smaller block_size")
-    blocks = torch.tensor(ids[: n * block_size]).view(n, block_size)  # (N, T)
+    blocks = torch.tensor(ids[: n * body]).view(n, body)  # (N, T - prefix)
+    blocks = torch.cat([torch.tensor(prefix, dtype=blocks.dtype).expand(n, -1), blocks], dim=1)  # (N, T)
     return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
             for b in blocks.split(batch_size)]
+
+
+def _leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The ids a tokenizer puts before a text by default (``<bos>``, ``[CLS]``; often none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    if not plain or plain[0] not in full:
+        return []
+    return list(full[: full.index(plain[0])])
 
 
 @torch.no_grad()

