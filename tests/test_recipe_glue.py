@@ -210,6 +210,31 @@ def test_sst2_recipe_end_to_end(tiny_bert, glue_dir, tmp_path, capsys):
     assert again["runs"][0]["metrics_recovered"] is None
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """6 query heads sharing 2 KV heads: query-head pruning has partial groups to choose."""
+    from helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), heads=6, kv=2)
+
+
+def test_a_decoder_llm_as_sequence_classifier_with_query_head_pruning(tiny_llama, glue_dir, tmp_path):
+    config = ROOT / "recipes" / "glue" / "decoder" / "sst2.yaml"
+    *_, prune, _, dense, _, _ = parse_args([str(config)])  # the shipped decoder config parses
+    assert prune.head_unit == "query_head" and dense.dense_train == "auto"
+    out = tmp_path / "decoder"
+    argv = _flags(tiny_llama, glue_dir, out, flops_keep=[0.6], head_unit="query_head", importance="taylor",
+                  bench_latency="false")
+    i = argv.index("--calibration_samples")  # the old name: the config sets max_calibration_samples
+    argv[i : i + 2] = ["--max_calibration_samples", "64"]
+    results = main([str(config), *argv])
+    run = results["runs"][0]
+    assert run["layer_flops"] <= 0.6 * results["dense"]["layer_flops"] and "accuracy" in run["metrics_recovered"]
+    model = hp.load_pruned(out / run["name"], AutoModelForSequenceClassification)
+    assert type(model).__name__ == "PrunedLlamaForSequenceClassification"
+    assert model.prune_plan.meta["budget"] == {"flops_keep": 0.6} and model.prune_plan.meta["head_unit"] == "query_head"
+
+
 def test_stsb_regression_with_lora_recovery(tiny_bert, glue_dir, tmp_path):
     out = tmp_path / "stsb"
     results = main(_flags(tiny_bert, glue_dir, out, task_name="stsb", recovery="lora", flops_keep=[0.5],

@@ -15,6 +15,7 @@ from .common import ConfigError, read_config_file
 #: recipe name -> module with ``main(argv)``
 RECIPES: dict[str, str] = {
     "glue": "hf_prune.recipes.glue",
+    "clm": "hf_prune.recipes.clm",
     "image_classification": "hf_prune.recipes.image_classification",
 }
 

