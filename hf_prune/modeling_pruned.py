@@ -53,8 +53,8 @@ class ArchSpec:
         head_dim_field: config field holding the head size when the family has one; otherwise the head
             size is ``hidden // num_heads`` of the dense config.
         attrs: ``(attribute path inside a layer, quantity)`` pairs kept in sync by surgery; quantity is one
-            of ``num_heads``, ``num_kv_heads``, ``kv_groups`` (query heads per KV head), ``all_head_size``, ``intermediate_size``. Attributes missing
-            from a given transformers version are skipped.
+            of ``num_heads``, ``num_kv_heads``, ``kv_groups`` (query heads per KV head), ``all_head_size``,
+            ``intermediate_size``. Attributes missing from a given transformers version are skipped.
         special_tokens: vision families: tokens besides the ``(image_size / patch_size)^2`` patches (CLS, DeiT's
             distillation token); None for text, where the sequence length is the token count.
         layer_lists: config fields holding one entry per layer (Gemma/Qwen's ``layer_types``); removing layers

@@ -116,10 +116,11 @@ def _pyplot():
 def _line_plot(
     series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str, ylabel: str,
     dense: float | None = None, title: str | None = None, flops_axis: bool = False, ideal: bool = False,
+    log_y: bool = False,
 ) -> Path:
     """One line per series (points sorted by x). ``dense``: a horizontal reference line; ``flops_axis``: x is the
     fraction of FLOPs kept, drawn right to left (left to right = more pruning); ``ideal``: the FLOPs-ideal speedup
-    1/x."""
+    1/x; ``log_y``: a logarithmic y axis (perplexities that span orders of magnitude)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     xs = sorted({p[0] for points in series.values() for p in points})
@@ -135,6 +136,8 @@ def _line_plot(
     ax.set_ylabel(ylabel)
     if flops_axis:
         ax.invert_xaxis()
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
@@ -177,6 +180,7 @@ def plot_metric_vs_speedup(
     metric: str = "metric",
     dense: float | None = None,
     title: str | None = None,
+    log_y: bool = False,
 ) -> Path:
     """The trade-off a user buys: the metric against the *measured* speedup, one line per method.
 
@@ -185,8 +189,10 @@ def plot_metric_vs_speedup(
         path: PNG file to write.
         metric: y-axis label.
         dense: the dense model's metric (at speedup 1), drawn as a horizontal reference line.
+        log_y: a logarithmic y axis (perplexity).
     """
-    return _line_plot(series, path, xlabel="measured speedup vs dense", ylabel=metric, dense=dense, title=title)
+    return _line_plot(series, path, xlabel="measured speedup vs dense", ylabel=metric, dense=dense, title=title,
+                      log_y=log_y)
 
 
 def plot_layer_heatmap(plan: PrunePlan, dense_plan: PrunePlan, path: str | Path, *, title: str | None = None) -> Path:
