@@ -41,8 +41,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Destroy the process group, if one runs: the last call of a script launched with ``accelerate launch`` or
-    ``torchrun``. A gloo group left to interpreter shutdown can abort the process (SIGABRT, "terminate called
-    without an active exception") after all the work succeeded, while its worker threads still hold tensors."""
+    """Wait for every process, then destroy the process group, if one runs: the last call of a script launched with
+    ``accelerate launch`` or ``torchrun``. A gloo group left to interpreter shutdown, or torn down by one rank while
+    another still talks to it, can abort the process (SIGABRT, "terminate called without an active exception")
+    after all the work succeeded."""
     if is_distributed():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
