@@ -43,7 +43,7 @@ from common import CACHE, HERE, cached_cell, lm_measure, qnli_text
 
 import hf_prune as hp
 from hf_prune import report
-from hf_prune.lm import pack_text_blocks, perplexity
+from hf_prune.lm import pack_text_blocks, perplexity, text_block_rows
 from hf_prune.resources import embedded_model_path
 
 CELLS = CACHE / "llm"
@@ -147,8 +147,7 @@ def _recover(model, dense, cfg, tok, texts: list[str], args: LlmArguments) -> fl
     """KD recovery of a cut causal LM from the dense one on packed text; returns the wall time (s)."""
     from hf_prune.trainer import DistillationConfig, PruningTrainer
 
-    blocks = pack_text_blocks(tok, texts, block_size=128, batch_size=1)
-    rows = [{k: v[0] for k, v in b.items()} for b in blocks]  # one block per row
+    rows = text_block_rows(tok, texts, block_size=128)
     with tempfile.TemporaryDirectory() as tmp:
         targs = T.TrainingArguments(
             output_dir=tmp, max_steps=args.recovery_steps, per_device_train_batch_size=4,

@@ -310,9 +310,8 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
     if not costed:  # count budgets: so many heads / neurons
         kh = heads
         if config.heads_keep is not None:
-            n = round(config.heads_keep * (L if config.allocation == "global" else 1) * d["num_kv_heads"])
-            if by_query:
-                n = round(config.heads_keep * (L if config.allocation == "global" else 1) * d["num_heads"])
+            units = d["num_heads"] if by_query else d["num_kv_heads"]  # per layer: query heads or KV groups
+            n = round(config.heads_keep * (L if config.allocation == "global" else 1) * units)
             kh = _take_count(heads, n if by_query else n * group, config.allocation, floor, per_id=by_query)
         kn = neurons
         if config.neurons_keep is not None:

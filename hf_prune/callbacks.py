@@ -113,7 +113,10 @@ class MaskController:
                 continue
             kv = get_module(layer, a.k).out_features // d  # the layer's KV heads as it is now
             q_off = (hm == 0).repeat_interleave(d)  # (H * d,)
-            kv_off = (hm.view(max(kv, 1), -1).sum(1) == 0)[:kv].repeat_interleave(d)  # (KV * d,): no query head left
+            if kv:  # a KV head is off when none of its query heads is left
+                kv_off = (hm.view(kv, -1).sum(1) == 0).repeat_interleave(d)  # (KV * d,)
+            else:
+                kv_off = torch.zeros(0, dtype=torch.bool, device=hm.device)
             n_off = self.masks.neurons[p] == 0  # (I,)
             for path, off, dim in (
                 (a.q, q_off, 0), (a.k, kv_off, 0), (a.v, kv_off, 0), (a.o, q_off, 1),

@@ -12,14 +12,14 @@ from torch import nn
 from .batches import model_device, to_device
 
 
-def pack_text_blocks(
-    tokenizer: Any, texts: Sequence[str], *, block_size: int = 128, batch_size: int = 8, max_blocks: int | None = None
+def text_block_rows(
+    tokenizer: Any, texts: Sequence[str], *, block_size: int = 128, max_blocks: int | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Token blocks of ``block_size`` packed from ``texts`` (joined with the tokenizer's EOS, or a newline when it
-    has none), batched as ``{input_ids, attention_mask, labels}`` with ``labels = input_ids`` (the model shifts
-    them): what a causal LM's Fisher scores, tuning and perplexity run on. Every block starts with the special
-    tokens the tokenizer puts before a text (Gemma's ``<bos>``: without it Gemma's predictions fall apart; none for
-    Llama-style SmolLM2). The tail shorter than a block is dropped. Refuses text shorter than one block."""
+    has none), one ``{input_ids, attention_mask, labels}`` row per block with ``labels = input_ids`` (the model
+    shifts them): a training set for causal-LM recovery. Every block starts with the special tokens the tokenizer
+    puts before a text (Gemma's ``<bos>``: without it Gemma's predictions fall apart; none for Llama-style
+    SmolLM2). The tail shorter than a block is dropped. Refuses text shorter than one block."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
     sep = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else "\n"
@@ -37,8 +37,17 @@ def pack_text_blocks(
                          "smaller block_size")
     blocks = torch.tensor(ids[: n * body]).view(n, body)  # (N, T - prefix)
     blocks = torch.cat([torch.tensor(prefix, dtype=blocks.dtype).expand(n, -1), blocks], dim=1)  # (N, T)
-    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
-            for b in blocks.split(batch_size)]
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in blocks]
+
+
+def pack_text_blocks(
+    tokenizer: Any, texts: Sequence[str], *, block_size: int = 128, batch_size: int = 8, max_blocks: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`text_block_rows` batched by ``batch_size``: what a causal LM's Fisher scores, tuning and perplexity
+    run on."""
+    rows = text_block_rows(tokenizer, texts, block_size=block_size, max_blocks=max_blocks)
+    return [{k: torch.stack([r[k] for r in rows[i : i + batch_size]]) for k in rows[0]}
+            for i in range(0, len(rows), batch_size)]
 
 
 def _leading_special_tokens(tokenizer: Any) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
 
-from ..lm import pack_text_blocks, perplexity
+from ..lm import perplexity, text_block_rows
 from ..resources import EMBEDDED_DATA, embedded_glue_dir, read_tsv, resolve_model_path
 from .arguments import (
     BenchArguments,
@@ -151,14 +151,12 @@ class ClmRecipe(Recipe):
         self.path = resolve_model_path(m.model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_name or self.path, cache_dir=m.cache_dir)
         train_texts, eval_texts = load_texts(d, m.cache_dir)
-        train = pack_text_blocks(tokenizer, train_texts, block_size=d.block_size, batch_size=1,
-                                 max_blocks=d.max_train_blocks)
-        self.eval_blocks = pack_text_blocks(tokenizer, eval_texts, block_size=d.block_size,
-                                            batch_size=args.per_device_eval_batch_size, max_blocks=d.max_eval_blocks)
-        rows = [{k: v[0] for k, v in b.items()} for b in train]  # one block per row
+        rows = text_block_rows(tokenizer, train_texts, block_size=d.block_size, max_blocks=d.max_train_blocks)
+        eval_rows = text_block_rows(tokenizer, eval_texts, block_size=d.block_size, max_blocks=d.max_eval_blocks)
+        bs = args.per_device_eval_batch_size
+        self.eval_blocks = [default_data_collator(eval_rows[i : i + bs]) for i in range(0, len(eval_rows), bs)]
         self.train = _Blocks(rows)
-        self.evals = {"validation": _Blocks([{k: v[i] for k, v in b.items()} for b in self.eval_blocks
-                                            for i in range(b["input_ids"].shape[0])])}
+        self.evals = {"validation": _Blocks(eval_rows)}
         self.collator, self.processing_class = default_data_collator, tokenizer
         self.compute_metrics, self.main_metric = None, "perplexity"
         self.log(f"text: {len(rows)} training blocks and {len(self.evals['validation'])} held-out blocks of "
