@@ -42,21 +42,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import hashlib
 import json
 import os
 import platform
 import shlex
 import sys
-import threading
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import datasets
 import torch
@@ -65,6 +62,7 @@ from common import (
     CACHE,
     HERE,
     MAIN_METRIC,
+    PeakRSS,
     TASKS,
     Task,
     calibration,
@@ -123,52 +121,6 @@ def expand(methods: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- measurements
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every ``interval`` s from ``/proc/self/statm``.
-
-    Before the baseline is read, garbage is collected and glibc returns freed heap to the OS (``malloc_trim``),
-    so memory freed by earlier cells does not hide new allocations. Linux only (elsewhere: None).
-    """
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak_mb: float | None = None
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> Self:
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            self._base = self._peak = self._rss()
-        except (OSError, ValueError):
-            self._thread = None
-            return self
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self._rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._rss())
-        self.peak_mb = (self._peak - self._base) / 2**20
 
 
 def latency(dense: torch.nn.Module, model: torch.nn.Module | None, seq_len: int, repeats: dict[int, int]

@@ -11,14 +11,21 @@ Methods:
   calibration blocks); heads go a whole KV group at a time (on Gemma-3: attention stays, FFN only);
 - ``fisher`` / ``fisher_q``: one-shot Fisher scores, heads by KV group / by single query head
   (``head_unit="query_head"``: every kept KV head keeps the same number of query heads);
-- ``magnitude``, ``random``: one-shot baselines (by KV group).
+- ``magnitude``, ``random``: one-shot baselines (by KV group);
+- ``tp_taylor`` / ``tp_magnitude``: Torch-Pruning 1.6's LLM recipe (``benchmarks/tp_baseline.py``: local pruning,
+  its own GQA handling, which removes query heads and keeps every KV head; Taylor = LLM-Pruner's |w * dL/dw| on the
+  same calibration blocks, magnitude = its example's criterion), hidden size kept, query heads at the budget's
+  ratio rounded to a multiple of the KV heads, FFN neurons to meet the same layer FLOPs. Each TP model is checked to
+  be bitwise the hf_prune replay of the heads/neurons it kept (``tp_replay_max_diff``).
 
 Calibration: packed 128-token blocks of QNLI's Wikipedia sentences (the first 2,000 of the dev file); held-out
 perplexity on blocks from the 3,000th sentence on. Decode ms/token at batch 1 with the KV cache (prompt 128, 32 new
 tokens) and prefill of the 128-token prompt, dense and pruned interleaved; the decode ideal is the ratio of weights
 read per token (dense / pruned parameters: decoding at batch 1 is bound by reading the weights).
 
-Not here yet (issue 14): KD/LoRA recovery cells, Torch-Pruning's LLM pruning side by side, peak RSS.
+``peak_rss_mb``: resident memory of the pruning call above the level before it (sampled every 2 ms);
+``prune / fwd+bwd``: its wall time over one forward+backward pass through the same calibration blocks.
+Not here: a GLUE-classifier column (a fine-tuned SmolLM2 classifier per budget was not affordable on 2 cores).
 
 Cells are cached (``benchmarks/cache/llm/``). Writes ``benchmarks/results/llm{_quick}.json`` / ``.md`` and plots.
 
@@ -39,7 +46,7 @@ from typing import Any
 
 import torch
 import transformers as T
-from common import CACHE, HERE, cached_cell, lm_measure, qnli_text
+from common import CACHE, HERE, PeakRSS, cached_cell, forward_backward_s, lm_measure, qnli_text
 
 import hf_prune as hp
 from hf_prune import report
@@ -55,9 +62,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "fisher_q": {"importance": "fisher", "head_unit": "query_head"},
     "magnitude": {"importance": "magnitude"},
     "random": {"importance": "random"},
+    "tp_taylor": {"importance": "taylor"},  # Torch-Pruning (tp_baseline.tp_prune_decoder), not a PruningConfig
+    "tp_magnitude": {"importance": "magnitude"},
 }
 #: the same cuts followed by KD recovery on text (``recovery_steps``), not in the default grid (minutes per cell)
-RECOVERED = {f"{m}+kd": m for m in ("retraining_free", "fisher")}
+RECOVERED = {f"{m}+kd": m for m in ("retraining_free", "fisher", "tp_taylor")}
 
 
 @dataclass
@@ -68,8 +77,8 @@ class LlmArguments:
         models: embedded decoders to prune: ``smollm2`` and/or ``gemma3``.
         quick: budgets 90% and 80% only.
         budgets: fractions of the layer FLOPs to keep (ignored with ``quick``).
-        methods: which of ``retraining_free``, ``fisher``, ``fisher_q``, ``magnitude``, ``random`` to run, and
-            ``retraining_free+kd`` / ``fisher+kd``: the cut, then KD recovery from the dense model (token-level KL,
+        methods: which of ``retraining_free``, ``fisher``, ``fisher_q``, ``magnitude``, ``random``, ``tp_taylor``,
+            ``tp_magnitude`` to run, and ``retraining_free+kd`` / ``fisher+kd`` / ``tp_taylor+kd``: the cut, then KD recovery from the dense model (token-level KL,
             temperature 2) on blocks of the first 3,000 QNLI sentences, batch 4 x 128 tokens.
         recovery_steps: recovery steps of the ``+kd`` methods (500 x 4 x 128 = 256k tokens).
         recovery_lr: their learning rate (linear decay, 10 warm-up steps).
@@ -77,6 +86,8 @@ class LlmArguments:
         eval_blocks: held-out blocks of 128 tokens for perplexity.
         repeats: timed decode runs per model (median reported).
         seed: for the random criterion.
+        out_name: stem of the results files under ``benchmarks/results/`` (default: ``llm``, ``llm_quick``, or
+            ``llm_<models>_<budgets>`` off the default grid).
     """
 
     models: list[str] = field(default_factory=lambda: ["smollm2"])
@@ -89,6 +100,7 @@ class LlmArguments:
     eval_blocks: int = 32
     repeats: int = 5
     seed: int = 0
+    out_name: str = ""
 
 
 def run(args: LlmArguments, name: str) -> dict[str, Any]:
@@ -99,6 +111,7 @@ def run(args: LlmArguments, name: str) -> dict[str, Any]:
     calib = pack_text_blocks(tok, sentences[:2000], block_size=128, batch_size=4, max_blocks=args.calibration_blocks)
     held_out = pack_text_blocks(tok, sentences[3000:], block_size=128, batch_size=4, max_blocks=args.eval_blocks)
     n = sum(b["input_ids"].shape[0] for b in calib)
+    fb_s = forward_backward_s(dense, calib)
     dense_ppl = perplexity(dense, held_out)
     dense_params = hp.count_params(dense)
     dense_sizes = hp.PrunePlan.of(dense).physical_sizes()
@@ -112,14 +125,12 @@ def run(args: LlmArguments, name: str) -> dict[str, Any]:
 
             def compute(method=method, budget=budget):
                 cut = RECOVERED.get(method, method)
-                settings = dict(METHODS[cut])
-                if cut == "retraining_free":
-                    settings.update(tuning_samples=n // 2, selection_samples=n // 2)
-                cfg = hp.PruningConfig(flops_keep=budget, progress=False, seed=args.seed, **settings)
                 model = copy.deepcopy(dense).requires_grad_(True)  # a teacher before may have frozen dense
-                start = time.perf_counter()
-                hp.prune(model, calib, cfg)
-                out = {"prune_s": time.perf_counter() - start}
+                with PeakRSS() as mem:
+                    start = time.perf_counter()
+                    cfg, out = _cut(model, dense, cut, budget, calib, n, args)
+                    out["prune_s"] = time.perf_counter() - start
+                out["peak_rss_mb"] = mem.peak_mb
                 if method in RECOVERED:
                     out["ppl_before_recovery"] = perplexity(model, held_out)
                     out["recovery_s"] = _recover(model, dense, cfg, tok, sentences[:3000], args)
@@ -129,15 +140,35 @@ def run(args: LlmArguments, name: str) -> dict[str, Any]:
                         "heads": sum(s["num_heads"] for s in sizes), "kv_heads": sum(s["num_kv_heads"] for s in sizes)}
 
             row = cached_cell(CELLS, key, compute)
-            row = {**row, "ppl_ratio": row["ppl"] / dense_ppl,
+            row = {**row, "ppl_ratio": row["ppl"] / dense_ppl, "prune_over_fb": row["prune_s"] / fb_s,
                    "decode_of_ideal": row["decode_speedup"] / (dense_params / 1e6 / row["params_m"])}
             print(f"[{name}] {method:<15} {budget:.0%}: ppl {row['ppl']:.2f} ({row['ppl_ratio']:.3f}x dense), heads "
                   f"{row['heads']} / KV {row['kv_heads']}, decode {row['decode_speedup']:.2f}x "
                   f"({row['decode_of_ideal']:.0%} of ideal), prune {row['prune_s']:.0f} s", flush=True)
             rows.append(row)
     return {"dense_ppl": dense_ppl, "dense_params_m": dense_params / 1e6, "calibration_tokens": n * 128,
+            "forward_backward_s": fb_s,
             "dense_heads": sum(s["num_heads"] for s in dense_sizes),
             "dense_kv_heads": sum(s["num_kv_heads"] for s in dense_sizes), "rows": rows}
+
+
+def _cut(model, dense, method: str, budget: float, calib, n: int, args: LlmArguments):
+    """Prune ``model`` in place with ``method``; returns the config recovery uses and what to record."""
+    if method.startswith("tp_"):
+        from tp_baseline import kept_units, tp_prune_decoder
+
+        _, info = tp_prune_decoder(model, budget, METHODS[method]["importance"], calib)
+        model.prune_plan = kept_units(model, dense)  # recovery then sees a pruned model and does not cut again
+        replay = hp.apply_plan_(copy.deepcopy(dense), model.prune_plan)
+        with torch.no_grad():
+            diff = (model(**calib[0]).logits - replay(**calib[0]).logits).abs().max()
+        return hp.PruningConfig(flops_keep=budget), {"tp": info, "tp_replay_max_diff": float(diff)}
+    settings = dict(METHODS[method])
+    if method == "retraining_free":
+        settings.update(tuning_samples=n // 2, selection_samples=n // 2)
+    cfg = hp.PruningConfig(flops_keep=budget, progress=False, seed=args.seed, **settings)
+    hp.prune(model, calib, cfg)
+    return cfg, {}
 
 
 TITLES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
@@ -166,6 +197,7 @@ def write(all_results: dict[str, Any], args: LlmArguments) -> None:
     stem = "llm_quick" if args.quick else "llm"
     if args.models != ["smollm2"] or args.budgets != LlmArguments().budgets:  # not the default grid
         stem += "_" + "_".join(args.models) + "_" + "_".join(f"{b:g}" for b in args.budgets)
+    stem = args.out_name or stem
     out = HERE / "results"
     lines = ["# Decoder LLMs: methods side by side at equal layer FLOPs\n",
              "> Written by `benchmarks/bench_llm.py`; do not edit by hand.\n",
@@ -186,22 +218,24 @@ def _section(name: str, results: dict[str, Any], args: LlmArguments, plot: Any) 
              f"(QNLI dev sentences from the 3,000th), {results['dense_params_m']:.1f}M parameters, "
              f"{results['dense_heads']} heads / {results['dense_kv_heads']} KV heads. Calibration: "
              f"{args.calibration_blocks} blocks of 128 tokens ({results['calibration_tokens']:,} tokens) of earlier "
-             "sentences; recovery only where the method says `+kd`. Decode: batch 1, prompt 128, 32 new tokens with "
+             f"sentences (one forward+backward over them: {results.get('forward_backward_s', float('nan')):.1f} s); recovery only where the method says `+kd`. Decode: batch 1, prompt 128, 32 new tokens with "
              "the KV cache, CPU, dense and pruned interleaved, median; `decode % of ideal` = decode speedup / (dense "
              "params / pruned params).\n"]
     lines.append(report.markdown_table(
         results["rows"],
         ["flops_keep", "method", "flops_kept", "params_m", "heads", "kv_heads", "ppl", "ppl_ratio", "decode_ms",
-         "decode_speedup", "decode_of_ideal", "prefill_ms", "prefill_speedup", "prune_s"]
+         "decode_speedup", "decode_of_ideal", "prefill_ms", "prefill_speedup", "prune_s", "prune_over_fb",
+         "peak_rss_mb"]
         + (["ppl_before_recovery", "recovery_tokens", "recovery_s"] if recovered else []),
         formats={"flops_keep": ".0%", "flops_kept": ".1%", "params_m": ".1f", "ppl": ".2f", "ppl_ratio": ".3f",
                  "decode_ms": ".1f", "decode_speedup": ".2f", "decode_of_ideal": ".0%", "prefill_ms": ".0f",
-                 "prefill_speedup": ".2f", "prune_s": ".0f", "ppl_before_recovery": ".2f", "recovery_tokens": ",",
+                 "prefill_speedup": ".2f", "prune_s": ".0f", "prune_over_fb": ".1f", "peak_rss_mb": ".0f", "ppl_before_recovery": ".2f", "recovery_tokens": ",",
                  "recovery_s": ".0f"},
         headers={"flops_keep": "budget", "flops_kept": "FLOPs kept", "params_m": "params (M)", "kv_heads": "KV heads",
                  "ppl_ratio": "ppl / dense", "decode_ms": "decode ms/token", "decode_of_ideal": "decode % of ideal",
                  "prefill_ms": "prefill ms (b1 x 128)", "ppl_before_recovery": "ppl before recovery",
-                 "recovery_tokens": "recovery tokens"}))
+                 "recovery_tokens": "recovery tokens", "prune_over_fb": "prune / fwd+bwd",
+                 "peak_rss_mb": "peak RSS MB"}))
     series = {m: [(x["decode_speedup"], x["ppl"]) for x in results["rows"] if x["method"] == m] for m in args.methods}
     report.plot_metric_vs_speedup(series, plot, metric="held-out perplexity (log scale)", dense=results["dense_ppl"],
                                   title=f"{TITLES[name]}: perplexity vs decode speedup (b1)", log_y=True)

@@ -22,12 +22,21 @@ How TP is driven (its HF BERT example, ``examples/transformers/prune_hf_bert.py`
 
 :func:`kept_units` reads back which heads/neurons TP kept (by matching weight rows with the dense model), so a
 TP-pruned model can be compared with the dense model under hf_prune masks (:func:`max_diff_vs_masked`).
+
+Decoders (Llama family, :func:`tp_prune_decoder`): TP's LLM example (``examples/LLMs/prune_llm.py``) - local
+pruning (``global_pruning=False``), ``num_heads`` of Q = query heads and of K/V = KV heads (TP's own GQA handling:
+it removes query heads and keeps every KV head), whole heads (``prune_head_dims=False``), the module attributes set
+from the new shapes afterwards as the example does. Two changes, both said where they are made: the hidden size
+stays (embeddings and ``lm_head`` are ``ignored_layers``; the example also narrows the residual stream, a unit
+hf_prune does not cut, so FLOPs could not be matched), and one patch for transformers 5 (:func:`_rope_as_scale`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -222,3 +231,96 @@ def max_diff_vs_masked(pruned: nn.Module, dense: nn.Module, plan: hp.PrunePlan,
             ref = dense(**feats).logits
         worst = max(worst, float((pruned(**feats).logits - ref).abs().max()))
     return worst
+
+
+# --------------------------------------------------------------------------------------------------- decoders
+
+
+@contextlib.contextmanager
+def _rope_as_scale(model: nn.Module):
+    """While TP traces its dependency graph: RoPE as a per-channel product with ``cos``, eager attention.
+
+    Why: TP follows ``rotate_half`` (slice, negate, cat) as channel index maps that never converge on transformers
+    5's Llama: the K projection's group grew past 2,000 dependencies on a one-layer SmolLM2 and building the pruner
+    for the whole model had not finished after 10 minutes. Whole heads go (``prune_head_dims=False``) and the
+    rotation mixes channels only inside a head, so the product couples the same channels for head pruning. Only the
+    trace sees it: the real RoPE and attention are back before any importance or output is computed.
+    """
+    module = sys.modules[type(model).__module__]
+    real, attn = module.apply_rotary_pos_emb, model.config._attn_implementation
+
+    def as_scale(q, k, cos, sin, unsqueeze_dim=1):
+        cos = cos.unsqueeze(unsqueeze_dim)
+        return q * cos, k * cos
+
+    module.apply_rotary_pos_emb = as_scale
+    model.set_attn_implementation("eager")  # repeat_kv as tensor ops TP can follow (SDPA's enable_gqa hides it)
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = real
+        model.set_attn_implementation(attn)
+
+
+def decoder_counts(model: nn.Module, flops_keep: float, seq_len: int = 128) -> dict[str, int]:
+    """Query heads and FFN neurons per layer TP removes for ``flops_keep`` of the layer FLOPs: heads at TP's
+    same-ratio-for-everything, rounded to a multiple of the KV heads (each KV head keeps as many query heads;
+    TP's example says its ratio must be such a multiple for the model to reload), FFN the fewest that meet it."""
+    d = model_dims(model)
+    cost = hp.CostModel.for_model(model)
+    c_head, c_kv, c_neuron = cost.head_flops(seq_len), cost.kv_flops(seq_len), cost.neuron_flops(seq_len)
+    h, kv, f = d["num_heads"], d["num_kv_heads"], d["intermediate_size"]
+    budget = flops_keep * (h * c_head + kv * c_kv + f * c_neuron)
+    heads_rm = min(h - kv, kv * round((1 - flops_keep) * h / kv))
+    neurons_keep = math.floor((budget - (h - heads_rm) * c_head - kv * c_kv) / c_neuron)
+    return {"heads_removed": heads_rm, "neurons_removed": f - max(1, min(f, neurons_keep)), "heads": h,
+            "neurons": f}
+
+
+def tp_prune_decoder(model: nn.Module, flops_keep: float, importance: str,
+                     calib: Iterable[Mapping[str, torch.Tensor]] | None = None, *,
+                     seq_len: int = 128) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune a Llama-family causal LM in place with TP's LLM recipe to ``flops_keep`` of its layer FLOPs.
+
+    Args:
+        importance: ``taylor`` (TP's ``TaylorImportance``: |w * dL/dw| with gradients of the LM loss summed over
+            ``calib``, LLM-Pruner's criterion) or ``magnitude`` (``GroupMagnitudeImportance(p=2,
+            group_reduction="mean")``, the example's).
+    """
+    tp = _tp()
+    t0 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    if importance == "taylor":
+        if calib is None:
+            raise ValueError("Taylor importance needs calibration batches")
+        model.eval()
+        for batch in calib:
+            model(**batch).loss.backward()
+        imp = tp.importance.TaylorImportance()
+    elif importance == "magnitude":
+        imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
+    else:
+        raise ValueError(f"unknown TP importance {importance!r}")
+    t1 = time.perf_counter()
+    want = decoder_counts(model, flops_keep, seq_len)
+    d = model_dims(model)
+    layers = _linears(model)
+    num_heads = {lin[k]: d["num_heads"] if k == "q" else d["num_kv_heads"] for lin in layers for k in "qkv"}
+    head_ratio, ffn_ratio = _ratio_for(want["heads_removed"], want["heads"]), _ratio_for(want["neurons_removed"],
+                                                                                        want["neurons"])
+    example = dummy_inputs(model, 1, 8)
+    with _rope_as_scale(model):
+        pruner = tp.pruner.MetaPruner(
+            model, dict(example), importance=imp, global_pruning=False, pruning_ratio=ffn_ratio,
+            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio,
+            ignored_layers=[model.get_input_embeddings(), model.get_output_embeddings()],
+            output_transform=lambda out: out.logits.sum(),
+        )
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for layer, lin in zip(layer_list(model, get_adapter(model)), layers):  # as TP's example, from the new shapes
+        layer.self_attn.num_key_value_groups = lin["q"].out_features // lin["k"].out_features
+    model.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    return model, {"importance": importance, "head_pruning_ratio": head_ratio, "pruning_ratio": ffn_ratio,
+                   "target": want, "times": {"gradients_s": t1 - t0, "tp_prune_s": t2 - t1}}
