@@ -58,6 +58,7 @@ CELLS = CACHE / "llm"
 #: method -> PruningConfig settings besides the budget
 METHODS: dict[str, dict[str, Any]] = {
     "retraining_free": {"method": "retraining_free"},
+    "retraining_free_q": {"method": "retraining_free", "head_unit": "query_head"},
     "fisher": {"importance": "fisher"},
     "fisher_q": {"importance": "fisher", "head_unit": "query_head"},
     "magnitude": {"importance": "magnitude"},
@@ -77,9 +78,10 @@ class LlmArguments:
         models: embedded decoders to prune: ``smollm2`` and/or ``gemma3``.
         quick: budgets 90% and 80% only.
         budgets: fractions of the layer FLOPs to keep (ignored with ``quick``).
-        methods: which of ``retraining_free``, ``fisher``, ``fisher_q``, ``magnitude``, ``random``, ``tp_taylor``,
-            ``tp_magnitude`` to run, and ``retraining_free+kd`` / ``fisher+kd`` / ``tp_taylor+kd``: the cut, then KD recovery from the dense model (token-level KL,
-            temperature 2) on blocks of the first 3,000 QNLI sentences, batch 4 x 128 tokens.
+        methods: which of ``retraining_free``, ``retraining_free_q``, ``fisher``, ``fisher_q``, ``magnitude``,
+            ``random``, ``tp_taylor``, ``tp_magnitude`` to run, and ``retraining_free+kd`` / ``fisher+kd`` /
+            ``tp_taylor+kd``: the cut, then KD recovery from the dense model (token-level KL, temperature 2) on
+            blocks of the first 3,000 QNLI sentences, batch 4 x 128 tokens.
         recovery_steps: recovery steps of the ``+kd`` methods (500 x 4 x 128 = 256k tokens).
         recovery_lr: their learning rate (linear decay, 10 warm-up steps).
         calibration_blocks: calibration blocks of 128 tokens.
@@ -164,7 +166,7 @@ def _cut(model, dense, method: str, budget: float, calib, n: int, args: LlmArgum
             diff = (model(**calib[0]).logits - replay(**calib[0]).logits).abs().max()
         return hp.PruningConfig(flops_keep=budget), {"tp": info, "tp_replay_max_diff": float(diff)}
     settings = dict(METHODS[method])
-    if method == "retraining_free":
+    if settings.get("method") == "retraining_free":
         settings.update(tuning_samples=n // 2, selection_samples=n // 2)
     cfg = hp.PruningConfig(flops_keep=budget, progress=False, seed=args.seed, **settings)
     hp.prune(model, calib, cfg)

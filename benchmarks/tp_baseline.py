@@ -262,7 +262,8 @@ def _rope_as_scale(model: nn.Module):
         model.set_attn_implementation(attn)
 
 
-def decoder_counts(model: nn.Module, flops_keep: float, seq_len: int = 128) -> dict[str, int]:
+def decoder_counts(model: nn.Module, flops_keep: float, seq_len: int = 128,
+                   heads_removed: int | None = None) -> dict[str, Any]:
     """Query heads and FFN neurons per layer TP removes for ``flops_keep`` of the layer FLOPs: heads at TP's
     same-ratio-for-everything, rounded to a multiple of the KV heads (each KV head keeps as many query heads;
     TP's example says its ratio must be such a multiple for the model to reload), FFN the fewest that meet it."""
@@ -271,10 +272,11 @@ def decoder_counts(model: nn.Module, flops_keep: float, seq_len: int = 128) -> d
     c_head, c_kv, c_neuron = cost.head_flops(seq_len), cost.kv_flops(seq_len), cost.neuron_flops(seq_len)
     h, kv, f = d["num_heads"], d["num_kv_heads"], d["intermediate_size"]
     budget = flops_keep * (h * c_head + kv * c_kv + f * c_neuron)
-    heads_rm = min(h - kv, kv * round((1 - flops_keep) * h / kv))
+    heads_rm = min(h - kv, kv * round((1 - flops_keep) * h / kv)) if heads_removed is None else heads_removed
     neurons_keep = math.floor((budget - (h - heads_rm) * c_head - kv * c_kv) / c_neuron)
-    return {"heads_removed": heads_rm, "neurons_removed": f - max(1, min(f, neurons_keep)), "heads": h,
-            "neurons": f}
+    neurons_rm = f - max(1, min(f, neurons_keep))
+    return {"heads_removed": heads_rm, "neurons_removed": neurons_rm, "heads": h, "neurons": f,
+            "head_ratio": _ratio_for(heads_rm, h), "ffn_ratio": _ratio_for(neurons_rm, f)}
 
 
 def tp_prune_decoder(model: nn.Module, flops_keep: float, importance: str,
@@ -303,24 +305,41 @@ def tp_prune_decoder(model: nn.Module, flops_keep: float, importance: str,
         raise ValueError(f"unknown TP importance {importance!r}")
     t1 = time.perf_counter()
     want = decoder_counts(model, flops_keep, seq_len)
-    d = model_dims(model)
-    layers = _linears(model)
-    num_heads = {lin[k]: d["num_heads"] if k == "q" else d["num_kv_heads"] for lin in layers for k in "qkv"}
-    head_ratio, ffn_ratio = _ratio_for(want["heads_removed"], want["heads"]), _ratio_for(want["neurons_removed"],
-                                                                                        want["neurons"])
-    example = dummy_inputs(model, 1, 8)
-    with _rope_as_scale(model):
-        pruner = tp.pruner.MetaPruner(
-            model, dict(example), importance=imp, global_pruning=False, pruning_ratio=ffn_ratio,
-            num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio,
-            ignored_layers=[model.get_input_embeddings(), model.get_output_embeddings()],
-            output_transform=lambda out: out.logits.sum(),
-        )
-    for group in pruner.step(interactive=True):
+    removed = _heads_removed(_decoder_pruner(model, imp, want), model)  # a dry run (a pruner steps once)
+    if removed != want["heads_removed"]:
+        # TP removes no query head of a model with one KV head (Gemma-3-270M): spend the budget on the FFN instead
+        want = decoder_counts(model, flops_keep, seq_len, heads_removed=removed)
+    for group in _decoder_pruner(model, imp, want).step(interactive=True):
         group.prune()
-    for layer, lin in zip(layer_list(model, get_adapter(model)), layers):  # as TP's example, from the new shapes
+    for layer, lin in zip(layer_list(model, get_adapter(model)), _linears(model)):  # as TP's example, from the new shapes
         layer.self_attn.num_key_value_groups = lin["q"].out_features // lin["k"].out_features
     model.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
-    return model, {"importance": importance, "head_pruning_ratio": head_ratio, "pruning_ratio": ffn_ratio,
-                   "target": want, "times": {"gradients_s": t1 - t0, "tp_prune_s": t2 - t1}}
+    return model, {"importance": importance, "head_pruning_ratio": want["head_ratio"],
+                   "pruning_ratio": want["ffn_ratio"], "target": want,
+                   "times": {"gradients_s": t1 - t0, "tp_prune_s": t2 - t1}}
+
+
+def _decoder_pruner(model: nn.Module, imp: Any, want: dict[str, Any]) -> Any:
+    tp = _tp()
+    d = model_dims(model)
+    num_heads = {lin[k]: d["num_heads"] if k == "q" else d["num_kv_heads"] for lin in _linears(model) for k in "qkv"}
+    with _rope_as_scale(model):
+        return tp.pruner.MetaPruner(
+            model, dict(dummy_inputs(model, 1, 8)), importance=imp, global_pruning=False,
+            pruning_ratio=want["ffn_ratio"], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+            head_pruning_ratio=want["head_ratio"],
+            ignored_layers=[model.get_input_embeddings(), model.get_output_embeddings()],
+            output_transform=lambda out: out.logits.sum(),
+        )
+
+
+def _heads_removed(pruner: Any, model: nn.Module) -> int:
+    """Query heads per layer the pruner would remove (a dry run of its groups, read off the first Q projection)."""
+    q = _linears(model)[0]["q"]
+    head_dim = model_dims(model)["head_dim"]
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            if dep.target.module is q and dep.handler.__name__.endswith("out_channels"):
+                return len(idxs) // head_dim
+    return 0

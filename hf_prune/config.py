@@ -87,7 +87,9 @@ class PruningConfig:
             query head). Attention repeats each KV head for a fixed number of query heads, so with ``query_head``
             every kept KV head of a layer keeps the same number of its query heads: each layer chooses how many
             KV heads and how many query heads per KV head to keep (a model with one KV head, like Gemma-3-270M,
-            can lose attention heads only this way). Without grouped-query attention both mean one head.
+            can lose attention heads only this way). With ``method="retraining_free"`` the search ranks query heads
+            by their Fisher diagonal and the rearrangement swaps query heads inside the kept groups. Without
+            grouped-query attention both mean one head.
         deployable: aim for a checkpoint that stock transformers and serving runtimes load without custom code:
             every layer keeps the same shape (needs ``allocation="uniform"``; ``layers_keep`` is fine), and recipes,
             the CLI and ``PruningTrainer.save_model`` save the stock architecture (:func:`hf_prune.save_stock`);
@@ -185,10 +187,9 @@ class PruningConfig:
                                  "block): drop allow_empty_layers")
         if self.head_unit not in HEAD_UNITS:
             raise ValueError(f"head_unit must be one of {', '.join(HEAD_UNITS)}, not {self.head_unit!r}")
-        if self.head_unit == "query_head" and (self.latency_keep is not None or self.method == "retraining_free"):
-            raise ValueError("head_unit='query_head' is allocated by flops_keep, target_params or heads_keep with "
-                             "method='one_shot'; the retraining-free search and rearrangement keep whole key/value "
-                             "groups: use head_unit='kv_group' there")
+        if self.head_unit == "query_head" and self.latency_keep is not None:
+            raise ValueError("head_unit='query_head' is allocated by flops_keep, target_params or heads_keep; the "
+                             "latency search keeps whole key/value groups: use head_unit='kv_group' with latency_keep")
         if self.round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if self.seq_len < 1:

@@ -6,6 +6,7 @@ layer balanced under its budget, including a model with a single KV head (Gemma-
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_uniform_query_head_cut_exports_as_the_stock_architecture(name, tmp_path
     "kwargs, match",
     [
         ({"head_unit": "query", "flops_keep": 0.5}, "head_unit must be one of"),
-        ({"head_unit": "query_head", "flops_keep": 0.5, "method": "retraining_free"}, "kv_group"),
+        ({"head_unit": "query_head", "latency_keep": 0.5, "method": "retraining_free"}, "kv_group"),
     ],
 )
 def test_bad_head_unit_settings_are_refused(kwargs, match):
@@ -183,3 +184,55 @@ def test_query_heads_with_depth_pruning_export_as_the_stock_architecture(tmp_pat
     x = inputs_only(tiny.batch())
     with torch.no_grad():
         assert torch.equal(output_tensor(stock(**x)), output_tensor(model(**x)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_swap_descent_inside_groups_keeps_every_groups_count(seed):
+    from hf_prune.retraining_free.rearrange import quadratic_loss, swap_descent
+
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(40, 9, generator=g) * torch.rand(9, generator=g)
+    F = grads.T @ grads  # (9, 9): 3 KV groups of 3 query heads
+    groups = torch.arange(9) // 3
+    keep = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0, 0], dtype=torch.bool)  # 2, 2 and 0 kept
+    new = swap_descent(F, keep, groups=groups)
+    assert [int(new[groups == k].sum()) for k in range(3)] == [2, 2, 0]
+    assert quadratic_loss(F, new) <= quadratic_loss(F, keep) + 1e-12
+    for i, j in itertools.product(range(9), range(9)):  # no swap inside a group improves it
+        if not new[i] and new[j] and groups[i] == groups[j]:
+            swapped = new.clone()
+            swapped[i], swapped[j] = True, False
+            assert quadratic_loss(F, swapped) >= quadratic_loss(F, new) - 1e-9
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("kv", [3, 1])
+def test_retraining_free_with_query_heads_cuts_balanced_groups_as_its_masks_say(name, kv):
+    """The retraining-free pipeline with ``head_unit="query_head"``: search, in-group rearrangement, tuning and
+    selection give a balanced plan within the budget; the cut model equals the dense model with the tuning folded
+    in and the dropped units masked; a model with one KV head loses query heads (it could lose none by group)."""
+    from hf_prune.retraining_free import fold_tuning_, retraining_free_plan
+
+    tiny = BY_NAME[name]
+    model = _gqa(name, heads=6, kv=kv)
+    data = [tiny.batch(batch_size=4, seq_len=8, seed=s) for s in range(6)]
+    cfg = hp.PruningConfig(method="retraining_free", head_unit="query_head", flops_keep=0.5, progress=False,
+                           tuning_samples=8, selection_samples=8)
+    plan, tuning = retraining_free_plan(model, data, cfg)
+    group = 6 // kv
+    for heads in plan.heads:  # balanced: every kept KV head keeps the same number of query heads
+        counts = [sum(h // group == k for h in heads) for k in {h // group for h in heads}]
+        assert len(set(counts)) <= 1
+    dense_flops = hp.plan_flops(hp.PrunePlan.dense(model), model, 128)["total"]
+    assert hp.plan_flops(plan, model, 128)["total"] <= 0.5 * dense_flops
+    if kv == 1:
+        assert sum(len(h) for h in plan.heads) < 6 * len(plan.heads)
+    x = inputs_only(tiny.batch())
+    reference = copy.deepcopy(model)
+    if tuning is not None:
+        fold_tuning_(reference, tuning)
+    expected = masked_output(reference, plan, x, output_tensor)
+    pruned, again = hp.prune(model, data, cfg)
+    assert (again.heads, again.neurons) == (plan.heads, plan.neurons)
+    with torch.no_grad():
+        torch.testing.assert_close(output_tensor(pruned(**x)), expected, atol=1e-4, rtol=1e-4)

@@ -19,7 +19,8 @@ def quadratic_loss(fisher: torch.Tensor, keep: torch.Tensor) -> float:
     return 0.5 * float(z @ fisher.double() @ z)
 
 
-def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None = None) -> torch.Tensor:
+def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None = None,
+                 groups: torch.Tensor | None = None) -> torch.Tensor:
     """Local search over single swaps (one removed unit restored, one kept unit removed), which keeps the
     count; stops when no swap strictly lowers ``1/2 z^T F z`` (``z = 1 - m``). Never increases it.
 
@@ -31,9 +32,12 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
         fisher: ``(n, n)`` Fisher block of one layer's units.
         keep: ``(n,)`` bool, the starting mask.
         max_swaps: cap on swaps (default ``n``).
+        groups: ``(n,)`` group ids: swap only inside a group, so every group keeps its count (query heads of one
+            KV head: each kept KV head keeps the same number of query heads).
     """
     F = fisher.double()
     keep = keep.clone()
+    same = None if groups is None else groups[:, None] == groups[None, :]  # (n, n) swaps allowed
     g = F @ (~keep).double()  # (n,) gradient of 1/2 z^T F z at z = 1 - m
     d = F.diagonal()
     tol = 1e-12 * max(float(d.sum()), 1e-30)
@@ -44,12 +48,15 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
         # restoring i changes the loss by -g_i + F_ii / 2; then removing j by g'_j + F_jj / 2, g' = g - F[:, i]
         restore = torch.where(~keep, 0.5 * d - g, inf)  # (n,)
         i = int(restore.argmin())
-        remove = torch.where(keep, g - F[:, i] + 0.5 * d, inf)  # (n,)
+        ok = keep if same is None else keep & same[i]
+        remove = torch.where(ok, g - F[:, i] + 0.5 * d, inf)  # (n,)
         j = int(remove.argmin())
         if float(restore[i] + remove[j]) >= -tol:
             out, inn = (~keep).nonzero().view(-1), keep.nonzero().view(-1)
             # all pairs: g_j - g_i + (F_ii + F_jj) / 2 - F_ij
             delta = (g[inn] + 0.5 * d[inn])[None, :] - (g[out] - 0.5 * d[out])[:, None] - F[out][:, inn]
+            if same is not None:
+                delta = torch.where(same[out][:, inn], delta, inf)
             best = int(delta.argmin())
             if float(delta.view(-1)[best]) >= -tol:
                 break
@@ -62,8 +69,9 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
 def rearrange_masks(
     plan: PrunePlan, fisher: FisherInfo, *, max_swaps: int | None = None, progress: bool = True
 ) -> tuple[PrunePlan, list[dict[str, float]]]:
-    """Within each layer, re-choose which heads (whole KV groups) and neurons ``plan`` keeps, same counts,
-    minimising ``1/2 (1 - m)^T F (1 - m)`` with the layer's Fisher blocks.
+    """Within each layer, re-choose which heads and neurons ``plan`` keeps, same counts, minimising
+    ``1/2 (1 - m)^T F (1 - m)`` with the layer's Fisher blocks. Heads move as whole KV groups; where ``plan`` keeps
+    part of each kept group (``head_unit="query_head"``), the kept groups stay and query heads move inside them.
 
     Returns the new plan and, per layer, the loss estimate before and after for heads and neurons.
     """
@@ -73,15 +81,23 @@ def rearrange_masks(
     neurons: list[list[int]] = [[] for _ in range(current.num_layers)]
     stats = []
     for p, i in enumerate(tqdm(current.kept_layers, desc="rearrange", disable=not progress)):
-        # Heads: a KV group is removed whole, so its loss term is the group-summed block P^T F P.
         ids = current.heads[i]
-        groups = sorted({h // group for h in ids})
-        P = torch.tensor([[float(h // group == k) for k in groups] for h in ids], dtype=torch.float64)
-        P = P.view(len(ids), len(groups))  # (H_l, G) membership
-        Fg = P.T @ fisher.heads[p].double().cpu() @ P  # (G, G)
-        keep_g = torch.tensor([k * group in plan.heads[i] for k in groups], dtype=torch.bool)
-        new_g = swap_descent(Fg, keep_g, max_swaps)
-        heads[i] = [k * group + j for k, kept in zip(groups, new_g.tolist()) if kept for j in range(group)]
+        if len(plan.heads[i]) != len(plan.kv_heads(i)) * group:
+            # Part of each kept group stays: swap query heads inside their group (the counts stay balanced).
+            Fg = fisher.heads[p].double().cpu()  # (H_l, H_l)
+            kept_set = set(plan.heads[i])
+            keep_g = torch.tensor([h in kept_set for h in ids], dtype=torch.bool)
+            new_g = swap_descent(Fg, keep_g, max_swaps, groups=torch.tensor([h // group for h in ids]))
+            heads[i] = [h for h, kept in zip(ids, new_g.tolist()) if kept]
+        else:
+            # A KV group is removed whole, so its loss term is the group-summed block P^T F P.
+            groups = sorted({h // group for h in ids})
+            P = torch.tensor([[float(h // group == k) for k in groups] for h in ids], dtype=torch.float64)
+            P = P.view(len(ids), len(groups))  # (H_l, G) membership
+            Fg = P.T @ fisher.heads[p].double().cpu() @ P  # (G, G)
+            keep_g = torch.tensor([k * group in plan.heads[i] for k in groups], dtype=torch.bool)
+            new_g = swap_descent(Fg, keep_g, max_swaps)
+            heads[i] = [k * group + j for k, kept in zip(groups, new_g.tolist()) if kept for j in range(group)]
         # Neurons.
         Fn = fisher.neurons[p].double().cpu()  # (I_l, I_l)
         kept_set = set(plan.neurons[i])
