@@ -6,6 +6,7 @@ FLOPs budget, on the same data in the same run:
 
 =========================  ===========================================================================
 ``retraining_free``        ``hf_prune.prune(..., PruningConfig(method="retraining_free", flops_keep=k))``
+``retraining_free+kd_full`` the retraining-free model + full fine-tuning with KD (not in the default grid)
 ``fisher``                 hf_prune one-shot, Fisher scores, global FLOPs search (no recovery)
 ``fisher+kd_full``         the same pruned model + full fine-tuning with KD from the dense model
 ``fisher+kd_lora``         the same pruned model + LoRA (merged afterwards) with KD
@@ -98,6 +99,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "retraining_free": Method("hf_prune retraining-free"),
     "fisher": Method("hf_prune Fisher one-shot"),
+    "retraining_free+kd_full": Method("hf_prune retraining-free + KD full", "retraining_free", "full"),
     "fisher+kd_full": Method("hf_prune Fisher + KD full", "fisher", "full"),
     "fisher+kd_lora": Method("hf_prune Fisher + KD LoRA", "fisher", "lora"),
     "tp_taylor": Method("Torch-Pruning Taylor"),
@@ -566,6 +568,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report_only", action="store_true",
                     help="run nothing: rebuild the JSON, tables and plots from the cached cells (missing ones listed)")
+    ap.add_argument("--name", default=None,
+                    help="results stem compare_<name> and report compare_<name>.md (default: quick / full, whose "
+                         "report is benchmarks/RESULTS.md): a subset of methods or tasks then leaves those alone")
     ap.add_argument("--report", default=None,
                     help="markdown report (default: benchmarks/RESULTS.md, quick: benchmarks/results/compare_quick.md)")
     args = ap.parse_args(argv)
@@ -578,9 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, k, v)
     if args.methods is None:
         args.methods = DEFAULT_METHODS + (BASELINE_RECOVERY if args.recover_baselines else [])
-    args.mode = "quick" if args.quick else "full"
+    args.mode = args.name or ("quick" if args.quick else "full")
     if args.report is None:
-        args.report = str(RESULTS / "compare_quick.md") if args.quick else str(HERE / "RESULTS.md")
+        args.report = str(RESULTS / f"compare_{args.mode}.md") if args.mode != "full" else str(HERE / "RESULTS.md")
     return args
 
 
