@@ -93,8 +93,8 @@ MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "spearmanr", "rte": "ac
 # ----------------------------------------------------------------------------------------------- fine-tuning
 
 
-def finetune_dir(task: Task, steps: int, batch_size: int, seed: int) -> Path:
-    return CACHE / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-seed{seed}"
+def finetune_dir(task: Task, steps: int, batch_size: int, lr: float, seed: int) -> Path:
+    return CACHE / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-lr{lr:g}-seed{seed}"
 
 
 def epochs_to_steps(task: Task, epochs: float, batch_size: int) -> int:
@@ -105,7 +105,7 @@ def epochs_to_steps(task: Task, epochs: float, batch_size: int) -> int:
 
 def finetune(task: Task, tok: Any, steps: int, batch_size: int, lr: float, seed: int) -> Path:
     """Fine-tune MiniLM on ``task`` once; later calls load the cached folder."""
-    out = finetune_dir(task, steps, batch_size, seed)
+    out = finetune_dir(task, steps, batch_size, lr, seed)
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)

@@ -1,0 +1,199 @@
+"""How retraining-free pruning holds on models it was not tuned on (issue 16's protocol): for every task, several
+independently fine-tuned dense MiniLMs (different seeds, learning rates and epoch counts) x several calibration
+draws x budgets; the drop of the dev metric (dense minus pruned, in points) reported as mean, min and max over all
+(dense model, draw) pairs, with the dev divergence from each dense model (KL; squared error for STS-B).
+
+A dense model is ``seed:lr:epochs_factor``; its epochs are the task's usual count (``EPOCHS``: SST-2 1, the small
+tasks 3) times the factor. Calibration draw ``d`` is ``--samples`` training examples drawn with seed ``d`` (each
+draw a different random subset). Every (task, dense, draw, budget, method) cell is cached under
+``benchmarks/cache/robustness/`` as soon as it finishes; dense fine-tunes under ``benchmarks/cache/``.
+
+    .venv/bin/python benchmarks/bench_robustness.py --quick          # MRPC, 50%, two short fine-tunes: a smoke run
+    .venv/bin/python benchmarks/bench_robustness.py                  # SST-2, MRPC, STS-B, CoLA x 60/50/40% (hours)
+    .venv/bin/python benchmarks/bench_robustness.py --methods retraining_free fisher --tasks cola
+
+Writes ``benchmarks/results/robustness{_quick}.json`` / ``.md`` and a plot of the drops.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import transformers as T
+from common import (
+    CACHE,
+    HERE,
+    MAIN_METRIC,
+    TASKS,
+    cached_cell,
+    calibration,
+    dev_batches,
+    dev_logits,
+    epochs_to_steps,
+    finetune,
+    metrics_of,
+)
+
+import hf_prune as hp
+from hf_prune import report
+from hf_prune.resources import embedded_model_path
+from hf_prune.retraining_free import sample_divergence
+
+CELLS = CACHE / "robustness"
+EPOCHS = {"sst2": 1.0, "mrpc": 3.0, "stsb": 3.0, "cola": 3.0, "rte": 3.0}
+#: the issue's targets: (task, budget) -> largest mean drop of the main metric, in points
+TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 0.5): 1.0, ("cola", 0.5): 2.0}
+METHODS = {"retraining_free": {"method": "retraining_free"}, "fisher": {"importance": "fisher"}}
+
+
+@dataclass
+class RobustnessArguments:
+    """Arguments of ``bench_robustness.py``.
+
+    Args:
+        tasks: GLUE tasks (``sst2``, ``mrpc``, ``stsb``, ``cola``, ``rte``).
+        budgets: fractions of the layer FLOPs kept.
+        dense: dense models as ``seed:lr:epochs_factor`` (at least three, two learning rates or epoch counts).
+        draws: calibration draws per dense model.
+        samples: calibration samples per draw.
+        methods: ``retraining_free`` and/or ``fisher`` (one-shot).
+        quick: MRPC at 50%, two dense models of a third of an epoch, 256 samples.
+        seed: torch seed of each cell.
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc", "stsb", "cola"])
+    budgets: list[float] = field(default_factory=lambda: [0.6, 0.5, 0.4])
+    dense: list[str] = field(default_factory=lambda: ["0:5e-5:1", "1:3e-5:1", "2:5e-5:0.5"])
+    draws: int = 2
+    samples: int = 2048
+    methods: list[str] = field(default_factory=lambda: ["retraining_free"])
+    quick: bool = False
+    seed: int = 0
+
+
+def parse_dense(spec: str) -> tuple[int, float, float]:
+    try:
+        seed, lr, factor = spec.split(":")
+        return int(seed), float(lr), float(factor)
+    except ValueError:
+        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor, e.g. 0:5e-5:1") from None
+
+
+def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, Any]]:
+    task = TASKS[name]
+    main = MAIN_METRIC[name]
+    dev, labels = dev_batches(task, tok)
+    rows = []
+    for spec in args.dense:
+        seed, lr, factor = parse_dense(spec)
+        steps = epochs_to_steps(task, EPOCHS[name] * factor, 32)
+        model = T.AutoModelForSequenceClassification.from_pretrained(finetune(task, tok, steps, 32, lr, seed)).eval()
+        dense_logits = dev_logits(model, dev)
+        dense = metrics_of(task, dense_logits, labels)
+        print(f"[{name}] dense {spec} ({steps} steps): {main} {dense[main]:.2f}", flush=True)
+        for draw in range(args.draws):
+            calib = calibration(task, tok, args.samples, seed=draw)
+            for keep in args.budgets:
+                for method in args.methods:
+                    key = {"task": name, "dense": spec, "draw": draw, "flops_keep": keep, "method": method,
+                           "samples": args.samples, "seed": args.seed}
+
+                    def compute(keep=keep, method=method, calib=calib):
+                        torch.manual_seed(args.seed)
+                        cfg = hp.PruningConfig(flops_keep=keep, progress=False, seed=args.seed, **METHODS[method])
+                        start = time.perf_counter()
+                        pruned, _ = hp.prune(copy.deepcopy(model), calib, cfg)
+                        prune_s = time.perf_counter() - start
+                        logits = dev_logits(pruned, dev)
+                        div = sample_divergence(dense_logits, logits, task.num_labels > 1, None).mean()
+                        return {**metrics_of(task, logits, labels), "dev_divergence": float(div), "prune_s": prune_s}
+
+                    cell = cached_cell(CELLS, key, compute)
+                    row = {**cell, "dense_metrics": dense, "drop": dense[main] - cell[main], "metric": main}
+                    print(f"[{name}] {spec} draw {draw} {keep:.0%} {method}: {main} {cell[main]:.2f} "
+                          f"(drop {row['drop']:+.2f}), divergence {cell['dev_divergence']:.4f}", flush=True)
+                    rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, budget, method): the main metric's drop over every (dense model, draw): mean, min, max."""
+    out = []
+    for key in dict.fromkeys((r["task"], r["flops_keep"], r["method"]) for r in rows):
+        group = [r for r in rows if (r["task"], r["flops_keep"], r["method"]) == key]
+        drops = [r["drop"] for r in group]
+        dense = sorted({(r["dense"], r["dense_metrics"][r["metric"]]) for r in group})
+        out.append({"task": key[0], "flops_keep": key[1], "method": key[2], "metric": group[0]["metric"],
+                    "runs": len(group), "dense_mean": statistics.fmean(d for _, d in dense),
+                    "drop_mean": statistics.fmean(drops), "drop_min": min(drops), "drop_max": max(drops),
+                    "divergence_mean": statistics.fmean(r["dev_divergence"] for r in group)})
+    return out
+
+
+def targets(summary: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for s in summary:
+        tol = TARGETS.get((s["task"], round(s["flops_keep"], 4)))
+        if tol is None or s["method"] != "retraining_free":
+            continue
+        mean_ok = s["drop_mean"] <= tol
+        worst_ok = s["drop_max"] <= 2 * max(s["drop_mean"], 0.0)
+        out.append(f"{s['task']} {s['metric']} at {s['flops_keep']:.0%}: mean drop {s['drop_mean']:.2f} (target <= "
+                   f"{tol}): {'met' if mean_ok else 'MISSED'}; worst {s['drop_max']:.2f} (target within 2x the "
+                   f"mean): {'met' if worst_ok else 'MISSED'} ({s['runs']} runs)")
+    return out
+
+
+def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
+    stem = "robustness_quick" if args.quick else "robustness"
+    summary = summarise(rows)
+    lines = ["# Retraining-free pruning across independently fine-tuned dense models\n",
+             "> Written by `benchmarks/bench_robustness.py`; do not edit by hand.\n",
+             f"- command: `.venv/bin/python benchmarks/bench_robustness.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
+             f"- environment: {report.environment()}\n",
+             f"- dense models (seed:lr:epochs factor): {', '.join(args.dense)}; {args.draws} calibration draws of "
+             f"{args.samples} training examples each; drop = dense minus pruned dev metric, in points\n",
+             report.markdown_table(summary, ["task", "flops_keep", "method", "metric", "runs", "dense_mean",
+                                             "drop_mean", "drop_min", "drop_max", "divergence_mean"],
+                                   formats={"flops_keep": ".0%", "dense_mean": ".2f", "drop_mean": "+.2f",
+                                            "drop_min": "+.2f", "drop_max": "+.2f", "divergence_mean": ".4f"},
+                                   headers={"flops_keep": "FLOPs kept", "dense_mean": "dense (mean)",
+                                            "drop_mean": "drop mean", "drop_min": "drop min",
+                                            "drop_max": "drop max", "divergence_mean": "dev divergence (mean)"}),
+             "\n## Targets\n", *[f"- {t}" for t in targets(summary)],
+             "\n## Every run\n",
+             report.markdown_table(rows, ["task", "dense", "draw", "flops_keep", "method", "metric", "drop",
+                                          "dev_divergence", "prune_s"],
+                                   formats={"flops_keep": ".0%", "drop": "+.2f", "dev_divergence": ".4f",
+                                            "prune_s": ".0f"})]
+    out = HERE / "results"
+    report.write_json(out / f"{stem}.json", {"args": asdict(args), "environment": report.environment(),
+                                             "summary": summary, "targets": targets(summary), "rows": rows})
+    report.write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    (args,) = T.HfArgumentParser(RobustnessArguments).parse_args_into_dataclasses()
+    if args.quick:
+        args.tasks, args.budgets, args.dense, args.samples = ["mrpc"], [0.5], ["0:5e-5:0.1", "1:3e-5:0.1"], 256
+    for spec in args.dense:
+        parse_dense(spec)
+    unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.tasks) - set(EPOCHS))
+    if unknown:
+        raise SystemExit(f"unknown {unknown}: --methods from {', '.join(METHODS)}, --tasks from {', '.join(EPOCHS)}")
+    tok = T.AutoTokenizer.from_pretrained(embedded_model_path())
+    rows = []
+    for name in args.tasks:
+        rows += run_task(name, args, tok)
+    write(rows, args)
+
+
+if __name__ == "__main__":
+    main()
