@@ -84,9 +84,9 @@ def target_counts(model: nn.Module, flops_keep: float, scope: str, seq_len: int 
 def _pruner(model: nn.Module, example: Mapping[str, torch.Tensor], importance: Any, scope: str,
             head_ratio: float, ffn_ratio: float) -> Any:
     tp = _tp()
-    layers = _linears(model)
-    heads = model_dims(model)["num_heads"]
-    num_heads = {lin[k]: heads for lin in layers for k in ("q", "k", "v")}
+    d = model_dims(model)  # under GQA, K/V have fewer heads than Q (TP's LLM example); equal otherwise
+    num_heads = {lin[k]: d["num_heads"] if k == "q" else d["num_kv_heads"] for lin in _linears(model) for k in "qkv"}
+    # embeddings and the linears outside the layers (pooler, classifier, lm_head) stay: the hidden size is kept
     ignored = [m for m in (model.get_input_embeddings(), *_head_modules(model)) if m is not None]
     return tp.pruner.MetaPruner(
         model, dict(example), importance=importance, global_pruning=scope == "global",
@@ -321,17 +321,8 @@ def tp_prune_decoder(model: nn.Module, flops_keep: float, importance: str,
 
 
 def _decoder_pruner(model: nn.Module, imp: Any, want: dict[str, Any]) -> Any:
-    tp = _tp()
-    d = model_dims(model)
-    num_heads = {lin[k]: d["num_heads"] if k == "q" else d["num_kv_heads"] for lin in _linears(model) for k in "qkv"}
     with _rope_as_scale(model):
-        return tp.pruner.MetaPruner(
-            model, dict(dummy_inputs(model, 1, 8)), importance=imp, global_pruning=False,
-            pruning_ratio=want["ffn_ratio"], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-            head_pruning_ratio=want["head_ratio"],
-            ignored_layers=[model.get_input_embeddings(), model.get_output_embeddings()],
-            output_transform=lambda out: out.logits.sum(),
-        )
+        return _pruner(model, dummy_inputs(model, 1, 8), imp, "local", want["head_ratio"], want["ffn_ratio"])
 
 
 def _heads_removed(pruner: Any, model: nn.Module) -> int:
