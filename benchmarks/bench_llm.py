@@ -24,7 +24,9 @@ tokens) and prefill of the 128-token prompt, dense and pruned interleaved; the d
 read per token (dense / pruned parameters: decoding at batch 1 is bound by reading the weights).
 
 ``peak_rss_mb``: resident memory of the pruning call above the level before it (sampled every 2 ms);
-``prune / fwd+bwd``: its wall time over one forward+backward pass through the same calibration blocks.
+``prune / fwd+bwd``: its wall time over one forward+backward pass through the same calibration blocks. For the
+``tp_*`` rows both include the replay check (a copy of the dense model, surgery, two forward passes: a few seconds
+and about the dense model's size in memory), which runs inside the measured call; it should move out of it.
 Not here: a GLUE-classifier column (a fine-tuned SmolLM2 classifier per budget was not affordable on 2 cores).
 
 Cells are cached (``benchmarks/cache/llm/``). Writes ``benchmarks/results/llm{_quick}.json`` / ``.md`` and plots.
