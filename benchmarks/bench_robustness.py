@@ -12,7 +12,7 @@ draw a different random subset). Every (task, dense, draw, budget, method) cell 
     .venv/bin/python benchmarks/bench_robustness.py                  # SST-2, MRPC, STS-B, CoLA x 60/50/40% (hours)
     .venv/bin/python benchmarks/bench_robustness.py --methods retraining_free fisher --tasks cola
 
-Writes ``benchmarks/results/robustness{_quick}.json`` / ``.md`` and a plot of the drops.
+Writes ``benchmarks/results/robustness{_quick}.json`` / ``.md`` (``--out_name`` another stem).
 """
 
 from __future__ import annotations
@@ -49,7 +49,14 @@ CELLS = CACHE / "robustness"
 EPOCHS = {"sst2": 1.0, "mrpc": 3.0, "stsb": 3.0, "cola": 3.0, "rte": 3.0}
 #: the issue's targets: (task, budget) -> largest mean drop of the main metric, in points
 TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 0.5): 1.0, ("cola", 0.5): 2.0}
-METHODS = {"retraining_free": {"method": "retraining_free"}, "fisher": {"importance": "fisher"}}
+#: method name -> the ``PruningConfig`` settings it uses, given the run's arguments. ``retraining_free_tune_all``
+#: fits the mask tuning on every calibration sample but the held-out selection ones (the default fits 256).
+METHODS = {
+    "retraining_free": lambda args: {"method": "retraining_free"},
+    "retraining_free_tune_all": lambda args: {"method": "retraining_free",
+                                              "tuning_samples": args.samples - hp.PruningConfig.selection_samples},
+    "fisher": lambda args: {"importance": "fisher"},
+}
 
 
 @dataclass
@@ -62,9 +69,11 @@ class RobustnessArguments:
         dense: dense models as ``seed:lr:epochs_factor`` (at least three, two learning rates or epoch counts).
         draws: calibration draws per dense model.
         samples: calibration samples per draw.
-        methods: ``retraining_free`` and/or ``fisher`` (one-shot).
+        methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``, ``fisher`` (one-shot).
         quick: MRPC at 50%, two dense models of a third of an epoch, 256 samples.
         seed: torch seed of each cell.
+        out_name: stem of the result files under ``benchmarks/results/`` (default ``robustness``, or
+            ``robustness_quick`` with ``--quick``), so a run of other methods or tasks does not overwrite another.
     """
 
     tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc", "stsb", "cola"])
@@ -75,6 +84,7 @@ class RobustnessArguments:
     methods: list[str] = field(default_factory=lambda: ["retraining_free"])
     quick: bool = False
     seed: int = 0
+    out_name: str | None = None
 
 
 def parse_dense(spec: str) -> tuple[int, float, float]:
@@ -106,7 +116,7 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
 
                     def compute(keep=keep, method=method, calib=calib):
                         torch.manual_seed(args.seed)
-                        cfg = hp.PruningConfig(flops_keep=keep, progress=False, seed=args.seed, **METHODS[method])
+                        cfg = hp.PruningConfig(flops_keep=keep, progress=False, seed=args.seed, **METHODS[method](args))
                         start = time.perf_counter()
                         pruned, _ = hp.prune(copy.deepcopy(model), calib, cfg)
                         prune_s = time.perf_counter() - start
@@ -115,7 +125,8 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
                         return {**metrics_of(task, logits, labels), "dev_divergence": float(div), "prune_s": prune_s}
 
                     cell = cached_cell(CELLS, key, compute)
-                    row = {**cell, "dense_metrics": dense, "drop": dense[main] - cell[main], "metric": main}
+                    row = {**cell, "dense_metrics": dense, "dense_value": dense[main], "pruned_value": cell[main],
+                           "drop": dense[main] - cell[main], "metric": main}
                     print(f"[{name}] {spec} draw {draw} {keep:.0%} {method}: {main} {cell[main]:.2f} "
                           f"(drop {row['drop']:+.2f}), divergence {cell['dev_divergence']:.4f}", flush=True)
                     rows.append(row)
@@ -140,18 +151,46 @@ def targets(summary: list[dict[str, Any]]) -> list[str]:
     out = []
     for s in summary:
         tol = TARGETS.get((s["task"], round(s["flops_keep"], 4)))
-        if tol is None or s["method"] != "retraining_free":
+        if tol is None or not s["method"].startswith("retraining_free"):
             continue
         mean_ok = s["drop_mean"] <= tol
         worst_ok = s["drop_max"] <= 2 * max(s["drop_mean"], 0.0)
-        out.append(f"{s['task']} {s['metric']} at {s['flops_keep']:.0%}: mean drop {s['drop_mean']:.2f} (target <= "
-                   f"{tol}): {'met' if mean_ok else 'MISSED'}; worst {s['drop_max']:.2f} (target within 2x the "
+        out.append(f"{s['method']}, {s['task']} {s['metric']} at {s['flops_keep']:.0%}: mean drop "
+                   f"{s['drop_mean']:.2f} (target <= {tol}): {'met' if mean_ok else 'MISSED'}; worst {s['drop_max']:.2f} (target within 2x the "
                    f"mean): {'met' if worst_ok else 'MISSED'} ({s['runs']} runs)")
     return out
 
 
+def plot(summary: list[dict[str, Any]], path: Any) -> None:
+    """One panel per task: the drop of the main metric vs FLOPs kept, mean with a min-max bar, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        group = [s for s in summary if s["task"] == task]
+        methods = list(dict.fromkeys(s["method"] for s in group))
+        for i, method in enumerate(methods):
+            pts = sorted((s for s in group if s["method"] == method), key=lambda s: s["flops_keep"])
+            x = [100 * s["flops_keep"] + 1.2 * (i - (len(methods) - 1) / 2) for s in pts]  # side by side
+            mean = [s["drop_mean"] for s in pts]
+            err = [[m - s["drop_min"] for m, s in zip(mean, pts)], [s["drop_max"] - m for m, s in zip(mean, pts)]]
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=method)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{task} ({group[0]['metric']})")
+        ax.set_xlabel("layer FLOPs kept (%)")
+        ax.set_ylabel("drop vs dense (points)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
-    stem = "robustness_quick" if args.quick else "robustness"
+    stem = args.out_name or ("robustness_quick" if args.quick else "robustness")
     summary = summarise(rows)
     lines = ["# Retraining-free pruning across independently fine-tuned dense models\n",
              "> Written by `benchmarks/bench_robustness.py`; do not edit by hand.\n",
@@ -168,13 +207,16 @@ def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
                                             "drop_max": "drop max", "divergence_mean": "dev divergence (mean)"}),
              "\n## Targets\n", *[f"- {t}" for t in targets(summary)],
              "\n## Every run\n",
-             report.markdown_table(rows, ["task", "dense", "draw", "flops_keep", "method", "metric", "drop",
-                                          "dev_divergence", "prune_s"],
-                                   formats={"flops_keep": ".0%", "drop": "+.2f", "dev_divergence": ".4f",
-                                            "prune_s": ".0f"})]
+             report.markdown_table(rows, ["task", "dense", "draw", "flops_keep", "method", "metric", "dense_value",
+                                          "pruned_value", "drop", "dev_divergence", "prune_s"],
+                                   formats={"flops_keep": ".0%", "dense_value": ".2f", "pruned_value": ".2f",
+                                            "drop": "+.2f", "dev_divergence": ".4f", "prune_s": ".0f"},
+                                   headers={"dense": "dense model", "dense_value": "dense", "pruned_value": "pruned"})]
     out = HERE / "results"
     report.write_json(out / f"{stem}.json", {"args": asdict(args), "environment": report.environment(),
                                              "summary": summary, "targets": targets(summary), "rows": rows})
+    plot(summary, out / f"{stem}.png")
+    lines.insert(6, f"\n![drop vs FLOPs kept: mean, min-max]({stem}.png)\n")
     report.write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -74,7 +74,9 @@ class PruningTrainer(Trainer):
     """``Trainer`` that prunes ``model`` under ``pruning_config`` and recovers it while training.
 
     Args:
-        pruning_config: budget and importance criterion.
+        pruning_config: budget and importance criterion. ``method="retraining_free"`` (what the GLUE recipes use)
+            starts recovery from the retraining-free cut, calibrated on ``calibration_dataloader``; the default
+            ``one_shot`` from a plain cut by ``importance``.
         schedule: when to prune; default one-shot before the first step. Gradual/iterative schedules mask until
             their last event, then cut the model and rebuild optimizer and LR scheduler (under DDP the cut
             waits for the end of training: DDP's gradient buckets are bound to the parameter tensors).
