@@ -156,8 +156,9 @@ def targets(summary: list[dict[str, Any]]) -> list[str]:
         mean_ok = s["drop_mean"] <= tol
         worst_ok = s["drop_max"] <= 2 * max(s["drop_mean"], 0.0)
         out.append(f"{s['method']}, {s['task']} {s['metric']} at {s['flops_keep']:.0%}: mean drop "
-                   f"{s['drop_mean']:.2f} (target <= {tol}): {'met' if mean_ok else 'MISSED'}; worst {s['drop_max']:.2f} (target within 2x the "
-                   f"mean): {'met' if worst_ok else 'MISSED'} ({s['runs']} runs)")
+                   f"{s['drop_mean']:.2f} (target <= {tol}): {'met' if mean_ok else 'MISSED'}; worst "
+                   f"{s['drop_max']:.2f} (target within 2x the mean): {'met' if worst_ok else 'MISSED'} "
+                   f"({s['runs']} runs)")
     return out
 
 
@@ -205,6 +206,7 @@ def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
                                    headers={"flops_keep": "FLOPs kept", "dense_mean": "dense (mean)",
                                             "drop_mean": "drop mean", "drop_min": "drop min",
                                             "drop_max": "drop max", "divergence_mean": "dev divergence (mean)"}),
+             f"\n![drop vs FLOPs kept: mean, min-max]({stem}.png)\n",
              "\n## Targets\n", *[f"- {t}" for t in targets(summary)],
              "\n## Every run\n",
              report.markdown_table(rows, ["task", "dense", "draw", "flops_keep", "method", "metric", "dense_value",
@@ -216,7 +218,6 @@ def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
     report.write_json(out / f"{stem}.json", {"args": asdict(args), "environment": report.environment(),
                                              "summary": summary, "targets": targets(summary), "rows": rows})
     plot(summary, out / f"{stem}.png")
-    lines.insert(6, f"\n![drop vs FLOPs kept: mean, min-max]({stem}.png)\n")
     report.write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -75,7 +75,7 @@ class PruningTrainer(Trainer):
 
     Args:
         pruning_config: budget and importance criterion. ``method="retraining_free"`` (what the GLUE recipes use)
-            starts recovery from the retraining-free cut, calibrated on ``calibration_dataloader``; the default
+            starts recovery from the retraining-free cut, calibrated on the calibration data below; the default
             ``one_shot`` from a plain cut by ``importance``.
         schedule: when to prune; default one-shot before the first step. Gradual/iterative schedules mask until
             their last event, then cut the model and rebuild optimizer and LR scheduler (under DDP the cut
