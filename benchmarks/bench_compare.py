@@ -21,13 +21,17 @@ loss; full fine-tuning uses ``--recovery_lr``, LoRA ``--lora_lr`` (adapters need
 
 Each (task, budget, method) cell is written to ``benchmarks/cache/compare/<task>/`` as soon as it finishes
 (the file name carries a hash of the settings it depends on), so an interrupted run continues where it stopped;
-the report is built from the cached cells only, missing ones are listed as missing. Outputs:
+the report is built from the cached cells only, missing ones are listed as missing. ``--seeds`` repeats everything
+per seed (its own dense fine-tune, calibration draw and recovery order) and adds a table of mean [min, max] over
+the seeds and a plot of the mean metric against the mean batch-1 speedup. Outputs:
 ``benchmarks/results/compare_<mode>.json``, PNG plots ``benchmarks/results/compare_<mode>_*.png`` and a markdown
 report (``benchmarks/RESULTS.md`` for the full run, ``benchmarks/results/compare_quick.md`` for ``--quick``).
 
     .venv/bin/python benchmarks/bench_compare.py --quick        # smoke run: SST-2, 50%, tiny settings, ~5 min
     .venv/bin/python benchmarks/bench_compare.py                # SST-2, MRPC, STS-B x 75/60/50/40% (~1.5 h, 2 cores)
     .venv/bin/python benchmarks/bench_compare.py --tasks rte cola --methods retraining_free fisher tp_taylor
+    .venv/bin/python benchmarks/bench_compare.py --name seeds --seeds 0 1 2 --tasks mrpc --budgets 0.5 \
+        --methods retraining_free+kd_full fisher+kd_full        # one run per seed, then mean [min, max] over seeds
 
     .venv/bin/python benchmarks/bench_compare.py --report_only  # tables/plots from whatever cells are cached
 
@@ -414,7 +418,25 @@ def table(rows: list[dict], task: Task) -> str:
     return report.markdown_table(rows, cols, formats, headers)
 
 
-def plots(mode: str, task: Task, dense: dict, cells: list[dict]) -> list[Path]:
+def b1_speedup(cell: dict, cells: list[dict]) -> float | None:
+    """Measured batch-1 speedup of a cell's model; a recovered model has its pruner's shapes, hence its latency."""
+    m = METHODS[cell["method"]]
+    shape = cell if m.base is None else next((c for c in cells if (c["budget"], c["method"]) == (cell["budget"],
+                                                                                                   m.base)), None)
+    return (shape or {}).get("latency", {}).get("b1", {}).get("speedup")
+
+
+def pareto_plot(path: Path, task: Task, dense: float, cells: list[dict], title: str) -> Path:
+    """The metric against the measured batch-1 speedup, one line per method (the trade-off a user buys)."""
+    series: dict[str, list] = {}
+    for c in cells:
+        if (x := b1_speedup(c, cells)) is not None:
+            series.setdefault(c["label"], []).append((x, c["metrics"][MAIN_METRIC[task.name]]))
+    return report.plot_metric_vs_speedup(series, path, metric=MAIN_METRIC[task.name], dense=dense, title=title)
+
+
+def plots(mode: str, task: Task, dense: dict, cells: list[dict], tag: str) -> list[Path]:
+    """PNGs ``compare_<mode>_<tag>_*.png`` (``tag``: the task's name, with the seed when there are several)."""
     main = MAIN_METRIC[task.name]
     series: dict[str, list] = {}
     for c in cells:
@@ -424,7 +446,7 @@ def plots(mode: str, task: Task, dense: dict, cells: list[dict]) -> list[Path]:
     parts = {"metric": series} if len(series) <= 10 else {
         "metric_pruned": {k: v for k, v in series.items() if k not in recovered},
         "metric_recovered": {k: v for k, v in series.items() if k in recovered}}
-    out = [report.plot_metric_vs_flops(s, RESULTS / f"compare_{mode}_{task.name}_{name}.png", metric=main,
+    out = [report.plot_metric_vs_flops(s, RESULTS / f"compare_{mode}_{tag}_{name}.png", metric=main,
                                        dense=dense["metrics"][main], title=f"all-MiniLM-L6-v2, {task.name} dev")
            for name, s in parts.items()]
     for bs in ("b1", "b32"):
@@ -434,9 +456,53 @@ def plots(mode: str, task: Task, dense: dict, cells: list[dict]) -> list[Path]:
                 speed.setdefault(c["label"], []).append((c["flops_kept"], c["latency"][bs]["speedup"]))
         if speed:
             out.append(report.plot_speedup_vs_flops(
-                speed, RESULTS / f"compare_{mode}_{task.name}_speedup_{bs}.png",
+                speed, RESULTS / f"compare_{mode}_{tag}_speedup_{bs}.png",
                 title=f"{task.name}: CPU speedup, batch {bs[1:]}, seq 128"))
+    out.append(pareto_plot(RESULTS / f"compare_{mode}_{tag}_pareto_b1.png", task, dense["metrics"][main], cells,
+                           f"{task.name} dev vs measured batch-1 CPU speedup"))
     return out
+
+
+def seed_summary(mode: str, per_seed: dict[str, list[tuple[dict, list[dict]]]], report_path: str
+                 ) -> tuple[list[dict], list[str]]:
+    """``{task: [(dense record, cells) per seed]}`` -> rows of mean [min, max] over the seeds per (budget, method),
+    and markdown (table, plus the mean metric against the mean batch-1 speedup per task)."""
+    rows, md = [], ["## Across seeds", "",
+                    "Per (task, budget, method), over the seeds that have the cell: the main dev metric and its "
+                    "change from each seed's own dense model (mean [min, max]); batch-1 speedup mean.", ""]
+    for name, runs in per_seed.items():
+        main = MAIN_METRIC[name]
+        groups: dict[tuple, list] = {}
+        for dense, cells in runs:
+            for c in cells:
+                groups.setdefault((c["budget"], c["method"]), []).append(
+                    (c["metrics"][main], c["metrics"][main] - dense["metrics"][main], b1_speedup(c, cells)))
+        task_rows = []
+        for (budget, method), vals in groups.items():
+            metric, delta, speed = zip(*vals)
+            speed = [x for x in speed if x is not None]
+            task_rows.append({"task": name, "budget": budget, "method": method, "label": METHODS[method].label,
+                              "seeds": len(vals), "metric": main, "mean": sum(metric) / len(metric),
+                              "min": min(metric), "max": max(metric), "delta_mean": sum(delta) / len(delta),
+                              "delta_min": min(delta), "delta_max": max(delta),
+                              "b1_speedup": sum(speed) / len(speed) if speed else None})
+        dense_mean = sum(d["metrics"][main] for d, _ in runs) / len(runs)
+        md += [f"### {name} ({main}; dense mean {dense_mean:.2f} over {len(runs)} seeds)", "",
+               report.markdown_table(task_rows, ["budget", "label", "seeds", "mean", "min", "max", "delta_mean",
+                                                 "delta_min", "delta_max", "b1_speedup"],
+                                     formats={"budget": ".0%", "mean": ".2f", "min": ".2f", "max": ".2f",
+                                              "delta_mean": "+.2f", "delta_min": "+.2f", "delta_max": "+.2f",
+                                              "b1_speedup": ".2f"},
+                                     headers={"label": "method", "delta_mean": "Δ mean", "delta_min": "Δ min",
+                                              "delta_max": "Δ max", "b1_speedup": "b1 speedup (mean)"}), ""]
+        means = [{"budget": r["budget"], "method": r["method"], "label": r["label"], "metrics": {main: r["mean"]},
+                  "latency": {"b1": {"speedup": r["b1_speedup"]}} if r["b1_speedup"] is not None else {}}
+                 for r in task_rows]
+        p = pareto_plot(RESULTS / f"compare_{mode}_{name}_pareto_b1_mean.png", TASKS[name], dense_mean, means,
+                        f"{name} dev (mean over {len(runs)} seeds) vs batch-1 CPU speedup")
+        md += [f"![{p.stem}]({os.path.relpath(p, Path(report_path).parent)})", ""]
+        rows += task_rows
+    return rows, md
 
 
 NOTES = """\
@@ -499,22 +565,28 @@ def build_report(args: argparse.Namespace, runs: dict[str, TaskRun], command: st
         f"{', '.join(f'{k}={v}' for k, v in env['omp'].items() if v) or 'defaults'}"),
         "",
     ]
-    for name, run in runs.items():
+    several = len(args.seeds) > 1
+    per_seed: dict[str, list[tuple[dict, list[dict]]]] = {}
+    for (name, seed), run in runs.items():
         task = run.task
+        # one seed keeps the single-run names (``dense[task]``, ``## task``, ``compare_<mode>_<task>_*.png``)
+        tag, title = (f"{name}_s{seed}", f"{name}, seed {seed}") if several else (name, name)
         if run.dense_rec is None:
-            md += [f"## {name}", "", "missing: no cached dense model results for these settings", ""]
-            payload["missing"].append({"task": name, "method": "dense"})
+            md += [f"## {title}", "", "missing: no cached dense model results for these settings", ""]
+            payload["missing"].append({"task": name, "seed": seed, "method": "dense"})
             continue
         cells, missing = [], []
         for k in args.budgets:
             for m in methods:
                 c = run.load(k, m)
-                (cells.append(c) if c is not None else missing.append({"task": name, "budget": k, "method": m}))
-        payload["dense"][name] = run.dense_rec
+                (cells.append(c) if c is not None else
+                 missing.append({"task": name, "seed": seed, "budget": k, "method": m}))
+        payload["dense"][tag] = run.dense_rec
         payload["cells"] += cells
         payload["missing"] += missing
+        per_seed.setdefault(name, []).append((run.dense_rec, cells))
         rows = table_rows(run.dense_rec, cells, task, args.budgets, methods)
-        md += [f"## {name} (dev, {run.dense_rec['dev_examples']} examples; main metric {MAIN_METRIC[name]})", "",
+        md += [f"## {title} (dev, {run.dense_rec['dev_examples']} examples; main metric {MAIN_METRIC[name]})", "",
                (f"Dense model: fine-tuned {run.finetune_steps} steps x 32 at lr {args.finetune_lr}, max length "
                f"{task.max_len}."), "", table(rows, task), ""]
         tp = [c for c in cells if "max_abs_logit_diff_vs_masked_dense" in c]
@@ -523,9 +595,12 @@ def build_report(args: argparse.Namespace, runs: dict[str, TaskRun], command: st
             md += [(f"Torch-Pruning models vs the dense model with the same units masked (hf_prune mask hooks): "
                    f"max |logit difference| {worst:.2e} over {len(tp)} models."), ""]
         if cells:
-            for p in plots(args.mode, task, run.dense_rec, cells):
+            for p in plots(args.mode, task, run.dense_rec, cells, tag):
                 md.append(f"![{p.stem}]({os.path.relpath(p, Path(args.report).parent)})")
             md.append("")
+    if several:
+        payload["across_seeds"], summary = seed_summary(args.mode, per_seed, args.report)
+        md += summary
     md += ["## Method notes", "", NOTES]
     return payload, "\n".join(md)
 
@@ -565,7 +640,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats_b32", type=int, default=3, help="latency repeats at batch 32 (seconds each)")
     ap.add_argument("--seq_len", type=int, default=128, help="sequence length of FLOPs counts and latency")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the dense fine-tune, calibration draw, recovery data order and pruning")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="several seeds instead of --seed: one run each (own dense model, draw and recovery order), "
+                         "then mean [min, max] over them")
     ap.add_argument("--report_only", action="store_true",
                     help="run nothing: rebuild the JSON, tables and plots from the cached cells (missing ones listed)")
     ap.add_argument("--name", default=None,
@@ -581,6 +660,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in quick.items():
             if f"--{k}" not in given:
                 setattr(args, k, v)
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    elif len(set(args.seeds)) != len(args.seeds):
+        ap.error(f"--seeds {args.seeds}: give each seed once")
     if args.methods is None:
         args.methods = DEFAULT_METHODS + (BASELINE_RECOVERY if args.recover_baselines else [])
     args.mode = args.name or ("quick" if args.quick else "full")
@@ -598,17 +681,18 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     tok = T.AutoTokenizer.from_pretrained(embedded_model_path())
     methods = expand(args.methods)
-    runs: dict[str, TaskRun] = {}
+    runs: dict[tuple[str, int], TaskRun] = {}
     failed: list[str] = []
     t0 = time.perf_counter()
-    for name in args.tasks:
+    for name, seed in [(n, s) for n in args.tasks for s in args.seeds]:
         task = TASKS[name]
         steps = args.sst2_finetune_steps if name == "sst2" else epochs_to_steps(task, args.finetune_epochs, 32)
-        run = runs[name] = TaskRun(task, args, tok, steps)
+        run = runs[(name, seed)] = TaskRun(task, argparse.Namespace(**{**vars(args), "seed": seed}), tok, steps)
         if args.report_only:
             run.dense_rec = run.load(None, "dense")
             continue
-        print(f"[{name}] dense model: {steps} fine-tuning steps (cached after the first run)", flush=True)
+        print(f"[{name}] seed {seed}, dense model: {steps} fine-tuning steps (cached after the first run)",
+              flush=True)
         start = time.perf_counter()
         run.prepare()
         d = run.dense_rec
@@ -626,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
                 rec = run.run_cell(k, m)
             except Exception:  # noqa: BLE001 -- one broken cell must not lose the others; it stays missing
                 traceback.print_exc()
-                failed.append(f"{name} {k:.0%} {m}")
+                failed.append(f"{name} {k:.0%} {m} seed {seed}")
                 print(f"[{name} {k:.0%} {m}] FAILED after {time.perf_counter() - start:.0f}s", flush=True)
                 continue
             rec["cell_s"] = time.perf_counter() - start

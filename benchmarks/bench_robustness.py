@@ -50,11 +50,13 @@ EPOCHS = {"sst2": 1.0, "mrpc": 3.0, "stsb": 3.0, "cola": 3.0, "rte": 3.0}
 #: the issue's targets: (task, budget) -> largest mean drop of the main metric, in points
 TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 0.5): 1.0, ("cola", 0.5): 2.0}
 #: method name -> the ``PruningConfig`` settings it uses, given the run's arguments. ``retraining_free_tune_all``
-#: fits the mask tuning on every calibration sample but the held-out selection ones (the default fits 256).
+#: fits the mask tuning on every calibration sample but the held-out selection ones (the default fits 256);
+#: ``retraining_free_task_loss`` selects the stage by held-out task loss instead of divergence from the dense model.
 METHODS = {
     "retraining_free": lambda args: {"method": "retraining_free"},
     "retraining_free_tune_all": lambda args: {"method": "retraining_free",
                                               "tuning_samples": args.samples - hp.PruningConfig.selection_samples},
+    "retraining_free_task_loss": lambda args: {"method": "retraining_free", "selection_metric": "task_loss"},
     "fisher": lambda args: {"importance": "fisher"},
 }
 
@@ -69,7 +71,8 @@ class RobustnessArguments:
         dense: dense models as ``seed:lr:epochs_factor`` (at least three, two learning rates or epoch counts).
         draws: calibration draws per dense model.
         samples: calibration samples per draw.
-        methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``, ``fisher`` (one-shot).
+        methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``,
+            ``retraining_free_task_loss``, ``fisher`` (one-shot).
         quick: MRPC at 50%, two dense models of a third of an epoch, 256 samples.
         seed: torch seed of each cell.
         out_name: stem of the result files under ``benchmarks/results/`` (default ``robustness``, or

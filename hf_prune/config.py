@@ -16,11 +16,13 @@ METHODS = ("one_shot", "retraining_free")
 #: Settings only ``method="retraining_free"`` reads: set to anything but their default with another method, they
 #: would be ignored, so they are refused instead.
 RETRAINING_FREE_FIELDS = ("rearrange", "mask_tuning", "tuning_fit", "tuning_samples", "select_stages",
-                          "selection_samples")
+                          "selection_samples", "selection_metric")
 #: What retraining-free mask tuning fits per layer (``tuning_fit``; :func:`hf_prune.tune_masks`).
 TUNING_FITS = ("weights", "scales")
 #: What one attention unit is under grouped-query attention (``head_unit``).
 HEAD_UNITS = ("kv_group", "query_head")
+#: How retraining-free selection compares candidate cuts on held-out samples (``selection_metric``).
+SELECTION_METRICS = ("divergence", "task_loss")
 
 
 @dataclass
@@ -79,6 +81,9 @@ class PruningConfig:
             on ``selection_samples`` calibration samples that the tuning did not fit on. Each stage optimises a
             proxy, and on some models rearrangement or tuning makes the real outputs worse.
         selection_samples: ``retraining_free``: held-out calibration samples for ``select_stages``.
+        selection_metric: ``retraining_free``: what ``select_stages`` (and ``depth_search``) minimise on the
+            held-out samples: ``divergence`` from the dense model's outputs (no labels needed) or ``task_loss``,
+            the model's own loss on the samples' ``labels`` (the calibration data must carry them).
         allocation: ``global`` ranks units of all layers together; ``uniform`` keeps the same number in
             every layer.
         round_to: keep FFN neurons per layer in multiples of this (e.g. 8 or 64, for fast kernels).
@@ -120,6 +125,7 @@ class PruningConfig:
     tuning_samples: int | None = 256
     select_stages: bool = True
     selection_samples: int = 256
+    selection_metric: Literal["divergence", "task_loss"] = "divergence"
     allocation: Literal["global", "uniform"] = "global"
     round_to: int = 1
     head_unit: Literal["kv_group", "query_head"] = "kv_group"
@@ -169,6 +175,12 @@ class PruningConfig:
             raise ValueError(f"tuning_samples must be >= 1 (or None for all), got {self.tuning_samples}")
         if self.selection_samples < 1:
             raise ValueError(f"selection_samples must be >= 1, got {self.selection_samples}")
+        if self.selection_metric not in SELECTION_METRICS:
+            raise ValueError(f"selection_metric must be one of {', '.join(SELECTION_METRICS)}, not "
+                             f"{self.selection_metric!r}")
+        if self.selection_metric != "divergence" and not (self.select_stages or self.depth_search):
+            raise ValueError("selection_metric only applies when candidates are compared: set select_stages=True "
+                             "(or depth_search=True), or drop selection_metric")
         if self.latency_batch_size < 1:
             raise ValueError(f"latency_batch_size must be >= 1, got {self.latency_batch_size}")
         if self.allocation not in ("global", "uniform"):

@@ -526,6 +526,34 @@ def test_selection_off_keeps_the_tuned_rearranged_plan():
     assert "selection" not in info and info["tuning_samples"] == 48
 
 
+def test_task_loss_selection_keeps_the_candidate_with_the_lowest_held_out_loss():
+    from hf_prune.retraining_free import split_batches
+
+    model = _minilm_shaped(seed=3)
+    batches = _text_batches(200, n=16, batch_size=8, seed=3)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, tuning_samples=48, selection_samples=32,
+                              selection_metric="task_loss", progress=False)
+    pruned, plan = hp.prune(model, batches, config)
+    sel = plan.meta["retraining_free"]["selection"]
+    assert sel["metric"] == "task_loss" and {"search", "rearranged", "tuned"} <= set(sel["divergence"])
+    assert sel["divergence"][sel["chosen"]] == min(sel["divergence"].values())
+    # the cut model's own loss on the held-out samples is the chosen candidate's score
+    _, held = split_batches(batches, 48, 32)
+    with torch.no_grad():
+        loss = sum(float(pruned.eval()(**b).loss) * b["input_ids"].shape[0] for b in held) / 32
+    assert loss == pytest.approx(sel["divergence"][sel["chosen"]], rel=1e-4)
+
+
+def test_task_loss_selection_without_labels_is_refused_before_the_fisher_pass(monkeypatch):
+    import hf_prune.retraining_free.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "fisher_information", lambda *a, **k: pytest.fail("the Fisher pass ran"))
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _text_batches(200, n=4)]
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, selection_metric="task_loss", progress=False)
+    with pytest.raises(ValueError, match="selection_metric='task_loss' needs labels"):
+        hp.prune(_minilm_shaped(), batches, config)
+
+
 def test_layer_calls_are_recorded_without_caches_and_replay_exactly():
     """The layer replay depends on no argument name of any transformers release: caches are dropped by type, and
     replaying each recorded call reproduces the model's own hidden states layer after layer."""

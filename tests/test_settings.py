@@ -38,6 +38,7 @@ VALUES = {
     "tuning_samples": (64, {"method": "retraining_free"}),
     "select_stages": (False, {"method": "retraining_free"}),
     "selection_samples": (32, {"method": "retraining_free"}),
+    "selection_metric": ("task_loss", {"method": "retraining_free"}),
     "allocation": ("uniform", {}),
     "round_to": (8, {}),
     "head_unit": ("query_head", {}),
@@ -105,6 +106,8 @@ def test_every_field_is_a_cli_flag(name):
         ({"method": "retraining_free", "latency_batch_size": 8}, "latency_batch_size only applies"),
         ({"method": "retraining_free", "importance": "taylor"}, "does not apply"),
         ({"importance": "nope"}, "unknown importance"),
+        ({"method": "retraining_free", "select_stages": False, "selection_metric": "task_loss"},
+         "selection_metric only applies"),
         ({"custom_budget": {"nope": 0.5}}, "unknown budget kinds"),
     ],
 )

@@ -24,7 +24,8 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
 5. Selection (:func:`prune_retraining_free`, ``config.select_stages``): each stage optimises a proxy, so the
    searched, rearranged and tuned candidates (the search plan tuned too when rearrangement changed it, and the
    final plan with scales as well when the fit is weights) are compared on held-out calibration samples by how
-   far their outputs are from the dense model's, and the closest is cut.
+   far their outputs are from the dense model's (or by their task loss, ``selection_metric="task_loss"``), and
+   the best is cut.
 
 Depth (``layers_keep``): the lowest-scoring layers (:func:`hf_prune.layer_importance`) are removed in the search
 and the width budget is spent on the rest; the tuning skips them in the cut stream, so the next kept layer's fit
@@ -42,13 +43,13 @@ from .latency import LatencyTable, measure_latency_table, search_latency, search
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
 from .pipeline import prune_retraining_free, retraining_free_plan
 from .rearrange import quadratic_loss, rearrange_masks, swap_descent
-from .selection import choose_depth, model_output, output_divergence, sample_divergence
+from .selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
 from .tuning import MaskTuning, fold_tuning_, tune_masks
 
 __all__ = [
     "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "by_length", "capture_layer_calls", "choose_depth",
     "collect_batches",
-    "fisher_information", "fold_tuning_", "layer_inputs", "measure_latency_table", "model_output",
+    "fisher_information", "fold_tuning_", "held_out_loss", "layer_inputs", "measure_latency_table", "model_output",
     "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_masks",
     "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches", "swap_descent",
     "tune_masks",

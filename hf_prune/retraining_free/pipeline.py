@@ -17,7 +17,7 @@ from ..surgery import apply_plan_
 from .fisher import fisher_information
 from .latency import LatencyTable, search_masks
 from .rearrange import rearrange_masks
-from .selection import choose_depth, cut_candidate, output_divergence
+from .selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from .tuning import MaskTuning, fold_tuning_, tune_masks
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ def retraining_free_plan(
     # length (same samples, little padding)
     tune_batches, held_out = split_batches(batches, config.tuning_samples, config.selection_samples)
     tune_batches, held_out = by_length(tune_batches), by_length(held_out)
+    if config.selection_metric == "task_loss":
+        require_labels(batches)
     fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress)
     times["fisher_s"] = time.perf_counter() - start
     layer_scores = None
@@ -103,15 +105,15 @@ def retraining_free_plan(
     if selecting and (len(stages) > 1 or tuned):
         # The search, the rearrangement and the tuning each optimise a proxy (diagonal Fisher, block Fisher,
         # layer-wise reconstruction); keep the stage whose masked model stays closest to the dense model's
-        # outputs on calibration samples none of them was fitted to. Each candidate runs as a cut copy, at its
-        # kept FLOPs (about half the time of the full model under masks).
+        # outputs (or has the lowest task loss) on calibration samples none of them was fitted to. Each candidate
+        # runs as a cut copy, at its kept FLOPs (about half the time of the full model under masks).
         t = time.perf_counter()
         candidates = {name: functools.partial(cut_candidate, model, p, None) for name, p in stages.items()}
         candidates.update({name: functools.partial(cut_candidate, model, to_tune[name][0], tn)
                            for name, tn in tuned.items()})
-        divergence = output_divergence(model, held_out, candidates)
+        divergence = SELECTION_SCORES[config.selection_metric](model, held_out, candidates)
         chosen = min(divergence, key=divergence.get)
-        info["selection"] = {"divergence": divergence, "chosen": chosen,
+        info["selection"] = {"divergence": divergence, "chosen": chosen, "metric": config.selection_metric,
                              "samples": sum(batch_size(b) for b in held_out)}
         if chosen in tuned:
             plan, tuning = to_tune[chosen][0], tuned[chosen]

@@ -1,5 +1,5 @@
-"""Stage 5: selection: compare candidate cut models by how far their outputs are from the dense model's on held-out
-calibration samples."""
+"""Stage 5: selection: compare candidate cut models on held-out calibration samples, by how far their outputs are
+from the dense model's (:func:`output_divergence`) or by their own task loss (:func:`held_out_loss`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from ..divergence import model_output, sample_divergence
 from ..plan import PrunePlan
 from ..surgery import apply_plan_
 from .tuning import MaskTuning, fold_tuning_
-
 
 
 @torch.no_grad()
@@ -53,6 +52,41 @@ def output_divergence(
             total += float(sample_divergence(ref, out.cpu(), kl, None if mask is None else mask.cpu()).sum())
         totals[name] = total / max(count, 1)
         del net
+    return _rank_mean(totals, device)
+
+
+@torch.no_grad()
+def held_out_loss(
+    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, Callable[[], nn.Module]]
+) -> dict[str, float]:
+    """Each candidate's task loss (the model's ``loss`` on the batches' ``labels``), averaged over ``batches``
+    weighted by their sizes; built one at a time as in :func:`output_divergence`. ``model`` only gives the device."""
+    require_labels(batches)
+    device = model_device(model)
+    count = sum(batch_size(b) for b in batches)
+    totals = {}
+    for name, build in candidates.items():
+        net = build().eval()
+        totals[name] = sum(float(net(**to_device(b, device)).loss) * batch_size(b) for b in batches) / max(count, 1)
+        del net
+    return _rank_mean(totals, device)
+
+
+def require_labels(batches: Sequence[Batch]) -> None:
+    """Refuse batches without ``labels`` for ``selection_metric="task_loss"`` (before any long work)."""
+    missing = sum("labels" not in b for b in batches)
+    if missing:
+        raise ValueError(f"selection_metric='task_loss' needs labels in the calibration batches ({missing} of "
+                         f"{len(batches)} have none): add them (the task's labels, or labels=input_ids for a causal "
+                         f"LM) or use selection_metric='divergence'")
+
+
+#: ``selection_metric`` -> how candidates are scored (lower is better)
+SELECTION_SCORES: dict[str, Callable[..., dict[str, float]]] = {"divergence": output_divergence,
+                                                               "task_loss": held_out_loss}
+
+
+def _rank_mean(totals: dict[str, float], device: torch.device) -> dict[str, float]:
     if is_distributed():  # each rank holds out its own samples: average, so every rank keeps the same stage
         t = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
@@ -72,7 +106,8 @@ def choose_depth(
 ) -> PrunePlan:
     """``config.depth_search``: one plan per number of layers kept (``make_plan(config with that layers_keep)``;
     counts whose width budget is unreachable are skipped), and the one whose cut model is closest to ``model``'s
-    outputs on ``held_out``; its ``meta["depth_search"]`` records every candidate's divergence.
+    outputs on ``held_out`` (or, with ``config.selection_metric="task_loss"``, has the lowest loss there); its
+    ``meta["depth_search"]`` records every candidate's score under ``divergence``.
 
     ``tune``: fit each candidate before it is compared (retraining-free: the refit recovers far more of a width cut
     than of a depth cut, so untuned candidates would be judged on what the pipeline does not deliver; measured on
@@ -94,9 +129,11 @@ def choose_depth(
     def build(plan: PrunePlan) -> nn.Module:
         return cut_candidate(model, plan, tune(plan) if tune is not None else None)
 
-    divergence = output_divergence(model, held_out, {n: functools.partial(build, p) for n, p in plans.items()})
+    score = SELECTION_SCORES[config.selection_metric]
+    divergence = score(model, held_out, {n: functools.partial(build, p) for n, p in plans.items()})
     chosen = min(divergence, key=divergence.get)
     plan = plans[chosen]
     plan.meta["depth_search"] = {"divergence": divergence, "chosen": int(chosen), "tuned": tune is not None,
-                                 "samples": sum(batch_size(b) for b in held_out)}
+                                 "samples": sum(batch_size(b) for b in held_out),
+                                 "metric": config.selection_metric}
     return plan
