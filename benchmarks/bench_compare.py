@@ -21,17 +21,18 @@ loss; full fine-tuning uses ``--recovery_lr``, LoRA ``--lora_lr`` (adapters need
 
 Each (task, budget, method) cell is written to ``benchmarks/cache/compare/<task>/`` as soon as it finishes
 (the file name carries a hash of the settings it depends on), so an interrupted run continues where it stopped;
-the report is built from the cached cells only, missing ones are listed as missing. ``--seeds`` repeats everything
-per seed (its own dense fine-tune, calibration draw and recovery order) and adds a table of mean [min, max] over
-the seeds and a plot of the mean metric against the mean batch-1 speedup. Outputs:
+the report is built from the cached cells only, missing ones are listed as missing. ``--dense`` repeats everything
+per dense model ``seed:lr:epochs_factor`` (the robustness protocol's independently fine-tuned models; the seed also
+draws the calibration samples and orders the recovery data) and adds a table of mean [min, max] over them and a plot
+of the mean metric against the mean batch-1 speedup. Outputs:
 ``benchmarks/results/compare_<mode>.json``, PNG plots ``benchmarks/results/compare_<mode>_*.png`` and a markdown
 report (``benchmarks/RESULTS.md`` for the full run, ``benchmarks/results/compare_quick.md`` for ``--quick``).
 
     .venv/bin/python benchmarks/bench_compare.py --quick        # smoke run: SST-2, 50%, tiny settings, ~5 min
     .venv/bin/python benchmarks/bench_compare.py                # SST-2, MRPC, STS-B x 75/60/50/40% (~1.5 h, 2 cores)
     .venv/bin/python benchmarks/bench_compare.py --tasks rte cola --methods retraining_free fisher tp_taylor
-    .venv/bin/python benchmarks/bench_compare.py --name seeds --seeds 0 1 2 --tasks mrpc --budgets 0.5 \
-        --methods retraining_free+kd_full fisher+kd_full        # one run per seed, then mean [min, max] over seeds
+    .venv/bin/python benchmarks/bench_compare.py --name protocol --dense 0:5e-5:1 1:3e-5:1 2:5e-5:0.5 --tasks mrpc \
+        --budgets 0.5 --methods retraining_free+kd_full fisher+kd_full   # per dense model, then mean [min, max]
 
     .venv/bin/python benchmarks/bench_compare.py --report_only  # tables/plots from whatever cells are cached
 
@@ -76,6 +77,7 @@ from common import (
     evaluate,
     finetune,
     forward_backward_s,
+    parse_dense,
 )
 from transformers.utils import logging as hf_logging
 
@@ -463,14 +465,14 @@ def plots(mode: str, task: Task, dense: dict, cells: list[dict], tag: str) -> li
     return out
 
 
-def seed_summary(mode: str, per_seed: dict[str, list[tuple[dict, list[dict]]]], report_path: str
-                 ) -> tuple[list[dict], list[str]]:
-    """``{task: [(dense record, cells) per seed]}`` -> rows of mean [min, max] over the seeds per (budget, method),
-    and markdown (table, plus the mean metric against the mean batch-1 speedup per task)."""
-    rows, md = [], ["## Across seeds", "",
-                    "Per (task, budget, method), over the seeds that have the cell: the main dev metric and its "
-                    "change from each seed's own dense model (mean [min, max]); batch-1 speedup mean.", ""]
-    for name, runs in per_seed.items():
+def dense_summary(mode: str, per_dense: dict[str, list[tuple[dict, list[dict]]]], report_path: str
+                  ) -> tuple[list[dict], list[str]]:
+    """``{task: [(dense record, cells) per dense model]}`` -> rows of mean [min, max] over the dense models per
+    (budget, method), and markdown (table, plus the mean metric against the mean batch-1 speedup per task)."""
+    rows, md = [], ["## Across dense models", "",
+                    "Per (task, budget, method), over the dense models that have the cell: the main dev metric and "
+                    "its change from that dense model's own (mean [min, max]); batch-1 speedup mean.", ""]
+    for name, runs in per_dense.items():
         main = MAIN_METRIC[name]
         groups: dict[tuple, list] = {}
         for dense, cells in runs:
@@ -482,13 +484,13 @@ def seed_summary(mode: str, per_seed: dict[str, list[tuple[dict, list[dict]]]], 
             metric, delta, speed = zip(*vals)
             speed = [x for x in speed if x is not None]
             task_rows.append({"task": name, "budget": budget, "method": method, "label": METHODS[method].label,
-                              "seeds": len(vals), "metric": main, "mean": sum(metric) / len(metric),
+                              "runs": len(vals), "metric": main, "mean": sum(metric) / len(metric),
                               "min": min(metric), "max": max(metric), "delta_mean": sum(delta) / len(delta),
                               "delta_min": min(delta), "delta_max": max(delta),
                               "b1_speedup": sum(speed) / len(speed) if speed else None})
         dense_mean = sum(d["metrics"][main] for d, _ in runs) / len(runs)
-        md += [f"### {name} ({main}; dense mean {dense_mean:.2f} over {len(runs)} seeds)", "",
-               report.markdown_table(task_rows, ["budget", "label", "seeds", "mean", "min", "max", "delta_mean",
+        md += [f"### {name} ({main}; dense mean {dense_mean:.2f} over {len(runs)} models)", "",
+               report.markdown_table(task_rows, ["budget", "label", "runs", "mean", "min", "max", "delta_mean",
                                                  "delta_min", "delta_max", "b1_speedup"],
                                      formats={"budget": ".0%", "mean": ".2f", "min": ".2f", "max": ".2f",
                                               "delta_mean": "+.2f", "delta_min": "+.2f", "delta_max": "+.2f",
@@ -499,7 +501,7 @@ def seed_summary(mode: str, per_seed: dict[str, list[tuple[dict, list[dict]]]], 
                   "latency": {"b1": {"speedup": r["b1_speedup"]}} if r["b1_speedup"] is not None else {}}
                  for r in task_rows]
         p = pareto_plot(RESULTS / f"compare_{mode}_{name}_pareto_b1_mean.png", TASKS[name], dense_mean, means,
-                        f"{name} dev (mean over {len(runs)} seeds) vs batch-1 CPU speedup")
+                        f"{name} dev (mean over {len(runs)} dense models) vs batch-1 CPU speedup")
         md += [f"![{p.stem}]({os.path.relpath(p, Path(report_path).parent)})", ""]
         rows += task_rows
     return rows, md
@@ -565,30 +567,31 @@ def build_report(args: argparse.Namespace, runs: dict[str, TaskRun], command: st
         f"{', '.join(f'{k}={v}' for k, v in env['omp'].items() if v) or 'defaults'}"),
         "",
     ]
-    several = len(args.seeds) > 1
-    per_seed: dict[str, list[tuple[dict, list[dict]]]] = {}
-    for (name, seed), run in runs.items():
+    several = len(args.dense) > 1
+    per_dense: dict[str, list[tuple[dict, list[dict]]]] = {}
+    for (name, spec), run in runs.items():
         task = run.task
-        # one seed keeps the single-run names (``dense[task]``, ``## task``, ``compare_<mode>_<task>_*.png``)
-        tag, title = (f"{name}_s{seed}", f"{name}, seed {seed}") if several else (name, name)
+        # one dense model keeps the single-run names (``dense[task]``, ``## task``, ``compare_<mode>_<task>_*.png``)
+        i = args.dense.index(spec)
+        tag, title = (f"{name}_dense{i}", f"{name}, dense {spec}") if several else (name, name)
         if run.dense_rec is None:
             md += [f"## {title}", "", "missing: no cached dense model results for these settings", ""]
-            payload["missing"].append({"task": name, "seed": seed, "method": "dense"})
+            payload["missing"].append({"task": name, "dense": spec, "method": "dense"})
             continue
         cells, missing = [], []
         for k in args.budgets:
             for m in methods:
                 c = run.load(k, m)
                 (cells.append(c) if c is not None else
-                 missing.append({"task": name, "seed": seed, "budget": k, "method": m}))
+                 missing.append({"task": name, "dense": spec, "budget": k, "method": m}))
         payload["dense"][tag] = run.dense_rec
         payload["cells"] += cells
         payload["missing"] += missing
-        per_seed.setdefault(name, []).append((run.dense_rec, cells))
+        per_dense.setdefault(name, []).append((run.dense_rec, cells))
         rows = table_rows(run.dense_rec, cells, task, args.budgets, methods)
         md += [f"## {title} (dev, {run.dense_rec['dev_examples']} examples; main metric {MAIN_METRIC[name]})", "",
-               (f"Dense model: fine-tuned {run.finetune_steps} steps x 32 at lr {args.finetune_lr}, max length "
-               f"{task.max_len}."), "", table(rows, task), ""]
+               (f"Dense model: fine-tuned {run.finetune_steps} steps x 32 at lr {run.args.finetune_lr:g}, seed "
+                f"{run.args.seed}, max length {task.max_len}."), "", table(rows, task), ""]
         tp = [c for c in cells if "max_abs_logit_diff_vs_masked_dense" in c]
         if tp:
             worst = max(c["max_abs_logit_diff_vs_masked_dense"] for c in tp)
@@ -599,7 +602,7 @@ def build_report(args: argparse.Namespace, runs: dict[str, TaskRun], command: st
                 md.append(f"![{p.stem}]({os.path.relpath(p, Path(args.report).parent)})")
             md.append("")
     if several:
-        payload["across_seeds"], summary = seed_summary(args.mode, per_seed, args.report)
+        payload["across_dense"], summary = dense_summary(args.mode, per_dense, args.report)
         md += summary
     md += ["## Method notes", "", NOTES]
     return payload, "\n".join(md)
@@ -642,9 +645,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the dense fine-tune, calibration draw, recovery data order and pruning")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="several seeds instead of --seed: one run each (own dense model, draw and recovery order), "
-                         "then mean [min, max] over them")
+    ap.add_argument("--dense", nargs="+", default=None,
+                    help="several dense models seed:lr:epochs_factor instead of --seed/--finetune_lr (the factor "
+                         "multiplies --finetune_epochs, on SST-2 --sst2_finetune_steps): one run each, then mean "
+                         "[min, max] over them")
     ap.add_argument("--report_only", action="store_true",
                     help="run nothing: rebuild the JSON, tables and plots from the cached cells (missing ones listed)")
     ap.add_argument("--name", default=None,
@@ -660,10 +664,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in quick.items():
             if f"--{k}" not in given:
                 setattr(args, k, v)
-    if args.seeds is None:
-        args.seeds = [args.seed]
-    elif len(set(args.seeds)) != len(args.seeds):
-        ap.error(f"--seeds {args.seeds}: give each seed once")
+    if args.dense is None:
+        args.dense = [f"{args.seed}:{args.finetune_lr:g}:1"]
+    for spec in args.dense:
+        parse_dense(spec)
+    if len(set(args.dense)) != len(args.dense):
+        ap.error(f"--dense {args.dense}: give each dense model once")
     if args.methods is None:
         args.methods = DEFAULT_METHODS + (BASELINE_RECOVERY if args.recover_baselines else [])
     args.mode = args.name or ("quick" if args.quick else "full")
@@ -684,14 +690,17 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[tuple[str, int], TaskRun] = {}
     failed: list[str] = []
     t0 = time.perf_counter()
-    for name, seed in [(n, s) for n in args.tasks for s in args.seeds]:
+    for name, spec in [(n, d) for n in args.tasks for d in args.dense]:
         task = TASKS[name]
-        steps = args.sst2_finetune_steps if name == "sst2" else epochs_to_steps(task, args.finetune_epochs, 32)
-        run = runs[(name, seed)] = TaskRun(task, argparse.Namespace(**{**vars(args), "seed": seed}), tok, steps)
+        seed, lr, factor = parse_dense(spec)
+        steps = (round(args.sst2_finetune_steps * factor) if name == "sst2"
+                 else epochs_to_steps(task, args.finetune_epochs * factor, 32))
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "finetune_lr": lr})
+        run = runs[(name, spec)] = TaskRun(task, run_args, tok, steps)
         if args.report_only:
             run.dense_rec = run.load(None, "dense")
             continue
-        print(f"[{name}] seed {seed}, dense model: {steps} fine-tuning steps (cached after the first run)",
+        print(f"[{name}] dense {spec}: {steps} fine-tuning steps at lr {lr:g} (cached after the first run)",
               flush=True)
         start = time.perf_counter()
         run.prepare()
@@ -710,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
                 rec = run.run_cell(k, m)
             except Exception:  # noqa: BLE001 -- one broken cell must not lose the others; it stays missing
                 traceback.print_exc()
-                failed.append(f"{name} {k:.0%} {m} seed {seed}")
+                failed.append(f"{name} {k:.0%} {m} dense {spec}")
                 print(f"[{name} {k:.0%} {m}] FAILED after {time.perf_counter() - start:.0f}s", flush=True)
                 continue
             rec["cell_s"] = time.perf_counter() - start

@@ -38,6 +38,7 @@ from common import (
     epochs_to_steps,
     finetune,
     metrics_of,
+    parse_dense,
 )
 
 import hf_prune as hp
@@ -88,14 +89,6 @@ class RobustnessArguments:
     quick: bool = False
     seed: int = 0
     out_name: str | None = None
-
-
-def parse_dense(spec: str) -> tuple[int, float, float]:
-    try:
-        seed, lr, factor = spec.split(":")
-        return int(seed), float(lr), float(factor)
-    except ValueError:
-        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor, e.g. 0:5e-5:1") from None
 
 
 def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, Any]]:

@@ -97,6 +97,15 @@ def finetune_dir(task: Task, steps: int, batch_size: int, lr: float, seed: int) 
     return CACHE / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-lr{lr:g}-seed{seed}"
 
 
+def parse_dense(spec: str) -> tuple[int, float, float]:
+    """A dense model ``seed:lr:epochs_factor`` (``--dense`` of the robustness and side-by-side benchmarks)."""
+    try:
+        seed, lr, factor = spec.split(":")
+        return int(seed), float(lr), float(factor)
+    except ValueError:
+        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor, e.g. 0:5e-5:1") from None
+
+
 def epochs_to_steps(task: Task, epochs: float, batch_size: int) -> int:
     """Optimizer steps of ``epochs`` passes over the task's training set."""
     n = len(task.read("train")[0])
