@@ -370,6 +370,13 @@ class TaskRun:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def shape_cell(cell: dict, by: dict[tuple, dict]) -> dict | None:
+    """The cell whose pruned model has ``cell``'s shapes (``by``: cells by (budget, method)): a recovery keeps its
+    pruner's shapes, hence its parameters' layout and latency."""
+    base = METHODS[cell["method"]].base
+    return by.get((cell["budget"], base)) if base else cell
+
+
 def table_rows(run_dense: dict, cells: list[dict], task: Task, budgets: list[float], methods: list[str]) -> list[dict]:
     """Markdown rows of one task: dense, then every (budget, method), measured or ``missing``."""
     main = MAIN_METRIC[task.name]
@@ -382,7 +389,7 @@ def table_rows(run_dense: dict, cells: list[dict], task: Task, budgets: list[flo
         if c is None:
             r["status"] = "missing"
             return r
-        shape = by.get((budget, m.base)) if m and m.base else c  # a recovery keeps its pruner's shapes
+        shape = shape_cell(c, by) if m else c
         r.update({k: c["metrics"].get(k) for k in task.metrics})
         r["delta"] = c["metrics"][main] - d["metrics"][main] if c is not d else None
         r["flops_kept"] = c["flops_kept"]
@@ -420,25 +427,26 @@ def table(rows: list[dict], task: Task) -> str:
     return report.markdown_table(rows, cols, formats, headers)
 
 
-def b1_speedup(cell: dict, cells: list[dict]) -> float | None:
-    """Measured batch-1 speedup of a cell's model; a recovered model has its pruner's shapes, hence its latency."""
-    m = METHODS[cell["method"]]
-    shape = cell if m.base is None else next((c for c in cells if (c["budget"], c["method"]) == (cell["budget"],
-                                                                                                   m.base)), None)
-    return (shape or {}).get("latency", {}).get("b1", {}).get("speedup")
+def b1_speedups(cells: list[dict]) -> list[float | None]:
+    """Measured batch-1 speedup of each cell's model (a recovered model's is its pruner's), None where unmeasured."""
+    by = {(c["budget"], c["method"]): c for c in cells}
+    return [(shape_cell(c, by) or {}).get("latency", {}).get("b1", {}).get("speedup") for c in cells]
 
 
-def pareto_plot(path: Path, task: Task, dense: float, cells: list[dict], title: str) -> Path:
-    """The metric against the measured batch-1 speedup, one line per method (the trade-off a user buys)."""
+def pareto_plot(path: Path, task: Task, dense: float, points: list[tuple[str, float | None, float]],
+                title: str) -> Path:
+    """The metric against the measured batch-1 speedup, one line per method (the trade-off a user buys);
+    ``points``: (method label, speedup or None = unmeasured, metric)."""
     series: dict[str, list] = {}
-    for c in cells:
-        if (x := b1_speedup(c, cells)) is not None:
-            series.setdefault(c["label"], []).append((x, c["metrics"][MAIN_METRIC[task.name]]))
+    for label, x, y in points:
+        if x is not None:
+            series.setdefault(label, []).append((x, y))
     return report.plot_metric_vs_speedup(series, path, metric=MAIN_METRIC[task.name], dense=dense, title=title)
 
 
 def plots(mode: str, task: Task, dense: dict, cells: list[dict], tag: str) -> list[Path]:
-    """PNGs ``compare_<mode>_<tag>_*.png`` (``tag``: the task's name, with the seed when there are several)."""
+    """PNGs ``compare_<mode>_<tag>_*.png`` (``tag``: the task's name, with the dense model's index when there are
+    several)."""
     main = MAIN_METRIC[task.name]
     series: dict[str, list] = {}
     for c in cells:
@@ -460,7 +468,8 @@ def plots(mode: str, task: Task, dense: dict, cells: list[dict], tag: str) -> li
             out.append(report.plot_speedup_vs_flops(
                 speed, RESULTS / f"compare_{mode}_{tag}_speedup_{bs}.png",
                 title=f"{task.name}: CPU speedup, batch {bs[1:]}, seq 128"))
-    out.append(pareto_plot(RESULTS / f"compare_{mode}_{tag}_pareto_b1.png", task, dense["metrics"][main], cells,
+    points = [(c["label"], x, c["metrics"][main]) for c, x in zip(cells, b1_speedups(cells))]
+    out.append(pareto_plot(RESULTS / f"compare_{mode}_{tag}_pareto_b1.png", task, dense["metrics"][main], points,
                            f"{task.name} dev vs measured batch-1 CPU speedup"))
     return out
 
@@ -470,15 +479,15 @@ def dense_summary(mode: str, per_dense: dict[str, list[tuple[dict, list[dict]]]]
     """``{task: [(dense record, cells) per dense model]}`` -> rows of mean [min, max] over the dense models per
     (budget, method), and markdown (table, plus the mean metric against the mean batch-1 speedup per task)."""
     rows, md = [], ["## Across dense models", "",
-                    "Per (task, budget, method), over the dense models that have the cell: the main dev metric and "
-                    "its change from that dense model's own (mean [min, max]); batch-1 speedup mean.", ""]
+                    ("Per (task, budget, method), over the dense models that have the cell: the main dev metric and "
+                     "its change from that dense model's own (mean [min, max]); batch-1 speedup mean."), ""]
     for name, runs in per_dense.items():
         main = MAIN_METRIC[name]
         groups: dict[tuple, list] = {}
         for dense, cells in runs:
-            for c in cells:
+            for c, x in zip(cells, b1_speedups(cells)):
                 groups.setdefault((c["budget"], c["method"]), []).append(
-                    (c["metrics"][main], c["metrics"][main] - dense["metrics"][main], b1_speedup(c, cells)))
+                    (c["metrics"][main], c["metrics"][main] - dense["metrics"][main], x))
         task_rows = []
         for (budget, method), vals in groups.items():
             metric, delta, speed = zip(*vals)
@@ -497,9 +506,7 @@ def dense_summary(mode: str, per_dense: dict[str, list[tuple[dict, list[dict]]]]
                                               "b1_speedup": ".2f"},
                                      headers={"label": "method", "delta_mean": "Δ mean", "delta_min": "Δ min",
                                               "delta_max": "Δ max", "b1_speedup": "b1 speedup (mean)"}), ""]
-        means = [{"budget": r["budget"], "method": r["method"], "label": r["label"], "metrics": {main: r["mean"]},
-                  "latency": {"b1": {"speedup": r["b1_speedup"]}} if r["b1_speedup"] is not None else {}}
-                 for r in task_rows]
+        means = [(r["label"], r["b1_speedup"], r["mean"]) for r in task_rows]
         p = pareto_plot(RESULTS / f"compare_{mode}_{name}_pareto_b1_mean.png", TASKS[name], dense_mean, means,
                         f"{name} dev (mean over {len(runs)} dense models) vs batch-1 CPU speedup")
         md += [f"![{p.stem}]({os.path.relpath(p, Path(report_path).parent)})", ""]
@@ -532,7 +539,8 @@ How each number is measured:
 """
 
 
-def build_report(args: argparse.Namespace, runs: dict[str, TaskRun], command: str) -> tuple[dict, str]:
+def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun], command: str
+                 ) -> tuple[dict, str]:
     env = report.environment()
     try:
         import torch_pruning
@@ -687,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     tok = T.AutoTokenizer.from_pretrained(embedded_model_path())
     methods = expand(args.methods)
-    runs: dict[tuple[str, int], TaskRun] = {}
+    runs: dict[tuple[str, str], TaskRun] = {}
     failed: list[str] = []
     t0 = time.perf_counter()
     for name, spec in [(n, d) for n in args.tasks for d in args.dense]:

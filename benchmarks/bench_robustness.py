@@ -193,8 +193,8 @@ def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
              "> Written by `benchmarks/bench_robustness.py`; do not edit by hand.\n",
              f"- command: `.venv/bin/python benchmarks/bench_robustness.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
              f"- environment: {report.environment()}\n",
-             f"- dense models (seed:lr:epochs factor): {', '.join(args.dense)}; {args.draws} calibration draws of "
-             f"{args.samples} training examples each; drop = dense minus pruned dev metric, in points\n",
+             (f"- dense models (seed:lr:epochs factor): {', '.join(args.dense)}; {args.draws} calibration draws of "
+              f"{args.samples} training examples each; drop = dense minus pruned dev metric, in points\n"),
              report.markdown_table(summary, ["task", "flops_keep", "method", "metric", "runs", "dense_mean",
                                              "drop_mean", "drop_min", "drop_max", "divergence_mean"],
                                    formats={"flops_keep": ".0%", "dense_mean": ".2f", "drop_mean": "+.2f",
