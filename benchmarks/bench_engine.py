@@ -4,6 +4,11 @@ For 25/50/75% of heads and FFN neurons removed (Fisher scores on SST-2 sentences
 markdown table and writes JSON. Latency: batch 1 and 32 at seq 128, median of repeats, all models timed
 interleaved in the same loop so machine noise hits them alike; speedups are ratios from that one run.
 
+``--round_to 1 64`` repeats every fraction with FFN widths rounded to those multiples (``PruningConfig.round_to``),
+to see whether kernel-friendly shapes buy batch-1 time. Under the table, a least-squares fit of median ms =
+fixed + per-FLOP x FLOPs kept over the pruned models and dense, per batch size: the fixed part is what width pruning
+cannot remove (embeddings, norms, dispatch), and it caps "% of ideal" at small budgets.
+
     .venv/bin/python benchmarks/bench_engine.py                 # full run
     .venv/bin/python benchmarks/bench_engine.py --repeats 3     # quicker
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +35,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--round_to", type=int, nargs="+", default=[1], help="FFN width multiples, one model set each")
     ap.add_argument("--allocation", choices=["global", "uniform"], default="global")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_minilm.json"))
     args = ap.parse_args()
@@ -41,14 +48,17 @@ def main() -> None:
     scores = hp.compute_importance(dense, calib, "fisher", progress=False)
 
     models = {"dense": dense}
-    prune_s = {}
-    for r in args.removed:
-        keep = round(1 - r, 4)
-        cfg = hp.PruningConfig(heads_keep=keep, neurons_keep=keep, allocation=args.allocation, progress=False)
-        start = time.perf_counter()
-        model = hp.apply_plan_(copy.deepcopy(dense), hp.build_plan(scores, dense, cfg))
-        prune_s[f"{r:.0%}"] = time.perf_counter() - start
-        models[f"{r:.0%}"] = model
+    prune_s, round_of = {}, {"dense": None}
+    for multiple in args.round_to:
+        for r in args.removed:
+            keep = round(1 - r, 4)
+            cfg = hp.PruningConfig(heads_keep=keep, neurons_keep=keep, allocation=args.allocation, round_to=multiple,
+                                   progress=False)
+            name = f"{r:.0%}" if args.round_to == [1] else f"{r:.0%} /{multiple}"
+            start = time.perf_counter()
+            models[name] = hp.apply_plan_(copy.deepcopy(dense), hp.build_plan(scores, dense, cfg))
+            prune_s[name] = time.perf_counter() - start
+            round_of[name] = multiple
 
     lat = {bs: hp.compare_latency(models, bs, args.seq_len, repeats=args.repeats) for bs in args.batch_sizes}
     base_flops = hp.count_flops(dense, args.seq_len)["total"]
@@ -57,6 +67,7 @@ def main() -> None:
         flops = hp.count_flops(model, args.seq_len)["total"]
         row = {
             "removed": name,
+            "round_to": round_of[name],
             "params": hp.count_params(model),
             "layer_gflops": flops / 1e9,
             "flops_kept": flops / base_flops,
@@ -79,6 +90,10 @@ def main() -> None:
         )
     print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}")
     print(report.markdown_table(rows, formats=formats, headers=headers))
+    fits = {f"b{bs}": fixed_cost_fit(rows, bs) for bs in args.batch_sizes}
+    for key, fit in fits.items():
+        print(f"{key}: median ms = {fit['fixed_ms']:.1f} fixed + {fit['per_flops_ms']:.1f} x FLOPs kept "
+              f"(fixed = {fit['fixed_share']:.0%} of dense; max residual {fit['max_residual_ms']:.1f} ms)")
 
     meta = {
         **report.environment(),
@@ -87,9 +102,21 @@ def main() -> None:
         "repeats": args.repeats,
         "allocation": args.allocation,
         "criterion": "fisher (label-free, 256 SST-2 dev sentences)",
+        "command": "python " + " ".join(sys.argv),
     }
-    out = report.write_json(args.out, {"meta": meta, "rows": rows})
+    out = report.write_json(args.out, {"meta": meta, "rows": rows, "fixed_cost_fit": fits})
     print(f"wrote {out}")
+
+
+def fixed_cost_fit(rows: list[dict], batch_size: int) -> dict[str, float]:
+    """Least squares ``ms = fixed + per_flops * flops_kept`` over every row (dense included)."""
+    x = torch.tensor([r["flops_kept"] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r[f"b{batch_size}_ms"] for r in rows], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)  # (N, 2)
+    coef = torch.linalg.lstsq(design, y.unsqueeze(1)).solution.squeeze(1)
+    fixed, per = float(coef[0]), float(coef[1])
+    return {"fixed_ms": fixed, "per_flops_ms": per, "fixed_share": fixed / (fixed + per),
+            "max_residual_ms": float((design @ coef - y).abs().max())}
 
 
 if __name__ == "__main__":
