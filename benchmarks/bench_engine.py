@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,8 @@ def main() -> None:
         headers.update(
             {f"b{bs}_ms": f"b{bs} ms", f"b{bs}_speedup": f"b{bs} speedup", f"b{bs}_of_ideal": f"b{bs} % of ideal"}
         )
-    print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}")
+    print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}"
+          f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     print(report.markdown_table(rows, formats=formats, headers=headers))
     fits = {f"b{bs}": fixed_cost_fit(rows, bs) for bs in args.batch_sizes}
     for key, fit in fits.items():
@@ -103,6 +105,8 @@ def main() -> None:
         "allocation": args.allocation,
         "criterion": "fisher (label-free, 256 SST-2 dev sentences)",
         "command": "python " + " ".join(sys.argv),
+        # OpenMP's wait policy changes batch-1 time: PASSIVE threads sleep between ops and pay a wake-up per op
+        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
     }
     out = report.write_json(args.out, {"meta": meta, "rows": rows, "fixed_cost_fit": fits})
     print(f"wrote {out}")

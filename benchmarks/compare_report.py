@@ -218,7 +218,8 @@ How each number is measured:
   pruned model timed interleaved in one loop (`hf_prune.compare_latency`); speedup = dense ms / pruned ms from that
   loop; "% of ideal" = speedup / (1 / FLOPs kept). A recovered model has its pruner's shapes, hence its latency.
   Latency means something only on otherwise idle cores: with another busy process on the 2 cores, torch's spinning
-  OpenMP threads made a batch-1 forward take ~900 ms instead of ~50 ms (`OMP_WAIT_POLICY=PASSIVE` avoids that).
+  OpenMP threads made a batch-1 forward take ~900 ms instead of ~50 ms (`OMP_WAIT_POLICY=PASSIVE` avoids that, but
+  its sleeping threads add a wake-up to every op: at batch 1 a fixed cost that lowers "% of ideal", see README).
   Each cell records the 1-minute load average when it finished (`loadavg_1min` in the JSON).
 - **pruning (s)**: wall time of the pruning call alone (scoring, search, cut; for Torch-Pruning also the Taylor
   gradient pass and the ratio search). **recovery (s)**: wall time of `PruningTrainer.train()`.
