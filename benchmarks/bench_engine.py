@@ -4,6 +4,8 @@ For 25/50/75% of heads and FFN neurons removed (Fisher scores on SST-2 sentences
 markdown table and writes JSON. Latency: batch 1 and 32 at seq 128, median of repeats, all models timed
 interleaved in the same loop so machine noise hits them alike; speedups are ratios from that one run.
 
+``--shapes_from benchmarks/results/compare_<name>.json ...`` adds a model with the per-layer widths of every pruner
+cell of those bench_compare runs (e.g. retraining-free's uneven layers), timed in the same loop.
 ``--round_to 1 64`` repeats every fraction with FFN widths rounded to those multiples (``PruningConfig.round_to``),
 to see whether kernel-friendly shapes buy batch-1 time. Under the table, a least-squares fit of median ms =
 fixed + per-FLOP x FLOPs kept over the pruned models and dense, per batch size: the fixed part is what width pruning
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -38,6 +41,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--round_to", type=int, nargs="+", default=[1], help="FFN width multiples, one model set each")
     ap.add_argument("--allocation", choices=["global", "uniform"], default="global")
+    ap.add_argument("--shapes_from", nargs="*", default=[],
+                    help="bench_compare result JSONs: also time a model with the per-layer shapes of each of their "
+                         "pruner cells (weights are the dense model's first heads/neurons: latency depends on shapes)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_minilm.json"))
     args = ap.parse_args()
 
@@ -60,6 +66,14 @@ def main() -> None:
             models[name] = hp.apply_plan_(copy.deepcopy(dense), hp.build_plan(scores, dense, cfg))
             prune_s[name] = time.perf_counter() - start
             round_of[name] = multiple
+
+    for file in args.shapes_from:
+        for cell in json.loads(Path(file).read_text())["cells"]:
+            if "layers" not in cell:  # recoveries have their pruner's shapes and no layers of their own
+                continue
+            name = f"{cell['task']} {cell['budget']:.0%} {cell['method']} seed {cell['settings']['seed']}"
+            models[name] = hp.apply_plan_(copy.deepcopy(dense), shaped_plan(dense, cell["layers"]))
+            round_of[name] = None
 
     lat = {bs: hp.compare_latency(models, bs, args.seq_len, repeats=args.repeats) for bs in args.batch_sizes}
     base_flops = hp.count_flops(dense, args.seq_len)["total"]
@@ -92,7 +106,8 @@ def main() -> None:
     print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}"
           f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     print(report.markdown_table(rows, formats=formats, headers=headers))
-    fits = {f"b{bs}": fixed_cost_fit(rows, bs) for bs in args.batch_sizes}
+    own = [r for r in rows if r["round_to"] is not None or r["removed"] == "dense"]  # this script's Fisher cuts
+    fits = {f"b{bs}": fixed_cost_fit(own, bs) for bs in args.batch_sizes}
     for key, fit in fits.items():
         print(f"{key}: median ms = {fit['fixed_ms']:.1f} fixed + {fit['per_flops_ms']:.1f} x FLOPs kept "
               f"(fixed = {fit['fixed_share']:.0%} of dense; max residual {fit['max_residual_ms']:.1f} ms)")
@@ -110,6 +125,14 @@ def main() -> None:
     }
     out = report.write_json(args.out, {"meta": meta, "rows": rows, "fixed_cost_fit": fits})
     print(f"wrote {out}")
+
+
+def shaped_plan(dense: torch.nn.Module, layers: dict[str, list[int]]) -> hp.PrunePlan:
+    """A plan keeping the first ``layers["heads"][i]`` heads and ``layers["neurons"][i]`` neurons of layer i."""
+    plan = hp.PrunePlan.of(dense)
+    plan.heads = [list(range(n)) for n in layers["heads"]]
+    plan.neurons = [list(range(n)) for n in layers["neurons"]]
+    return plan
 
 
 def fixed_cost_fit(rows: list[dict], batch_size: int) -> dict[str, float]:
