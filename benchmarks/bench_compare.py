@@ -76,6 +76,7 @@ from common import (
     evaluate,
     finetune,
     forward_backward_s,
+    omp_env,
     parse_dense,
 )
 from compare_report import BASELINE_RECOVERY, DEFAULT_METHODS, METHODS, RESULTS, build_report, expand
@@ -452,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             rec["cell_s"] = time.perf_counter() - start
             rec["estimated_s"] = est
             rec["loadavg_1min"] = os.getloadavg()[0]  # > threads: other processes shared the cores
+            rec["omp"] = omp_env()  # the report's header shows the env of whichever process built the report
             run.actual[m] = rec["cell_s"] - rec.get("reprune_s", 0.0)
             run.save(k, m, rec)
             extra = f", b32 speedup {rec['latency']['b32']['speedup']:.2f}x" if "latency" in rec else ""

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import omp_env
 from transformers import AutoModel, AutoTokenizer
 
 import hf_prune as hp
@@ -120,8 +121,7 @@ def main() -> None:
         "allocation": args.allocation,
         "criterion": "fisher (label-free, 256 SST-2 dev sentences)",
         "command": "python " + " ".join(sys.argv),
-        # OpenMP's wait policy changes batch-1 time: PASSIVE threads sleep between ops and pay a wake-up per op
-        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "omp": omp_env(),
     }
     out = report.write_json(args.out, {"meta": meta, "rows": rows, "fixed_cost_fit": fits})
     print(f"wrote {out}")
@@ -136,7 +136,7 @@ def shaped_plan(dense: torch.nn.Module, layers: dict[str, list[int]]) -> hp.Prun
 
 
 def fixed_cost_fit(rows: list[dict], batch_size: int) -> dict[str, float]:
-    """Least squares ``ms = fixed + per_flops * flops_kept`` over every row (dense included)."""
+    """Least squares ``ms = fixed + per_flops * flops_kept`` over ``rows`` (include dense: it anchors kept = 1)."""
     x = torch.tensor([r["flops_kept"] for r in rows], dtype=torch.float64)
     y = torch.tensor([r[f"b{batch_size}_ms"] for r in rows], dtype=torch.float64)
     design = torch.stack([torch.ones_like(x), x], dim=1)  # (N, 2)

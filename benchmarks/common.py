@@ -200,6 +200,11 @@ def forward_backward_s(model: torch.nn.Module, batches: list[dict]) -> float:
     return time.perf_counter() - start
 
 
+def omp_env() -> dict[str, str | None]:
+    """The OpenMP variables that change CPU latency (``OMP_WAIT_POLICY=PASSIVE`` adds a thread wake-up per op)."""
+    return {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     out = fn()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common import HERE, MAIN_METRIC, TASKS, Task
+from common import HERE, MAIN_METRIC, TASKS, Task, omp_env
 
 import hf_prune as hp
 from hf_prune import report
@@ -220,7 +220,9 @@ How each number is measured:
   Latency means something only on otherwise idle cores: with another busy process on the 2 cores, torch's spinning
   OpenMP threads made a batch-1 forward take ~900 ms instead of ~50 ms (`OMP_WAIT_POLICY=PASSIVE` avoids that, but
   its sleeping threads add a wake-up to every op: at batch 1 a fixed cost that lowers "% of ideal", see README).
-  Each cell records the 1-minute load average when it finished (`loadavg_1min` in the JSON).
+  Each cell records the 1-minute load average when it finished (`loadavg_1min` in the JSON); newer cells also the
+  OpenMP variables they ran under (`omp`, absent from older cells; the header's line is the report-building
+  process's).
 - **pruning (s)**: wall time of the pruning call alone (scoring, search, cut; for Torch-Pruning also the Taylor
   gradient pass and the ratio search). **recovery (s)**: wall time of `PruningTrainer.train()`.
 - **peak RSS (MB)**: peak resident memory of the process above its level at the start of the pruning call
@@ -242,7 +244,7 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
     except ImportError:
         env["torch_pruning"] = None
     env["platform"] = platform.platform()
-    env["omp"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["omp"] = omp_env()
     settings = {k: v for k, v in vars(args).items() if k not in ("report",)}
     methods = expand(args.methods)
     payload: dict[str, Any] = {"meta": {**env, "command": command, "mode": args.mode, "settings": settings},
