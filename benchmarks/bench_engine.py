@@ -7,9 +7,12 @@ interleaved in the same loop so machine noise hits them alike; speedups are rati
 ``--shapes_from benchmarks/results/compare_<name>.json ...`` adds a model with the per-layer widths of every pruner
 cell of those bench_compare runs (e.g. retraining-free's uneven layers), timed in the same loop.
 ``--round_to 1 64`` repeats every fraction with FFN widths rounded to those multiples (``PruningConfig.round_to``),
-to see whether kernel-friendly shapes buy batch-1 time. Under the table, a least-squares fit of median ms =
-fixed + per-FLOP x FLOPs kept over the pruned models and dense, per batch size: the fixed part is what width pruning
-cannot remove (embeddings, norms, dispatch), and it caps "% of ideal" at small budgets.
+to see whether kernel-friendly shapes buy batch-1 time. ``--compile`` also times every model (dense included)
+after ``torch.compile`` (inductor: fused element-wise ops, no Python per module), in the same loop as the eager
+ones; compiled speedups are over the compiled dense model. Under the table, a least-squares fit of median ms =
+fixed + per-FLOP x FLOPs kept over the pruned models and dense, per batch size (and per mode): the fixed part is what
+width pruning cannot remove (embeddings, norms, dispatch), and it caps "% of ideal" at small budgets; eager and
+compiled side by side say how much of it is per-op dispatch.
 
     .venv/bin/python benchmarks/bench_engine.py                 # full run
     .venv/bin/python benchmarks/bench_engine.py --repeats 3     # quicker
@@ -45,6 +48,8 @@ def main() -> None:
     ap.add_argument("--shapes_from", nargs="*", default=[],
                     help="bench_compare result JSONs: also time a model with the per-layer shapes of each of their "
                          "pruner cells (weights are the dense model's first heads/neurons: latency depends on shapes)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile'd copies of every model (compiled per batch size in the warm-up)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_minilm.json"))
     args = ap.parse_args()
 
@@ -76,26 +81,42 @@ def main() -> None:
             models[name] = hp.apply_plan_(copy.deepcopy(dense), shaped_plan(dense, cell["layers"]))
             round_of[name] = None
 
-    lat = {bs: hp.compare_latency(models, bs, args.seq_len, repeats=args.repeats) for bs in args.batch_sizes}
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    timed = {(name, "eager"): m for name, m in models.items()}
+    if args.compile:
+        # dynamic=False: each batch size is its own static graph, as a fixed-shape deployment runs it (the warm-up
+        # runs of compare_latency trigger the compilation). The models share BertModel.forward's code object: one
+        # graph per (shapes, batch size) must fit under dynamo's recompile limit, and hitting it must fail rather
+        # than quietly time eager code as "compiled"
+        torch._dynamo.config.recompile_limit = 4 * len(models) * len(args.batch_sizes)
+        torch._dynamo.config.accumulated_recompile_limit = max(256, 8 * len(models) * len(args.batch_sizes))
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        timed.update({(name, "compiled"): torch.compile(m.eval(), dynamic=False) for name, m in models.items()})
+    start = time.perf_counter()
+    lat = {bs: hp.compare_latency({f"{n} {mode}": m for (n, mode), m in timed.items()}, bs, args.seq_len,
+                                  repeats=args.repeats) for bs in args.batch_sizes}
+    timing_s = time.perf_counter() - start
     base_flops = hp.count_flops(dense, args.seq_len)["total"]
     rows = []
-    for name, model in models.items():
-        flops = hp.count_flops(model, args.seq_len)["total"]
-        row = {
-            "removed": name,
-            "round_to": round_of[name],
-            "params": hp.count_params(model),
-            "layer_gflops": flops / 1e9,
-            "flops_kept": flops / base_flops,
-            "surgery_s": prune_s.get(name, 0.0),
-        }
-        for bs in args.batch_sizes:
-            ms = lat[bs][name].median_ms
-            speed = lat[bs]["dense"].median_ms / ms
-            row[f"b{bs}_ms"] = ms
-            row[f"b{bs}_speedup"] = speed
-            row[f"b{bs}_of_ideal"] = speed / (base_flops / flops)
-        rows.append(row)
+    for mode in modes:
+        for name, model in models.items():
+            flops = hp.count_flops(model, args.seq_len)["total"]
+            row = {
+                "removed": name,
+                "mode": mode,
+                "round_to": round_of[name],
+                "params": hp.count_params(model),
+                "layer_gflops": flops / 1e9,
+                "flops_kept": flops / base_flops,
+                "surgery_s": prune_s.get(name, 0.0),
+            }
+            for bs in args.batch_sizes:
+                ms = lat[bs][f"{name} {mode}"].median_ms
+                speed = lat[bs][f"dense {mode}"].median_ms / ms
+                row[f"b{bs}_ms"] = ms
+                row[f"b{bs}_speedup"] = speed
+                row[f"b{bs}_of_ideal"] = speed / (base_flops / flops)
+            rows.append(row)
 
     formats = {"layer_gflops": ".3f", "flops_kept": ".1%", "surgery_s": ".2f"}
     headers = {"layer_gflops": "layer GFLOPs", "flops_kept": "FLOPs kept", "surgery_s": "surgery (s)"}
@@ -105,13 +126,18 @@ def main() -> None:
             {f"b{bs}_ms": f"b{bs} ms", f"b{bs}_speedup": f"b{bs} speedup", f"b{bs}_of_ideal": f"b{bs} % of ideal"}
         )
     print(f"all-MiniLM-L6-v2, seq {args.seq_len}, {args.allocation} Fisher plans, torch threads {torch.get_num_threads()}"
-          f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
+          f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"
+          f"; {' and '.join(modes)}; timing (with compilation) took {timing_s:.0f} s")
     print(report.markdown_table(rows, formats=formats, headers=headers))
-    own = [r for r in rows if r["round_to"] is not None or r["removed"] == "dense"]  # this script's Fisher cuts
-    fits = {f"b{bs}": fixed_cost_fit(own, bs) for bs in args.batch_sizes}
-    for key, fit in fits.items():
-        print(f"{key}: median ms = {fit['fixed_ms']:.1f} fixed + {fit['per_flops_ms']:.1f} x FLOPs kept "
-              f"(fixed = {fit['fixed_share']:.0%} of dense; max residual {fit['max_residual_ms']:.1f} ms)")
+    fits = {}
+    for mode in modes:
+        # this script's Fisher cuts and dense (the --shapes_from models have round_to None)
+        own = [r for r in rows if r["mode"] == mode and (r["round_to"] is not None or r["removed"] == "dense")]
+        for bs in args.batch_sizes:
+            key = f"b{bs}" if mode == "eager" else f"b{bs} {mode}"
+            fit = fits[key] = fixed_cost_fit(own, bs)
+            print(f"{key}: median ms = {fit['fixed_ms']:.1f} fixed + {fit['per_flops_ms']:.1f} x FLOPs kept "
+                  f"(fixed = {fit['fixed_share']:.0%} of dense; max residual {fit['max_residual_ms']:.1f} ms)")
 
     meta = {
         **report.environment(),
@@ -120,6 +146,8 @@ def main() -> None:
         "repeats": args.repeats,
         "allocation": args.allocation,
         "criterion": "fisher (label-free, 256 SST-2 dev sentences)",
+        "modes": {"eager": "eager", "compiled": "torch.compile (inductor, dynamic=False)"} if args.compile
+        else {"eager": "eager"},
         "command": "python " + " ".join(sys.argv),
         "omp": omp_env(),
     }

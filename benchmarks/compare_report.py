@@ -167,10 +167,11 @@ def plots(mode: str, task: Task, dense: dict, cells: list[dict], tag: str) -> li
 
 
 def dense_summary(mode: str, per_dense: dict[str, list[tuple[dict, list[dict]]]], report_path: str
-                  ) -> tuple[list[dict], list[str]]:
+                  ) -> tuple[list[dict], list[dict], list[str]]:
     """``{task: [(dense record, cells) per dense model]}`` -> rows of mean [min, max] over the dense models per
-    (budget, method), and markdown (table, plus the mean metric against the mean batch-1 speedup per task)."""
-    rows, md = [], ["## Across dense models", "",
+    (budget, method), :func:`lead_over_tp`'s rows, and markdown (tables, plus the mean metric against the mean
+    batch-1 speedup per task)."""
+    rows, leads, md = [], [], ["## Across dense models", "",
                     ("Per (task, budget, method), over the dense models that have the cell: the main dev metric and "
                      "its change from that dense model's own (mean [min, max]); batch-1 speedup mean."), ""]
     for name, runs in per_dense.items():
@@ -198,12 +199,60 @@ def dense_summary(mode: str, per_dense: dict[str, list[tuple[dict, list[dict]]]]
                                               "b1_speedup": ".2f"},
                                      headers={"label": "method", "delta_mean": "Δ mean", "delta_min": "Δ min",
                                               "delta_max": "Δ max", "b1_speedup": "b1 speedup (mean)"}), ""]
+        task_leads, lead_md = lead_over_tp(name, runs)
+        md += lead_md
+        leads += task_leads
         means = [(r["label"], r["b1_speedup"], r["mean"]) for r in task_rows]
         p = pareto_plot(RESULTS / f"compare_{mode}_{name}_pareto_b1_mean.png", TASKS[name], dense_mean, means,
                         f"{name} dev (mean over {len(runs)} dense models) vs batch-1 CPU speedup")
         md += [f"![{p.stem}]({os.path.relpath(p, Path(report_path).parent)})", ""]
         rows += task_rows
-    return rows, md
+    return rows, leads, md
+
+
+def lead_over_tp(name: str, runs: list[tuple[dict, list[dict]]]) -> tuple[list[dict], list[str]]:
+    """Each hf_prune method against the best Torch-Pruning method (highest mean metric) with the same recovery
+    (none, or the same KD), per budget: the paired difference on each dense model, mean [min, max], and whether the
+    lead exceeds the seed spread (ahead on every dense model and the mean lead above half the range of either
+    method's change from dense). Empty when the run has no Torch-Pruning cells."""
+    main = MAIN_METRIC[name]
+    by: dict[tuple, dict[int, float]] = {}  # (budget, method) -> {dense index: metric - dense metric}
+    for i, (dense, cells) in enumerate(runs):
+        for c in cells:
+            by.setdefault((c["budget"], c["method"]), {})[i] = c["metrics"][main] - dense["metrics"][main]
+    rows = []
+    for (budget, method), ours in sorted(by.items(), key=lambda kv: (-kv[0][0], list(METHODS).index(kv[0][1]))):
+        if method.startswith("tp_"):
+            continue
+        rival = [(sum(v.values()) / len(v), m) for (b, m), v in by.items()
+                 if b == budget and m.startswith("tp_") and METHODS[m].recovery == METHODS[method].recovery]
+        if not rival:
+            continue
+        theirs = by[(budget, max(rival)[1])]
+        common = sorted(set(ours) & set(theirs))
+        if not common:
+            continue
+        diff = [ours[i] - theirs[i] for i in common]  # the dense metric cancels: metric(ours) - metric(theirs)
+        half_range = max((max(v[i] for i in common) - min(v[i] for i in common)) / 2 for v in (ours, theirs))
+        mean = sum(diff) / len(diff)
+        rows.append({"task": name, "budget": budget, "method": method, "label": METHODS[method].label,
+                     "vs": METHODS[max(rival)[1]].label, "runs": len(diff), "lead_mean": mean,
+                     "lead_min": min(diff), "lead_max": max(diff), "half_range": half_range,
+                     "beyond_spread": min(diff) > 0 and mean > half_range})
+    if not rows:
+        return [], []
+    intro = (f"Lead over the best Torch-Pruning method with the same recovery ({main}, paired by dense model; beyond "
+             "spread = ahead on every dense model and the mean lead above half the range of either method's change):")
+    return rows, [
+        intro, "",
+        report.markdown_table(rows, ["budget", "label", "vs", "runs", "lead_mean", "lead_min", "lead_max",
+                                     "half_range", "beyond_spread"],
+                              formats={"budget": ".0%", "lead_mean": "+.2f", "lead_min": "+.2f", "lead_max": "+.2f",
+                                       "half_range": ".2f"},
+                              headers={"label": "method", "vs": "best Torch-Pruning", "lead_mean": "lead mean",
+                                       "lead_min": "lead min", "lead_max": "lead max",
+                                       "half_range": "spread (half range)",
+                                       "beyond_spread": "beyond spread"}), ""]
 
 
 NOTES = """\
@@ -306,7 +355,9 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
                 md.append(f"![{p.stem}]({os.path.relpath(p, Path(args.report).parent)})")
             md.append("")
     if several:
-        payload["across_dense"], summary = dense_summary(args.mode, per_dense, args.report)
+        payload["across_dense"], leads, summary = dense_summary(args.mode, per_dense, args.report)
+        if leads:
+            payload["lead_over_tp"] = leads
         md += summary
     md += ["## Method notes", "", NOTES]
     return payload, "\n".join(md)
