@@ -228,7 +228,8 @@ def lead_over_tp(name: str, runs: list[tuple[dict, list[dict]]]) -> tuple[list[d
                  if b == budget and m.startswith("tp_") and METHODS[m].recovery == METHODS[method].recovery]
         if not rival:
             continue
-        theirs = by[(budget, max(rival)[1])]
+        best = max(rival)[1]  # by mean change from dense, i.e. by mean metric
+        theirs = by[(budget, best)]
         common = sorted(set(ours) & set(theirs))
         if not common:
             continue
@@ -236,7 +237,7 @@ def lead_over_tp(name: str, runs: list[tuple[dict, list[dict]]]) -> tuple[list[d
         half_range = max((max(v[i] for i in common) - min(v[i] for i in common)) / 2 for v in (ours, theirs))
         mean = sum(diff) / len(diff)
         rows.append({"task": name, "budget": budget, "method": method, "label": METHODS[method].label,
-                     "vs": METHODS[max(rival)[1]].label, "runs": len(diff), "lead_mean": mean,
+                     "vs": METHODS[best].label, "runs": len(diff), "lead_mean": mean,
                      "lead_min": min(diff), "lead_max": max(diff), "half_range": half_range,
                      "beyond_spread": min(diff) > 0 and mean > half_range})
     if not rows:
