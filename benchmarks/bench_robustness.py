@@ -52,12 +52,14 @@ EPOCHS = {"sst2": 1.0, "mrpc": 3.0, "stsb": 3.0, "cola": 3.0, "rte": 3.0}
 TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 0.5): 1.0, ("cola", 0.5): 2.0}
 #: method name -> the ``PruningConfig`` settings it uses, given the run's arguments. ``retraining_free_tune_all``
 #: fits the mask tuning on every calibration sample but the held-out selection ones (the default fits 256);
-#: ``retraining_free_task_loss`` selects the stage by held-out task loss instead of divergence from the dense model.
+#: ``retraining_free_task_loss`` selects the stage by held-out task loss instead of divergence from the dense model;
+#: ``retraining_free_obs`` also tunes the OBS-reselected candidate (``obs_reselection``) for the selection to weigh.
 METHODS = {
     "retraining_free": lambda args: {"method": "retraining_free"},
     "retraining_free_tune_all": lambda args: {"method": "retraining_free",
                                               "tuning_samples": args.samples - hp.PruningConfig.selection_samples},
     "retraining_free_task_loss": lambda args: {"method": "retraining_free", "selection_metric": "task_loss"},
+    "retraining_free_obs": lambda args: {"method": "retraining_free", "obs_reselection": True},
     "fisher": lambda args: {"importance": "fisher"},
 }
 
@@ -73,7 +75,7 @@ class RobustnessArguments:
         draws: calibration draws per dense model.
         samples: calibration samples per draw.
         methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``,
-            ``retraining_free_task_loss``, ``fisher`` (one-shot).
+            ``retraining_free_task_loss``, ``retraining_free_obs``, ``fisher`` (one-shot).
         quick: MRPC at 50%, two dense models of a third of an epoch, 256 samples.
         seed: torch seed of each cell.
         out_name: stem of the result files under ``benchmarks/results/`` (default ``robustness``, or
@@ -114,17 +116,20 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
                         torch.manual_seed(args.seed)
                         cfg = hp.PruningConfig(flops_keep=keep, progress=False, seed=args.seed, **METHODS[method](args))
                         start = time.perf_counter()
-                        pruned, _ = hp.prune(copy.deepcopy(model), calib, cfg)
+                        pruned, plan = hp.prune(copy.deepcopy(model), calib, cfg)
                         prune_s = time.perf_counter() - start
                         logits = dev_logits(pruned, dev)
                         div = sample_divergence(dense_logits, logits, task.num_labels > 1, None).mean()
-                        return {**metrics_of(task, logits, labels), "dev_divergence": float(div), "prune_s": prune_s}
+                        # which candidate the retraining-free selection cut (cells cached before this have none)
+                        chosen = plan.meta.get("retraining_free", {}).get("selection", {}).get("chosen", "")
+                        return {**metrics_of(task, logits, labels), "dev_divergence": float(div), "prune_s": prune_s,
+                                "chosen": chosen}
 
                     cell = cached_cell(CELLS, key, compute)
                     row = {**cell, "dense_metrics": dense, "dense_value": dense[main], "pruned_value": cell[main],
-                           "drop": dense[main] - cell[main], "metric": main}
+                           "drop": dense[main] - cell[main], "metric": main, "chosen": cell.get("chosen", "")}
                     print(f"[{name}] {spec} draw {draw} {keep:.0%} {method}: {main} {cell[main]:.2f} "
-                          f"(drop {row['drop']:+.2f}), divergence {cell['dev_divergence']:.4f}", flush=True)
+                          f"(drop {row['drop']:+.2f}), divergence {cell['dev_divergence']:.4f} {row['chosen']}", flush=True)
                     rows.append(row)
     return rows
 
@@ -206,10 +211,11 @@ def write(rows: list[dict[str, Any]], args: RobustnessArguments) -> None:
              "\n## Targets\n", *[f"- {t}" for t in targets(summary)],
              "\n## Every run\n",
              report.markdown_table(rows, ["task", "dense", "draw", "flops_keep", "method", "metric", "dense_value",
-                                          "pruned_value", "drop", "dev_divergence", "prune_s"],
+                                          "pruned_value", "drop", "dev_divergence", "prune_s", "chosen"],
                                    formats={"flops_keep": ".0%", "dense_value": ".2f", "pruned_value": ".2f",
                                             "drop": "+.2f", "dev_divergence": ".4f", "prune_s": ".0f"},
-                                   headers={"dense": "dense model", "dense_value": "dense", "pruned_value": "pruned"})]
+                                   headers={"dense": "dense model", "dense_value": "dense", "pruned_value": "pruned",
+                                            "chosen": "stage cut"})]
     out = HERE / "results"
     report.write_json(out / f"{stem}.json", {"args": asdict(args), "environment": report.environment(),
                                              "summary": summary, "targets": targets(summary), "rows": rows})

@@ -15,8 +15,8 @@ from .depth import LAYER_CRITERIA
 METHODS = ("one_shot", "retraining_free")
 #: Settings only ``method="retraining_free"`` reads: set to anything but their default with another method, they
 #: would be ignored, so they are refused instead.
-RETRAINING_FREE_FIELDS = ("rearrange", "mask_tuning", "tuning_fit", "tuning_samples", "select_stages",
-                          "selection_samples", "selection_metric")
+RETRAINING_FREE_FIELDS = ("rearrange", "mask_tuning", "tuning_fit", "obs_reselection", "tuning_samples",
+                          "select_stages", "selection_samples", "selection_metric")
 #: What retraining-free mask tuning fits per layer (``tuning_fit``; :func:`hf_prune.tune_masks`).
 TUNING_FITS = ("weights", "scales")
 #: What one attention unit is under grouped-query attention (``head_unit``).
@@ -72,6 +72,11 @@ class PruningConfig:
             ``scales``: one scale per kept head and neuron, as in Kwon et al. Same cost; how much closer to the
             dense model ``weights`` lands is measured in ``benchmarks/results/retraining_free.md``. Both give an
             ordinary smaller model.
+        obs_reselection: ``retraining_free`` with ``tuning_fit="weights"``: also tune a candidate whose kept heads
+            and neurons (same counts per layer) are re-chosen by OBS elimination on the tuning's own least squares
+            (ZipLM-style, :mod:`hf_prune.retraining_free.obs`); ``select_stages`` keeps it only if it is closer on
+            the held-out samples (without selection it replaces the rearranged units). About twice the prune time
+            on MiniLM; what it gains is in the README (retraining-free section).
         tuning_samples: ``retraining_free``: calibration samples the mask tuning fits on (the first ones; None =
             all).
         select_stages: ``retraining_free``: keep the stage (search, rearranged, tuned; when rearrangement changed
@@ -122,6 +127,7 @@ class PruningConfig:
     rearrange: bool = True
     mask_tuning: bool = True
     tuning_fit: Literal["weights", "scales"] = "weights"
+    obs_reselection: bool = False
     tuning_samples: int | None = 256
     select_stages: bool = True
     selection_samples: int = 256
@@ -171,6 +177,9 @@ class PruningConfig:
             )
         if self.tuning_fit not in TUNING_FITS:
             raise ValueError(f"tuning_fit must be 'weights' or 'scales', not {self.tuning_fit!r}")
+        if self.obs_reselection and (self.tuning_fit != "weights" or not self.mask_tuning):
+            raise ValueError("obs_reselection re-chooses units inside the weights fit: set tuning_fit='weights' and "
+                             "mask_tuning=True, or drop obs_reselection")
         if self.tuning_samples is not None and self.tuning_samples < 1:
             raise ValueError(f"tuning_samples must be >= 1 (or None for all), got {self.tuning_samples}")
         if self.selection_samples < 1:

@@ -35,6 +35,7 @@ VALUES = {
     "rearrange": (False, {"method": "retraining_free"}),
     "mask_tuning": (False, {"method": "retraining_free"}),
     "tuning_fit": ("scales", {"method": "retraining_free"}),
+    "obs_reselection": (True, {"method": "retraining_free"}),
     "tuning_samples": (64, {"method": "retraining_free"}),
     "select_stages": (False, {"method": "retraining_free"}),
     "selection_samples": (32, {"method": "retraining_free"}),
@@ -109,6 +110,8 @@ def test_every_field_is_a_cli_flag(name):
         ({"method": "retraining_free", "select_stages": False, "selection_metric": "task_loss"},
          "selection_metric only applies"),
         ({"custom_budget": {"nope": 0.5}}, "unknown budget kinds"),
+        ({"method": "retraining_free", "tuning_fit": "scales", "obs_reselection": True},
+         "obs_reselection re-chooses units inside the weights fit"),
     ],
 )
 def test_bad_values_get_pruning_configs_message_from_recipe_and_cli(tmp_path, capsys, settings, message):

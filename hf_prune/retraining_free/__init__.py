@@ -20,7 +20,9 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
    ``fit="weights"`` (the default) refits the whole attention-output and FFN down projections (weights and
    biases; ridge towards the cut weights), same passes, far closer to the dense model. :func:`fold_tuning_`
    writes either into the kept weights, so the cut model has no extra parameters. In the last layer only
-   the positions the model's output reads are fitted (a classifier's [CLS]).
+   the positions the model's output reads are fitted (a classifier's [CLS]). With ``reselect=True``
+   (``config.obs_reselection``) it first re-chooses which units each layer keeps, same counts, by OBS elimination
+   on its own least squares (:func:`backward_eliminate`, ZipLM-style); :func:`reselected_plan` names them.
 5. Selection (:func:`prune_retraining_free`, ``config.select_stages``): each stage optimises a proxy, so the
    searched, rearranged and tuned candidates (the search plan tuned too when rearrangement changed it, and the
    final plan with scales as well when the fit is weights) are compared on held-out calibration samples by how
@@ -33,7 +35,7 @@ and the width budget is spent on the rest; the tuning skips them in the cut stre
 the budget allows, tunes each candidate and keeps the one closest to the dense outputs (:func:`choose_depth`).
 
 One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the latency table for ``latency_keep``),
-:mod:`.rearrange`, :mod:`.tuning`, :mod:`.selection`; :mod:`.layer_io` records and replays layer calls;
+:mod:`.rearrange`, :mod:`.tuning` (with :mod:`.obs`), :mod:`.selection`; :mod:`.layer_io` records and replays layer calls;
 :mod:`.pipeline` chains them.
 """
 
@@ -41,16 +43,17 @@ from ..batches import by_length, collect_batches, split_batches
 from .fisher import FisherInfo, fisher_information
 from .latency import LatencyTable, measure_latency_table, search_latency, search_masks
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
+from .obs import backward_eliminate
 from .pipeline import prune_retraining_free, retraining_free_plan
 from .rearrange import quadratic_loss, rearrange_masks, swap_descent
 from .selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
-from .tuning import MaskTuning, fold_tuning_, tune_masks
+from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
 __all__ = [
-    "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "by_length", "capture_layer_calls", "choose_depth",
-    "collect_batches",
+    "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "backward_eliminate", "by_length", "capture_layer_calls",
+    "choose_depth", "collect_batches",
     "fisher_information", "fold_tuning_", "held_out_loss", "layer_inputs", "measure_latency_table", "model_output",
     "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_masks",
-    "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches", "swap_descent",
-    "tune_masks",
+    "reselected_plan", "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches",
+    "swap_descent", "tune_masks",
 ]

@@ -18,7 +18,7 @@ from .fisher import fisher_information
 from .latency import LatencyTable, search_masks
 from .rearrange import rearrange_masks
 from .selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
-from .tuning import MaskTuning, fold_tuning_, tune_masks
+from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
@@ -82,19 +82,24 @@ def retraining_free_plan(
     # fit, the final plan with the paper's scales: the weights fit has ~D unknowns per kept unit and can overfit
     # few calibration tokens (real MiniLM as a sentence encoder, 64 tuning sentences: held-out hidden-state error
     # above the untuned plan's, scales below). The held-out check is cheap next to a tuning.
-    to_tune = {"tuned": (plan, config.tuning_fit)}
+    weights = config.tuning_fit == "weights"
+    to_tune = {"tuned": (plan, config.tuning_fit, weights and config.obs_reselection and not selecting)}
     search, rearranged = stages["search"], stages.get("rearranged")
     if selecting and rearranged is not None and (rearranged.heads, rearranged.neurons) != (
         search.heads, search.neurons
     ):
-        to_tune["tuned_search"] = (search, config.tuning_fit)
-    if selecting and config.tuning_fit == "weights":
-        to_tune["tuned_scales"] = (plan, "scales")
+        to_tune["tuned_search"] = (search, config.tuning_fit, False)
+    if selecting and weights:
+        to_tune["tuned_scales"] = (plan, "scales", False)
+    if selecting and weights and config.obs_reselection:
+        to_tune["tuned_obs"] = (plan, "weights", True)
     tuned: dict[str, MaskTuning] = {}
     if config.mask_tuning:
         t = time.perf_counter()
-        for name, (p, fit) in to_tune.items():
-            tuned[name] = tune_masks(model, tune_batches, p, fit=fit, progress=config.progress)
+        for name, (p, fit, reselect) in to_tune.items():
+            tuned[name] = tune_masks(model, tune_batches, p, fit=fit, reselect=reselect, progress=config.progress)
+            if reselect:  # the units it kept are its own
+                to_tune[name] = (reselected_plan(p, PrunePlan.of(model), tuned[name]), fit, reselect)
         info["mask_tuning"] = tuned["tuned"].errors
         if "tuned_search" in tuned:
             info["mask_tuning_search"] = tuned["tuned_search"].errors
@@ -102,6 +107,8 @@ def retraining_free_plan(
         info["tuning_fit"] = config.tuning_fit
         times["tuning_s"] = time.perf_counter() - t
     tuning = tuned.get("tuned")
+    if tuning is not None:
+        plan = to_tune["tuned"][0]  # the reselected units where the tuning chose them
     if selecting and (len(stages) > 1 or tuned):
         # The search, the rearrangement and the tuning each optimise a proxy (diagonal Fisher, block Fisher,
         # layer-wise reconstruction); keep the stage whose masked model stays closest to the dense model's

@@ -20,6 +20,7 @@ from ..masks import LayerMasks
 from ..modeling_pruned import get_module, layer_list, prune_layer_
 from ..plan import PrunePlan
 from .layer_io import LayerInput, capture_projections, layer_inputs, read_positions, real_tokens, run_layer, run_until
+from .obs import NormalEquations, choose_heads, choose_neurons, with_bias
 
 
 M = TypeVar("M", bound=nn.Module)
@@ -120,29 +121,8 @@ def _solve_weights(
     return W, before, after
 
 
-class _Normal:
-    """Running normal equations of one least-squares fit ``min || X W - R ||^2``: ``X^T X`` ``(k, k)``, ``X^T R``
-    ``(k, m)`` and ``||R||^2`` in float64 on the CPU, summed over calibration batches."""
-
-    def __init__(self, k: int, m: int) -> None:
-        self.XtX = torch.zeros(k, k, dtype=torch.float64)
-        self.XtR = torch.zeros(k, m, dtype=torch.float64)
-        self.rr = 0.0
-
-    def add(self, X: torch.Tensor, R: torch.Tensor) -> None:
-        """One batch: ``X`` ``(N, k)``, ``R`` ``(N, m)``."""
-        self.XtX += (X.T @ X).double().cpu()
-        self.XtR += (X.T @ R).double().cpu()
-        self.rr += float(R.double().pow(2).sum())
-
-
-def _with_bias(X: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``X`` with a column of ones appended when ``linear`` has a bias (fitted as one more weight row)."""
-    return torch.cat([X, X.new_ones(X.shape[0], 1)], 1) if linear.bias is not None else X
-
-
 @torch.no_grad()
-def _refit_(linear: nn.Linear, normal: _Normal, damping: float) -> tuple[float, float]:
+def _refit_(linear: nn.Linear, normal: NormalEquations, damping: float) -> tuple[float, float]:
     """Replace ``linear``'s weight (and bias) by the ridge least-squares fit; returns err before and after."""
     W0 = linear.weight.T if linear.bias is None else torch.cat([linear.weight.T, linear.bias[None]], 0)
     W, before, after = _solve_weights(normal.XtX, normal.XtR, normal.rr, W0.double().cpu(), damping)
@@ -162,6 +142,7 @@ def tune_masks(
     damping: float | None = None,
     scale_range: tuple[float, float] = (-1.0, 3.0),
     read_positions_only: bool = True,
+    reselect: bool = False,
     progress: bool = True,
 ) -> MaskTuning:
     """Layer by layer, least squares that make the layers cut to ``plan`` reconstruct the dense layers.
@@ -187,6 +168,10 @@ def tune_masks(
     Either way the result folds into an ordinary smaller model (:func:`fold_tuning_`, then
     :func:`hf_prune.apply_plan_`), and each fit never raises its layer's calibration error.
 
+    ``reselect`` (``fit="weights"`` only): keep each layer's counts but re-choose which heads (whole KV groups)
+    and neurons stay, by OBS elimination on the same least squares (:mod:`.obs`), before fitting them; the
+    result's ``weights`` then name the chosen positions (:func:`reselected_plan` turns them into a plan).
+
     In the last layer, with ``read_positions_only``, only the positions the model's output reads are fitted
     (the first token of a BERT/ViT classifier; found by autograd, see :func:`read_positions`), as Kwon et al.
     do for classification; a model that reads every token (a base model, token classification) is unaffected.
@@ -196,6 +181,8 @@ def tune_masks(
     """
     if fit not in TUNING_FITS:
         raise ValueError(f"unknown fit {fit!r}; choose one of {', '.join(TUNING_FITS)}")
+    if reselect and fit != "weights":
+        raise ValueError("reselect=True needs fit='weights': the scales fit cannot name the units it keeps")
     if damping is None:
         damping = 0.1 if fit == "weights" else 0.01
     adapter = get_adapter(model)
@@ -227,24 +214,41 @@ def tune_masks(
                     if fit == "weights":
                         result.weights.append(_removed_weights(layers[i], adapter))
                     continue
+                d = current.kept_layers[i]
+                kh, kn = keep_h[d], keep_n[d]
                 cut = copy.deepcopy(layers[i]).eval()
-                prune_layer_(cut, adapter, head_dim, keep_h[current.kept_layers[i]],
-                             keep_n[current.kept_layers[i]])
+                if reselect:  # heads chosen on the whole attention, neurons once it is cut and fitted
+                    group = len(current.heads[d]) // max(len(current.kv_heads(d)), 1)  # query heads per KV head
+                    kh = choose_heads(cut, adapter, head_dim, inputs, pruned_x, targets, kh, group, damping)
+                prune_layer_(cut, adapter, head_dim, kh, None if reselect else kn)
                 h_scale, h_err = _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping,
                                               scale_range)
+                if reselect:
+                    kn = choose_neurons(cut, adapter, inputs, pruned_x, targets, pre_norm, len(kn), damping)
+                    prune_layer_(cut, adapter, head_dim, None, kn)
                 n_scale, n_err = _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, damping,
                                                 scale_range)
                 pruned_x = [run_layer(cut, x, h) for x, h in zip(inputs, pruned_x)]
-                d = current.kept_layers[i]
-                result.heads.append(_scatter(h_scale, keep_h[d], len(current.heads[d])))
-                result.neurons.append(_scatter(n_scale, keep_n[d], len(current.neurons[d])))
+                result.heads.append(_scatter(h_scale, kh, len(current.heads[d])))
+                result.neurons.append(_scatter(n_scale, kn, len(current.neurons[d])))
                 result.errors.append({**h_err, **n_err, "pre_norm": float(pre_norm)})
                 if fit == "weights":
-                    result.weights.append(_output_weights(cut, adapter, keep_h[d], keep_n[d]))
+                    result.weights.append(_output_weights(cut, adapter, kh, kn))
                 del cut
     finally:
         model.train(was_training)
     return result
+
+
+def reselected_plan(plan: PrunePlan, current: PrunePlan, tuning: MaskTuning) -> PrunePlan:
+    """``plan`` with each kept layer's heads and neurons replaced by those a ``reselect=True`` tuning chose
+    (``current``: the plan of the model it ran on); folding ``tuning`` and cutting to it gives the tuned model."""
+    heads, neurons = [list(h) for h in plan.heads], [list(n) for n in plan.neurons]
+    for i, w in zip(current.kept_layers, tuning.weights):
+        if i in plan.kept_layers:
+            heads[i] = [current.heads[i][p] for p in w["heads"]]
+            neurons[i] = [current.neurons[i][p] for p in w["neurons"]]
+    return replace(plan, heads=heads, neurons=neurons, meta={**plan.meta, "reselected": "obs"})
 
 
 def _removed_weights(layer: nn.Module, adapter) -> dict[str, Any]:
@@ -304,14 +308,15 @@ def _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping
     bias = o.bias if o.bias is not None else 0.0
     # weights: rows are tokens, unknowns O's input columns (+ bias); scales: rows are (token, output dim)
     # pairs, unknowns one scale per head multiplying that head's output W_O^h ctx_h
-    normal = _Normal(o.in_features + (o.bias is not None), o.out_features) if fit == "weights" else _Normal(k, 1)
+    normal = NormalEquations(o.in_features + (o.bias is not None), o.out_features) if fit == "weights" else (
+        NormalEquations(k, 1))
     tokens = 0
     for x, h, (t_attn, _) in zip(inputs, pruned_x, targets):
         ctx = real_tokens(run_until(cut, adapter, x, h, "o")["o_in"], x.tokens)  # (N, k * d)
         r = t_attn - real_tokens(h, x.tokens)  # (N, D) what O (weights and bias) must supply
         tokens += r.shape[0]
         if fit == "weights":
-            normal.add(_with_bias(ctx, o), r)
+            normal.add(with_bias(ctx, o), r)
         else:
             C = torch.einsum("nkd,Dkd->nDk", ctx.view(ctx.shape[0], k, head_dim), W)  # (N, D, k) per-head outputs
             normal.add(C.reshape(-1, k), (r - bias).reshape(-1, 1))
@@ -333,7 +338,7 @@ def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, dampi
     bias = down.bias if down.bias is not None else 0.0
     k = down.in_features
     if fit == "weights":
-        normal = _Normal(k + (down.bias is not None), down.out_features)
+        normal = NormalEquations(k + (down.bias is not None), down.out_features)
     else:  # scales: the (token, output dim) rows a_nk w_k would be (N * D, k); their normal equations factor
         AtA, rhs, rr = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64), 0.0
     tokens = 0
@@ -344,7 +349,7 @@ def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, dampi
         r = t_ffn - real_tokens(res, x.tokens)  # (N, D) what down (weights and bias) must supply
         tokens += r.shape[0]
         if fit == "weights":
-            normal.add(_with_bias(A, down), r)
+            normal.add(with_bias(A, down), r)
             continue
         r = r - bias
         AtA += (A.T @ A).double().cpu()
