@@ -49,6 +49,19 @@ def plan_masks(plan: hp.PrunePlan) -> hp.LayerMasks:
     return masks
 
 
+def assert_fold_then_cut_equals_masked(model, tuning, plan, inputs, output_tensor):
+    """Folding ``tuning`` into a copy of ``model`` and cutting it to ``plan`` computes what the folded model
+    computes under ``plan``'s 0/1 masks; returns the cut model."""
+    folded = hp.fold_tuning_(copy.deepcopy(model), tuning)
+    with torch.no_grad(), hp.mask_hooks(folded, plan_masks(plan)):
+        expected = output_tensor(folded(**inputs))
+    cut = hp.apply_plan_(folded, plan)
+    with torch.no_grad():
+        got = output_tensor(cut(**inputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    return cut
+
+
 @torch.no_grad()
 def masked_output(model, plan, inputs, output_tensor):
     ref = copy.deepcopy(model)

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import plan_masks
+from helpers import assert_fold_then_cut_equals_masked
 from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
@@ -79,13 +79,7 @@ def test_reselected_units_keep_the_counts_and_fold_into_the_cut_model_exactly(na
     for i in range(new.num_layers):  # whole KV groups
         assert len(new.kv_heads(i)) * new.group_size == len(new.heads[i])
     inputs = inputs_only(BY_NAME[name].batch(batch_size=2, seq_len=11, seed=9))
-    folded = hp.fold_tuning_(copy.deepcopy(model), tuning)
-    with torch.no_grad(), hp.mask_hooks(folded, plan_masks(new)):
-        expected = output_tensor(folded(**inputs))
-    cut = hp.apply_plan_(folded, new)
-    with torch.no_grad():
-        got = output_tensor(cut(**inputs))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_fold_then_cut_equals_masked(model, tuning, new, inputs, output_tensor)
     assert hp.PrunePlan.from_dict(new.to_dict()).to_dict() == new.to_dict()  # still a JSON value
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from helpers import plan_masks
+from helpers import assert_fold_then_cut_equals_masked, plan_masks
 from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
@@ -148,13 +148,7 @@ def test_refitted_weights_fold_into_the_kept_columns_exactly(name):
     with pytest.raises(ValueError, match="fold it"):
         tuning.layer_masks()
     inputs = inputs_only(_batches(name, n=1, seq_len=11)[0])
-    folded = hp.fold_tuning_(copy.deepcopy(model), tuning)
-    with torch.no_grad(), hp.mask_hooks(folded, plan_masks(plan)):
-        expected = output_tensor(folded(**inputs))
-    cut = hp.apply_plan_(folded, plan)
-    with torch.no_grad():
-        got = output_tensor(cut(**inputs))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cut = assert_fold_then_cut_equals_masked(model, tuning, plan, inputs, output_tensor)
     assert hp.count_params(cut) < hp.count_params(model)  # the same smaller shapes as the plain cut
     assert hp.count_params(cut) == hp.count_params(hp.apply_plan_(copy.deepcopy(model), plan))
 
