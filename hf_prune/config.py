@@ -75,7 +75,7 @@ class PruningConfig:
         obs_reselection: ``retraining_free`` with ``tuning_fit="weights"``: also tune a candidate whose kept heads
             and neurons (same counts per layer) are re-chosen by OBS elimination on the tuning's own least squares
             (ZipLM-style, :mod:`hf_prune.retraining_free.obs`); ``select_stages`` keeps it only if it is closer on
-            the held-out samples (without selection it replaces the rearranged units). About twice the prune time
+            the held-out samples (without selection it replaces the rearranged units). About 40-50 s more per cut
             on MiniLM; what it gains is in the README (retraining-free section).
         tuning_samples: ``retraining_free``: calibration samples the mask tuning fits on (the first ones; None =
             all).
