@@ -133,6 +133,8 @@ def choose_neurons(
     """Positions of the ``count`` FFN neurons to keep in ``cut`` (its attention already cut and fitted, its
     neurons all still there)."""
     down = get_module(cut, adapter.down)
+    if count >= down.in_features:  # nothing to choose: skip the pass
+        return list(range(down.in_features))
     normal = NormalEquations(down.in_features + (down.bias is not None), down.out_features)
     for x, h, (_, t_ffn) in zip(inputs, pruned_x, targets):
         rec = run_until(cut, adapter, x, h, "down")

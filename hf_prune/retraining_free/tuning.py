@@ -308,8 +308,10 @@ def _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping
     bias = o.bias if o.bias is not None else 0.0
     # weights: rows are tokens, unknowns O's input columns (+ bias); scales: rows are (token, output dim)
     # pairs, unknowns one scale per head multiplying that head's output W_O^h ctx_h
-    normal = NormalEquations(o.in_features + (o.bias is not None), o.out_features) if fit == "weights" else (
-        NormalEquations(k, 1))
+    if fit == "weights":
+        normal = NormalEquations(o.in_features + (o.bias is not None), o.out_features)
+    else:
+        normal = NormalEquations(k, 1)
     tokens = 0
     for x, h, (t_attn, _) in zip(inputs, pruned_x, targets):
         ctx = real_tokens(run_until(cut, adapter, x, h, "o")["o_in"], x.tokens)  # (N, k * d)
