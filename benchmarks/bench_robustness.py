@@ -53,13 +53,17 @@ TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 
 #: method name -> the ``PruningConfig`` settings it uses, given the run's arguments. ``retraining_free_tune_all``
 #: fits the mask tuning on every calibration sample but the held-out selection ones (the default fits 256);
 #: ``retraining_free_task_loss`` selects the stage by held-out task loss instead of divergence from the dense model;
-#: ``retraining_free_obs`` also tunes the OBS-reselected candidate (``obs_reselection``) for the selection to weigh.
+#: ``retraining_free_obs`` also tunes the OBS-reselected candidate (``obs_reselection``) for the selection to weigh;
+#: ``retraining_free_cross`` also rearranges units between layers with the cross-layer Fisher (``rearrange_scope``);
+#: ``retraining_free_select512`` compares the candidates on 512 held-out samples instead of 256.
 METHODS = {
     "retraining_free": lambda args: {"method": "retraining_free"},
     "retraining_free_tune_all": lambda args: {"method": "retraining_free",
                                               "tuning_samples": args.samples - hp.PruningConfig.selection_samples},
     "retraining_free_task_loss": lambda args: {"method": "retraining_free", "selection_metric": "task_loss"},
     "retraining_free_obs": lambda args: {"method": "retraining_free", "obs_reselection": True},
+    "retraining_free_cross": lambda args: {"method": "retraining_free", "rearrange_scope": "model"},
+    "retraining_free_select512": lambda args: {"method": "retraining_free", "selection_samples": 512},
     "fisher": lambda args: {"importance": "fisher"},
 }
 
@@ -75,7 +79,8 @@ class RobustnessArguments:
         draws: calibration draws per dense model.
         samples: calibration samples per draw.
         methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``,
-            ``retraining_free_task_loss``, ``retraining_free_obs``, ``fisher`` (one-shot).
+            ``retraining_free_task_loss``, ``retraining_free_obs``, ``retraining_free_cross``,
+            ``retraining_free_select512``, ``fisher`` (one-shot).
         quick: MRPC at 50%, two dense models of a third of an epoch, 256 samples.
         seed: torch seed of each cell.
         out_name: stem of the result files under ``benchmarks/results/`` (default ``robustness``, or
@@ -122,8 +127,10 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
                         div = sample_divergence(dense_logits, logits, task.num_labels > 1, None).mean()
                         # which candidate the retraining-free selection cut (cells cached before this have none)
                         chosen = plan.meta.get("retraining_free", {}).get("selection", {}).get("chosen", "")
+                        across = plan.meta.get("retraining_free", {}).get("rearrangement_across_layers")
+                        moved = {"moved_across_layers": across["moved"]} if across else {}
                         return {**metrics_of(task, logits, labels), "dev_divergence": float(div), "prune_s": prune_s,
-                                "chosen": chosen}
+                                "chosen": chosen, **moved}
 
                     cell = cached_cell(CELLS, key, compute)
                     row = {**cell, "dense_metrics": dense, "dense_value": dense[main], "pruned_value": cell[main],

@@ -13,7 +13,7 @@ from tiny import BY_NAME, inputs_only, output_tensor
 import hf_prune as hp
 from hf_prune.adapters import layers_of
 from hf_prune.modeling_pruned import get_module, layer_list
-from hf_prune.retraining_free import quadratic_loss, swap_descent
+from hf_prune.retraining_free import quadratic_loss, retraining_free_plan, swap_descent
 
 FAMILIES = ["bert", "distilbert", "vit", "llama"]
 
@@ -585,3 +585,112 @@ def test_a_layer_call_that_does_not_replay_fails_before_the_long_passes():
     layers[0].register_forward_hook(stateful)
     with pytest.raises(RuntimeError, match="does not reproduce the model's own output"):
         layer_inputs(model, layers, _batches("llama", n=2))
+
+
+# ----------------------------------------------------------------------------------------------- across layers
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_cross_layer_fisher_holds_the_per_layer_blocks(name):
+    model = BY_NAME[name].model()
+    blocks = hp.fisher_information(model, _batches(name), progress=False)
+    joint = hp.fisher_information(model, _batches(name), progress=False, cross_layer=True)
+    for a, b in zip(blocks.heads + blocks.neurons, joint.heads + joint.neurons):
+        torch.testing.assert_close(a, b)
+    n = sum(len(f) for f in joint.heads + joint.neurons)
+    assert joint.joint.shape == (n, n)
+    torch.testing.assert_close(joint.joint, joint.joint.T)
+    off = joint.joint[: len(joint.heads[0]), len(joint.heads[0]):]  # layer 0's heads against everything after
+    assert off.abs().sum() > 0  # the cross terms are really there
+    assert blocks.joint is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_swap_descent_with_segments_keeps_floors_and_frozen_units(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 14
+    grads = torch.randn(50, n, generator=g) * torch.rand(n, generator=g) * 3
+    F = grads.T @ grads  # (n, n)
+    segments = torch.arange(n) // 4  # four segments: 4, 4, 4, 2 units
+    groups = (torch.arange(n) % 2 == 0).long()  # swaps only within parity
+    movable = torch.ones(n, dtype=torch.bool)
+    movable[[3, 8]] = False
+    keep = torch.randperm(n, generator=g) < 7
+    keep[[0, 5, 9, 12]] = True  # every segment starts with at least one kept unit
+    new = swap_descent(F, keep, groups=groups, segments=segments, floor=1, movable=movable)
+    assert torch.equal(new[~movable], keep[~movable])
+    for k in (0, 1):
+        assert int(new[groups == k].sum()) == int(keep[groups == k].sum())
+    assert all(int(new[segments == s].sum()) >= 1 for s in range(4))
+    loss = quadratic_loss(F, new)
+    assert loss <= quadratic_loss(F, keep) + 1e-12
+    out, inn = (~new & movable).nonzero().view(-1).tolist(), (new & movable).nonzero().view(-1).tolist()
+    for i, j in itertools.product(out, inn):
+        swapped = new.clone()
+        swapped[i], swapped[j] = True, False
+        allowed = groups[i] == groups[j] and all(int(swapped[segments == s].sum()) >= 1 for s in range(4))
+        if allowed:  # no allowed single swap improves the end point
+            assert quadratic_loss(F, swapped) >= loss - 1e-9
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_rearrange_across_layers_keeps_the_budget_whole_groups_and_lowers_the_estimate(name):
+    model = BY_NAME[name].model()
+    fisher = hp.fisher_information(model, _batches(name), progress=False, cross_layer=True)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, seq_len=16, progress=False)
+    plan, _ = hp.rearrange_masks(hp.search_masks(fisher, model, config), fisher, progress=False)
+    new, stats = hp.rearrange_across_layers(plan, fisher)
+    assert stats["after"] < stats["before"] and stats["moved"] > 0  # the per-layer optimum is not the model's
+    assert hp.plan_flops(new, model, 16) == hp.plan_flops(plan, model, 16)
+    for kind in ("heads", "neurons"):
+        assert sum(map(len, getattr(new, kind))) == sum(map(len, getattr(plan, kind)))
+        assert all(len(v) >= 1 for v in getattr(new, kind))
+    group = new.group_size
+    for i, h in enumerate(new.heads):
+        assert len(h) == len(new.kv_heads(i)) * group  # whole key/value groups
+    model_cut = copy.deepcopy(model)
+    hp.apply_plan_(model_cut, new)
+    assert hp.PrunePlan.of(model_cut).layer_sizes() == new.layer_sizes()
+
+
+def test_rearrange_across_layers_leaves_removed_layers_removed():
+    model = BY_NAME["bert"].model()
+    fisher = hp.fisher_information(model, _batches("bert"), progress=False, cross_layer=True)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, layers_keep=0.5, seq_len=16, progress=False)
+    plan = hp.search_masks(fisher, model, config, layer_scores=torch.arange(fisher.current.num_layers).float())
+    assert len(plan.kept_layers) < plan.num_layers
+    new, _ = hp.rearrange_across_layers(plan, fisher)
+    assert new.kept_layers == plan.kept_layers
+    for i in set(range(plan.num_layers)) - set(plan.kept_layers):
+        assert new.heads[i] == [] and new.neurons[i] == []
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pipeline_with_cross_layer_rearrangement_cuts_what_the_masks_describe(name):
+    model = BY_NAME[name].model()
+    batches = _batches(name, n=6)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=16, rearrange_scope="model",
+                              tuning_samples=12, selection_samples=12, progress=False)
+    plan, tuning = retraining_free_plan(model, batches, config)
+    assert plan.meta["retraining_free"]["rearrangement_across_layers"]["after"] >= 0
+    if tuning is None:  # the untuned search or rearranged plan was chosen: cut it as it is
+        tuning = hp.tune_masks(model, batches, plan, fit="scales", progress=False)
+    assert_fold_then_cut_equals_masked(model, tuning, plan, inputs_only(batches[0]), output_tensor)
+
+
+@pytest.mark.parametrize("kwargs", [{"allocation": "uniform"}, {"round_to": 8}, {"rearrange": False},
+                                    {"head_unit": "query_head"}, {"latency_keep": 0.5, "flops_keep": None}])
+def test_cross_layer_rearrangement_refuses_settings_that_break_equal_unit_costs(kwargs):
+    with pytest.raises(ValueError, match="rearrange_scope='model'"):
+        hp.PruningConfig(**{"method": "retraining_free", "flops_keep": 0.5, "rearrange_scope": "model", **kwargs})
+    with pytest.raises(ValueError, match="rearrange_scope must be"):
+        hp.PruningConfig(method="retraining_free", flops_keep=0.5, rearrange_scope="global")
+
+
+def test_cross_layer_fisher_refuses_a_model_too_big_for_it_before_any_pass(monkeypatch):
+    import hf_prune.retraining_free.fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "MAX_JOINT_UNITS", 5)
+    model = BY_NAME["bert"].model()
+    with pytest.raises(ValueError, match="rearrange_scope='layer'"):
+        hp.fisher_information(model, [object()], progress=False, cross_layer=True)  # no batch is read

@@ -33,6 +33,7 @@ VALUES = {
     "seq_len": (64, {}),
     "latency_batch_size": (4, {"method": "retraining_free", "latency_keep": 0.6}),
     "rearrange": (False, {"method": "retraining_free"}),
+    "rearrange_scope": ("model", {"method": "retraining_free"}),
     "mask_tuning": (False, {"method": "retraining_free"}),
     "tuning_fit": ("scales", {"method": "retraining_free"}),
     "obs_reselection": (True, {"method": "retraining_free"}),

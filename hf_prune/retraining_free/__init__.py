@@ -14,7 +14,9 @@ Stages (one function each, chained by :func:`prune_retraining_free`):
    latency budget uses a per-layer latency lookup table (:class:`LatencyTable`, measured on the user's
    device) and an exact knapsack over per-layer kept counts (:func:`search_latency`).
 3. :func:`rearrange_masks`: with each layer's counts fixed, swap kept/removed units to minimise the
-   second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` with the layer's full Fisher block ``F``.
+   second-order loss estimate ``1/2 (1 - m)^T F (1 - m)`` with the layer's full Fisher block ``F``. With
+   ``rearrange_scope="model"``, :func:`rearrange_across_layers` then also swaps units between layers with the
+   whole cross-layer Fisher (``fisher_information(cross_layer=True)``).
 4. :func:`tune_masks`: layer by layer, least squares make the cut layer's residual sums reconstruct the dense
    model's on the calibration set. ``fit="scales"`` is the paper's one scale per kept head/neuron;
    ``fit="weights"`` (the default) refits the whole attention-output and FFN down projections (weights and
@@ -45,7 +47,7 @@ from .latency import LatencyTable, measure_latency_table, search_latency, search
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
 from .obs import backward_eliminate
 from .pipeline import prune_retraining_free, retraining_free_plan
-from .rearrange import quadratic_loss, rearrange_masks, swap_descent
+from .rearrange import quadratic_loss, rearrange_across_layers, rearrange_masks, swap_descent
 from .selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
@@ -53,7 +55,8 @@ __all__ = [
     "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "backward_eliminate", "by_length", "capture_layer_calls",
     "choose_depth", "collect_batches",
     "fisher_information", "fold_tuning_", "held_out_loss", "layer_inputs", "measure_latency_table", "model_output",
-    "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_masks",
+    "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_across_layers",
+    "rearrange_masks",
     "reselected_plan", "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches",
     "swap_descent", "tune_masks",
 ]

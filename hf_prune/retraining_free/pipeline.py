@@ -16,7 +16,7 @@ from ..plan import PrunePlan
 from ..surgery import apply_plan_
 from .fisher import fisher_information
 from .latency import LatencyTable, search_masks
-from .rearrange import rearrange_masks
+from .rearrange import rearrange_across_layers, rearrange_masks
 from .selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
@@ -50,7 +50,8 @@ def retraining_free_plan(
     tune_batches, held_out = by_length(tune_batches), by_length(held_out)
     if config.selection_metric == "task_loss":
         require_labels(batches)
-    fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress)
+    fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress,
+                                cross_layer=config.rearrange_scope == "model")
     times["fisher_s"] = time.perf_counter() - start
     layer_scores = None
     if config.layers_keep is not None or config.depth_search:
@@ -73,6 +74,9 @@ def retraining_free_plan(
     if config.rearrange:
         t = time.perf_counter()
         plan, info["rearrangement"] = rearrange_masks(plan, fisher, progress=config.progress)
+        if config.rearrange_scope == "model":
+            plan, info["rearrangement_across_layers"] = rearrange_across_layers(
+                plan, fisher, floor=0 if config.allow_empty_layers else 1)
         stages["rearranged"] = plan
         times["rearrange_s"] = time.perf_counter() - t
     del fisher

@@ -20,7 +20,8 @@ def quadratic_loss(fisher: torch.Tensor, keep: torch.Tensor) -> float:
 
 
 def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None = None,
-                 groups: torch.Tensor | None = None) -> torch.Tensor:
+                 groups: torch.Tensor | None = None, segments: torch.Tensor | None = None, floor: int = 0,
+                 movable: torch.Tensor | None = None) -> torch.Tensor:
     """Local search over single swaps (one removed unit restored, one kept unit removed), which keeps the
     count; stops when no swap strictly lowers ``1/2 z^T F z`` (``z = 1 - m``). Never increases it.
 
@@ -29,40 +30,54 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
     of all pairs searched, O(n^2), so the search ends at a point no single swap improves.
 
     Args:
-        fisher: ``(n, n)`` Fisher block of one layer's units.
+        fisher: ``(n, n)`` Fisher block of the units (symmetric).
         keep: ``(n,)`` bool, the starting mask.
         max_swaps: cap on swaps (default ``n``).
         groups: ``(n,)`` group ids: swap only inside a group, so every group keeps its count (query heads of one
             KV head: each kept KV head keeps the same number of query heads).
+        segments: ``(n,)`` segment ids (a layer's heads, a layer's neurons): no swap leaves a segment with
+            fewer than ``floor`` kept units.
+        movable: ``(n,)`` bool: only these units are swapped (the others keep their state; their terms still
+            count).
     """
     F = fisher.double()
     keep = keep.clone()
+    n = len(keep)
     same = None if groups is None else groups[:, None] == groups[None, :]  # (n, n) swaps allowed
+    movable = torch.ones(n, dtype=torch.bool) if movable is None else movable
+    seg = torch.zeros(n, dtype=torch.long) if segments is None else torch.unique(segments, return_inverse=True)[1]
+    count = torch.zeros(int(seg.max()) + 1 if n else 0, dtype=torch.long).index_add_(0, seg, keep.long())  # (S,)
+    floor = floor if segments is not None else 0
     g = F @ (~keep).double()  # (n,) gradient of 1/2 z^T F z at z = 1 - m
     d = F.diagonal()
     tol = 1e-12 * max(float(d.sum()), 1e-30)
     inf = torch.tensor(math.inf, dtype=F.dtype)
-    for _ in range(max_swaps if max_swaps is not None else len(keep)):
-        if keep.all() or not keep.any():
+    for _ in range(max_swaps if max_swaps is not None else n):
+        if (keep | ~movable).all() or not (keep & movable).any():
             break
         # restoring i changes the loss by -g_i + F_ii / 2; then removing j by g'_j + F_jj / 2, g' = g - F[:, i]
-        restore = torch.where(~keep, 0.5 * d - g, inf)  # (n,)
+        restore = torch.where(~keep & movable, 0.5 * d - g, inf)  # (n,)
         i = int(restore.argmin())
-        ok = keep if same is None else keep & same[i]
-        remove = torch.where(ok, g - F[:, i] + 0.5 * d, inf)  # (n,)
+        # j may go if its segment, after i's return, keeps more than the floor
+        ok = keep & movable & (count[seg] + (seg == seg[i]).long() > floor)  # (n,)
+        ok = ok if same is None else ok & same[i]
+        remove = torch.where(ok, g - F[i] + 0.5 * d, inf)  # (n,)
         j = int(remove.argmin())
         if float(restore[i] + remove[j]) >= -tol:
-            out, inn = (~keep).nonzero().view(-1), keep.nonzero().view(-1)
+            out, inn = (~keep & movable).nonzero().view(-1), (keep & movable).nonzero().view(-1)
             # all pairs: g_j - g_i + (F_ii + F_jj) / 2 - F_ij
             delta = (g[inn] + 0.5 * d[inn])[None, :] - (g[out] - 0.5 * d[out])[:, None] - F[out][:, inn]
-            if same is not None:
-                delta = torch.where(same[out][:, inn], delta, inf)
-            best = int(delta.argmin())
-            if float(delta.view(-1)[best]) >= -tol:
+            allowed = count[seg[inn]][None, :] + (seg[out][:, None] == seg[inn][None, :]).long() > floor
+            allowed = allowed if same is None else allowed & same[out][:, inn]
+            delta = torch.where(allowed, delta, inf)
+            best = int(delta.argmin()) if delta.numel() else 0
+            if not delta.numel() or float(delta.view(-1)[best]) >= -tol:
                 break
             i, j = int(out[best // len(inn)]), int(inn[best % len(inn)])
         keep[i], keep[j] = True, False
-        g += F[:, j] - F[:, i]
+        count[seg[i]] += 1
+        count[seg[j]] -= 1
+        g += F[j] - F[i]  # rows: F is symmetric, and rows are contiguous
     return keep
 
 
@@ -110,3 +125,56 @@ def rearrange_masks(
         })
     new = PrunePlan(**{**asdict(plan), "heads": heads, "neurons": neurons, "meta": {**plan.meta, "rearranged": True}})
     return new, stats
+
+
+def rearrange_across_layers(
+    plan: PrunePlan, fisher: FisherInfo, *, floor: int = 1, max_swaps: int | None = None
+) -> tuple[PrunePlan, dict[str, float]]:
+    """Re-choose which heads (whole KV groups) and neurons ``plan`` keeps in the whole model, same total counts
+    of each, minimising ``1/2 (1 - m)^T F (1 - m)`` with the cross-layer Fisher ``fisher.joint``: a swap may move a
+    head or neuron to another layer (every head costs the same FLOPs and parameters in every layer, and so does
+    every neuron, so the budget holds), and the terms between layers and between heads and neurons count.
+
+    Args:
+        floor: every layer keeps at least this many head groups and neurons (1; 0 with ``allow_empty_layers``).
+            Layers ``plan`` removes whole stay removed.
+
+    Returns the new plan and ``{"before", "after"}`` loss estimates and ``moved``, how many (query) heads and
+    neurons changed layer.
+    """
+    if fisher.joint is None:
+        raise ValueError("rearrange_across_layers needs the cross-layer Fisher: fisher_information(cross_layer=True)")
+    current, group = fisher.current, fisher.current.group_size
+    kept = set(plan.kept_layers)
+    col: list[int] = []  # (N,) joint position -> swap unit; a KV group's query heads share one unit
+    units: list[tuple[int, str, list[int]]] = []  # (dense layer, kind, dense ids) per swap unit
+    for kind in ("heads", "neurons"):
+        for i in current.kept_layers:
+            ids = getattr(current, kind)[i]
+            if kind == "heads":
+                kv = sorted({h // group for h in ids})
+                col += [len(units) + kv.index(h // group) for h in ids]
+                units += [(i, kind, [h for h in ids if h // group == k]) for k in kv]
+            else:
+                col += range(len(units), len(units) + len(ids))
+                units += [(i, kind, [x]) for x in ids]
+    planned = {k: [set(v) for v in getattr(plan, k)] for k in ("heads", "neurons")}
+    keep = torch.tensor([ids[0] in planned[kind][i] for i, kind, ids in units], dtype=torch.bool)  # (M,)
+    col_t = torch.tensor(col)
+    F = fisher.joint.double().cpu()  # (N, N)
+    F = torch.zeros(len(units), len(col), dtype=F.dtype).index_add_(0, col_t, F)  # (M, N)
+    F = torch.zeros(len(units), len(units), dtype=F.dtype).index_add_(1, col_t, F)  # (M, M)
+    layer_of = {i: p for p, i in enumerate(current.kept_layers)}
+    segments = torch.tensor([2 * layer_of[i] + (kind == "neurons") for i, kind, _ in units])
+    new = swap_descent(F, keep, max_swaps, groups=torch.tensor([kind == "neurons" for _, kind, _ in units]),
+                       segments=segments, floor=floor, movable=torch.tensor([i in kept for i, _, _ in units]))
+    chosen: dict[str, list[list[int]]] = {"heads": [[] for _ in range(current.num_layers)],
+                                         "neurons": [[] for _ in range(current.num_layers)]}
+    for (i, kind, ids), k in zip(units, new.tolist()):
+        if k:
+            chosen[kind][i] += ids
+    moved = sum(abs(len(chosen[k][i]) - len(getattr(plan, k)[i])) for k in chosen for i in range(current.num_layers))
+    stats = {"before": quadratic_loss(F, keep), "after": quadratic_loss(F, new), "moved": moved // 2}
+    out = PrunePlan(**{**asdict(plan), **{k: [sorted(v) for v in chosen[k]] for k in chosen},
+                       "meta": {**plan.meta, "rearranged": "across_layers"}})
+    return out, stats
