@@ -30,7 +30,7 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
     of all pairs searched, O(n^2), so the search ends at a point no single swap improves.
 
     Args:
-        fisher: ``(n, n)`` Fisher block of the units (symmetric).
+        fisher: ``(n, n)`` Fisher block of the units.
         keep: ``(n,)`` bool, the starting mask.
         max_swaps: cap on swaps (default ``n``).
         groups: ``(n,)`` group ids: swap only inside a group, so every group keeps its count (query heads of one
@@ -61,7 +61,7 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
         # j may go if its segment, after i's return, keeps more than the floor
         ok = keep & movable & (count[seg] + (seg == seg[i]).long() > floor)  # (n,)
         ok = ok if same is None else ok & same[i]
-        remove = torch.where(ok, g - F[i] + 0.5 * d, inf)  # (n,)
+        remove = torch.where(ok, g - F[:, i] + 0.5 * d, inf)  # (n,)
         j = int(remove.argmin())
         if float(restore[i] + remove[j]) >= -tol:
             out, inn = (~keep & movable).nonzero().view(-1), (keep & movable).nonzero().view(-1)
@@ -77,7 +77,7 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
         keep[i], keep[j] = True, False
         count[seg[i]] += 1
         count[seg[j]] -= 1
-        g += F[j] - F[i]  # rows: F is symmetric, and rows are contiguous
+        g += F[:, j] - F[:, i]
     return keep
 
 
