@@ -426,10 +426,16 @@ def test_measured_latency_table_and_latency_budget_through_prune():
     assert table.head_points[0] == 0 and table.head_points[-1] == 4 and table.neuron_points[-1] == 48
     assert np.all(np.diff(table.head_ms) >= 0) and np.all(np.diff(table.neuron_ms) >= 0)
     assert table.dense_ms() > 0
-    # A budget the measured table can reach: a tiny layer's time is mostly fixed overhead, so take what
-    # keeping half the heads and neurons is predicted to cost, plus 1%: on a busy machine the table can come
-    # out flat (every size costs the same overhead), and the knapsack rounds costs up to its grid.
-    keep = min(1.0, 1.01 * 3 * table.layer_ms(2, 24) / table.dense_ms())
+    # Below the smallest allowed layers (one head, one neuron each) no plan fits: refused.
+    smallest = 3 * table.layer_ms(1, 1)
+    below = hp.PruningConfig(method="retraining_free", latency_keep=0.99 * smallest / table.dense_ms(), seq_len=16,
+                             progress=False)
+    with pytest.raises(ValueError, match="unreachable"):
+        hp.prune(copy.deepcopy(model), _batches("bert"), below, latency_table=table)
+    if table.dense_ms() - smallest < 0.01 * table.dense_ms():
+        return  # a flat table (every size measured at the same overhead, busy machine): nothing in between
+    # Halfway between the smallest and the dense model: reachable with room for the knapsack's cost grid.
+    keep = (smallest + table.dense_ms()) / (2 * table.dense_ms())
     config = hp.PruningConfig(method="retraining_free", latency_keep=keep, seq_len=16, progress=False)
     pruned, plan = hp.prune(model, _batches("bert"), config, latency_table=table)
     assert table.plan_ms(plan) <= keep * table.dense_ms() + 1e-9
