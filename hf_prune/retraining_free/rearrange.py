@@ -45,9 +45,9 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
     n = len(keep)
     same = None if groups is None else groups[:, None] == groups[None, :]  # (n, n) swaps allowed
     movable = torch.ones(n, dtype=torch.bool) if movable is None else movable
-    seg = torch.zeros(n, dtype=torch.long) if segments is None else torch.unique(segments, return_inverse=True)[1]
-    count = torch.zeros(int(seg.max()) + 1 if n else 0, dtype=torch.long).index_add_(0, seg, keep.long())  # (S,)
-    floor = floor if segments is not None else 0
+    if segments is not None:
+        seg = torch.unique(segments, return_inverse=True)[1]  # (n,) segment index
+        count = torch.zeros(int(seg.max()) + 1 if n else 0, dtype=torch.long).index_add_(0, seg, keep.long())  # (S,)
     g = F @ (~keep).double()  # (n,) gradient of 1/2 z^T F z at z = 1 - m
     d = F.diagonal()
     tol = 1e-12 * max(float(d.sum()), 1e-30)
@@ -58,25 +58,28 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
         # restoring i changes the loss by -g_i + F_ii / 2; then removing j by g'_j + F_jj / 2, g' = g - F[:, i]
         restore = torch.where(~keep & movable, 0.5 * d - g, inf)  # (n,)
         i = int(restore.argmin())
-        # j may go if its segment, after i's return, keeps more than the floor
-        ok = keep & movable & (count[seg] + (seg == seg[i]).long() > floor)  # (n,)
-        ok = ok if same is None else ok & same[i]
+        ok = keep & movable if same is None else keep & movable & same[i]
+        if segments is not None:  # j may go if its segment, after i's return, keeps more than the floor
+            ok &= count[seg] + (seg == seg[i]).long() > floor  # (n,)
         remove = torch.where(ok, g - F[:, i] + 0.5 * d, inf)  # (n,)
         j = int(remove.argmin())
         if float(restore[i] + remove[j]) >= -tol:
             out, inn = (~keep & movable).nonzero().view(-1), (keep & movable).nonzero().view(-1)
             # all pairs: g_j - g_i + (F_ii + F_jj) / 2 - F_ij
             delta = (g[inn] + 0.5 * d[inn])[None, :] - (g[out] - 0.5 * d[out])[:, None] - F[out][:, inn]
-            allowed = count[seg[inn]][None, :] + (seg[out][:, None] == seg[inn][None, :]).long() > floor
-            allowed = allowed if same is None else allowed & same[out][:, inn]
-            delta = torch.where(allowed, delta, inf)
-            best = int(delta.argmin()) if delta.numel() else 0
-            if not delta.numel() or float(delta.view(-1)[best]) >= -tol:
+            if same is not None:
+                delta = torch.where(same[out][:, inn], delta, inf)
+            if segments is not None:
+                left = count[seg[inn]][None, :] + (seg[out][:, None] == seg[inn][None, :]).long()  # (out, in)
+                delta = torch.where(left > floor, delta, inf)
+            best = int(delta.argmin())  # out and inn are non-empty: the loop's first check
+            if float(delta.view(-1)[best]) >= -tol:
                 break
             i, j = int(out[best // len(inn)]), int(inn[best % len(inn)])
         keep[i], keep[j] = True, False
-        count[seg[i]] += 1
-        count[seg[j]] -= 1
+        if segments is not None:
+            count[seg[i]] += 1
+            count[seg[j]] -= 1
         g += F[:, j] - F[:, i]
     return keep
 
