@@ -420,6 +420,25 @@ def test_latency_search_is_optimal_over_per_layer_counts():
     assert got == pytest.approx(best, rel=1e-6)
 
 
+def test_latency_search_at_the_edges_of_its_budget():
+    # A table flat above one unit (a busy machine measures only overheads): every allowed size costs the same, so
+    # latency_keep=1.0 is exactly the cheapest layers' cost. Rounding each block's cost up to the grid used to make
+    # it "unreachable"; the cheapest options are paid exactly, and among equally cheap options the best are kept.
+    model = BY_NAME["bert"].model()
+    scores = hp.fisher_information(model, _batches("bert"), progress=False).scores()
+    flat = hp.LatencyTable(head_points=[0, 1, 4], head_ms=[0.0, 3.0, 3.0], neuron_points=[0, 1, 48],
+                           neuron_ms=[0.0, 4.0, 4.0], fixed_ms=0.5, num_layers=3)
+    plan = hp.search_latency(scores, model, flat, 1.0)
+    assert [len(h) for h in plan.heads] == [4] * 3 and [len(n) for n in plan.neurons] == [48] * 3
+    # The steep table at exactly its smallest allowed layers: reachable, and that is what it keeps.
+    table = _table()
+    smallest = 3 * table.layer_ms(1, 1)
+    plan = hp.search_latency(scores, model, table, smallest / table.dense_ms())
+    assert [len(h) for h in plan.heads] == [1] * 3 and [len(n) for n in plan.neurons] == [1] * 3
+    with pytest.raises(ValueError, match="unreachable"):
+        hp.search_latency(scores, model, table, 0.999 * smallest / table.dense_ms())
+
+
 def test_measured_latency_table_and_latency_budget_through_prune():
     model = BY_NAME["bert"].model()
     table = hp.measure_latency_table(model, batch_size=2, seq_len=16, repeats=3, progress=False)

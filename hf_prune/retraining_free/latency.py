@@ -239,26 +239,34 @@ def _neuron_choices(row: torch.Tensor, layer: int, round_to: int, floor: int, ta
 
 def _knapsack(choices: list[_Choice], budget: float, bins: int) -> list[int]:
     """Pick one option per block maximising total value with total cost <= ``budget`` (exact up to the cost
-    grid). Costs are rounded *up* to the grid, so the chosen options never exceed the true budget."""
-    unit = budget / bins
-    dp = np.zeros(bins + 1)  # (bins + 1,) best value with cost <= b grid units
-    picks = []
-    for c in choices:
-        cost = np.ceil(c.cost / unit).astype(np.int64)  # (K,)
-        idx = np.arange(bins + 1)[None, :] - cost[:, None]  # (K, bins + 1)
-        cand = np.where(idx >= 0, dp[np.clip(idx, 0, None)] + c.value[:, None], -np.inf)
-        picks.append(cand.argmax(0))  # (bins + 1,)
-        dp = cand.max(0)
-    if not np.isfinite(dp[bins]):
+    grid). Every block pays its cheapest option first and the grid spans only what is left, so the check that the
+    cheapest layers fit is exact (no rounding); the costs above the cheapest are rounded *up* to the grid, so the
+    chosen options never exceed the true budget."""
+    base = np.array([float(c.cost.min()) for c in choices])  # (blocks,) ms every block pays at least
+    spare = budget - float(base.sum())
+    if spare < -1e-9 * max(abs(budget), 1.0):
         raise ValueError(
             "latency budget unreachable: even the smallest allowed layers (one head group and one neuron block "
             "each) are slower than it; raise latency_keep or set allow_empty_layers=True"
         )
+    if spare <= 0.0:  # exactly the cheapest layers: a grid of zero width, only options at their block's minimum
+        unit, bins = 1.0, 0
+    else:
+        unit = spare / bins
+    dp = np.zeros(bins + 1)  # (bins + 1,) best value with extra cost <= b grid units
+    picks, extra = [], []
+    for c, b0 in zip(choices, base):
+        cost = np.ceil(np.maximum(c.cost - b0, 0.0) / unit).astype(np.int64)  # (K,) grid units above the minimum
+        idx = np.arange(bins + 1)[None, :] - cost[:, None]  # (K, bins + 1)
+        cand = np.where(idx >= 0, dp[np.clip(idx, 0, None)] + c.value[:, None], -np.inf)
+        picks.append(cand.argmax(0))  # (bins + 1,)
+        extra.append(cost)
+        dp = cand.max(0)
     chosen, b = [], bins
-    for c, pick in zip(reversed(choices), reversed(picks)):
+    for pick, cost in zip(reversed(picks), reversed(extra)):
         j = int(pick[b])
         chosen.append(j)
-        b -= int(np.ceil(c.cost[j] / unit))
+        b -= int(cost[j])
     return chosen[::-1]
 
 
