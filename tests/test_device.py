@@ -17,6 +17,7 @@ from helpers import plan_masks
 from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
+from hf_prune.retraining_free import swap_descent
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 FAMILIES = ["bert", "llama", "gemma3_text"]
@@ -49,12 +50,13 @@ def _logits(model, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fisher", "retraining_free"])
+@pytest.mark.parametrize("method", ["fisher", "retraining_free", "retraining_free_model"])
 def test_prune_on_device_matches_cpu(device, family, method):
     tiny = BY_NAME[family]
+    # retraining_free_model: the cross-layer Fisher (accumulated on the model's device) and the swaps across layers
     cfg = hp.PruningConfig(importance="fisher", flops_keep=0.5, progress=False) if method == "fisher" else \
         hp.PruningConfig(method="retraining_free", flops_keep=0.5, progress=False, tuning_samples=8,
-                         selection_samples=8)
+                         selection_samples=8, rearrange_scope="model" if method.endswith("model") else "layer")
     ref, ref_plan = hp.prune(tiny.model(), _calib(tiny), cfg)
     model, plan = hp.prune(_on(tiny.model(), device), _calib(tiny), cfg)
     _assert_placed(model, device, torch.float32)
@@ -64,6 +66,20 @@ def test_prune_on_device_matches_cpu(device, family, method):
         assert plan.physical_sizes() == ref_plan.physical_sizes()
     if _units(plan) == _units(ref_plan):
         torch.testing.assert_close(_logits(model, tiny.batch()), _logits(ref, tiny.batch()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swap_descent_on_device_matches_cpu(device):
+    # Fisher blocks on the device with masks, groups and segments from CPU code: the same swaps as on the CPU.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    fisher, keep = a @ a.T, torch.arange(12) % 3 != 0
+    kw = {"groups": torch.arange(12) % 2, "segments": torch.arange(12) // 4, "floor": 1,
+          "movable": torch.arange(12) != 5}
+    ref = swap_descent(fisher, keep, **kw)
+    got = swap_descent(fisher.to(device), keep, **kw)
+    assert got.device.type == device and torch.equal(got.cpu(), ref)
+    assert not torch.equal(ref, keep)  # the search really swapped something
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -41,17 +41,18 @@ def swap_descent(fisher: torch.Tensor, keep: torch.Tensor, max_swaps: int | None
             count).
     """
     F = fisher.double()
-    keep = keep.clone()
+    keep = keep.to(F.device, copy=True)
     n = len(keep)
-    same = None if groups is None else groups[:, None] == groups[None, :]  # (n, n) swaps allowed
-    movable = torch.ones(n, dtype=torch.bool) if movable is None else movable
+    same = None if groups is None else (groups[:, None] == groups[None, :]).to(F.device)  # (n, n) swaps allowed
+    movable = torch.ones(n, dtype=torch.bool, device=F.device) if movable is None else movable.to(F.device)
     if segments is not None:
-        seg = torch.unique(segments, return_inverse=True)[1]  # (n,) segment index
-        count = torch.zeros(int(seg.max()) + 1 if n else 0, dtype=torch.long).index_add_(0, seg, keep.long())  # (S,)
+        seg = torch.unique(segments.to(F.device), return_inverse=True)[1]  # (n,) segment index
+        count = torch.zeros(int(seg.max()) + 1 if n else 0, dtype=torch.long, device=F.device)  # (S,)
+        count.index_add_(0, seg, keep.long())
     g = F @ (~keep).double()  # (n,) gradient of 1/2 z^T F z at z = 1 - m
     d = F.diagonal()
     tol = 1e-12 * max(float(d.sum()), 1e-30)
-    inf = torch.tensor(math.inf, dtype=F.dtype)
+    inf = torch.tensor(math.inf, dtype=F.dtype, device=F.device)
     for _ in range(max_swaps if max_swaps is not None else n):
         if (keep | ~movable).all() or not (keep & movable).any():
             break
