@@ -1,13 +1,15 @@
 """hf_prune side by side with Torch-Pruning and simple baselines on all-MiniLM-L6-v2: dev metric, params, layer
 FLOPs, CPU latency and speedup, pruning wall time and peak memory, at several fractions of encoder FLOPs kept.
 
-For every task the dense model is fine-tuned once and cached under ``benchmarks/cache/``. Then, for every
-FLOPs budget, on the same data in the same run:
+The default run is the robustness protocol: for every task three dense models fine-tuned independently (seed,
+learning rate, epochs; ``PROTOCOL_DENSE``), each cached under ``benchmarks/cache/``; then, for every FLOPs budget
+(75/60/50/40/25%) and every dense model, on the same data in the same run (default methods: ``PROTOCOL_METHODS``;
+recovery: one epoch of the task, SST-2 a fixed 300 x 32 sentences):
 
 =========================  ===========================================================================
 ``retraining_free``        ``hf_prune.prune(..., PruningConfig(method="retraining_free", flops_keep=k))``
-``retraining_free+kd_full`` the retraining-free model + full fine-tuning with KD (not in the default grid)
-``fisher``                 hf_prune one-shot, Fisher scores, global FLOPs search (no recovery)
+``retraining_free+kd_full`` the retraining-free model + full fine-tuning with KD from the dense model
+``fisher``                 hf_prune one-shot, Fisher scores, global FLOPs search (no recovery; not default)
 ``fisher+kd_full``         the same pruned model + full fine-tuning with KD from the dense model
 ``fisher+kd_lora``         the same pruned model + LoRA (merged afterwards) with KD
 ``tp_taylor``              Torch-Pruning, Taylor importance, whole heads + FFN neurons (benchmarks/tp_baseline.py)
@@ -22,24 +24,26 @@ loss; full fine-tuning uses ``--recovery_lr``, LoRA ``--lora_lr`` (adapters need
 Each (task, budget, method) cell is written to ``benchmarks/cache/compare/<task>/`` as soon as it finishes
 (the file name carries a hash of the settings it depends on), so an interrupted run continues where it stopped;
 the report is built from the cached cells only, missing ones are listed as missing. ``--dense`` repeats everything
-per dense model ``seed:lr:epochs_factor`` (the robustness protocol's independently fine-tuned models; the seed also
-draws the calibration samples and orders the recovery data) and adds a table of mean [min, max] over them and a plot
-of the mean metric against the mean batch-1 speedup. Outputs:
+per dense model ``seed:lr:epochs_factor`` instead of the protocol's (the seed also draws the calibration samples and
+orders the recovery data); with several dense models the report adds a table of mean [min, max] over them, each
+hf_prune method's lead over the best Torch-Pruning method with the same recovery, and a plot of the mean metric
+against the mean batch-1 speedup. Outputs:
 ``benchmarks/results/compare_<mode>.json``, PNG plots ``benchmarks/results/compare_<mode>_*.png`` and a markdown
 report (``benchmarks/RESULTS.md`` for the full run, ``benchmarks/results/compare_quick.md`` for ``--quick``).
 
     .venv/bin/python benchmarks/bench_compare.py --quick        # smoke run: SST-2, 50%, tiny settings, ~5 min
-    .venv/bin/python benchmarks/bench_compare.py                # SST-2, MRPC, STS-B x 75/60/50/40% (~1.5 h, 2 cores)
-    .venv/bin/python benchmarks/bench_compare.py --tasks rte cola --methods retraining_free fisher tp_taylor
-    .venv/bin/python benchmarks/bench_compare.py --name protocol --dense 0:5e-5:1 1:3e-5:1 2:5e-5:0.5 --tasks mrpc \
-        --budgets 0.5 --methods retraining_free+kd_full fisher+kd_full   # per dense model, then mean [min, max]
+    .venv/bin/python benchmarks/bench_compare.py                # the protocol: SST-2, MRPC, STS-B x 5 budgets x 3
+    .venv/bin/python benchmarks/bench_compare.py --name rf_then_kd_50_sst2 --tasks sst2 --budgets 0.5  # one slice
+    .venv/bin/python benchmarks/bench_compare.py --name mrpc_fisher --tasks mrpc --budgets 0.5 \
+        --methods retraining_free+kd_full fisher+kd_full   # other methods on the protocol's dense models
+    .venv/bin/python benchmarks/bench_compare.py --name one --seed 0 --tasks rte cola   # one dense model per task
 
     .venv/bin/python benchmarks/bench_compare.py --report_only  # tables/plots from whatever cells are cached
 
-Sizing (full defaults): the MRPC and STS-B dense fine-tunes (2 epochs; SST-2's 300 steps are usually cached) take
-~15 min, the 120 cells ~70 min on an idle 2-core machine; other processes on the same cores slow it down a lot
-(torch's threads wait on each other). Every cell prints its estimated and actual time; the start of each task
-prints the estimate for all its cells.
+Sizing (the protocol, 2-core machine): the 9 dense fine-tunes ~1.5 h (SST-2: 2105 + 2 x 1052 steps), the 270
+cells ~10 h (7 s to 6 min each, the recoveries longest; 247 of them took 8.0 h in the committed run); a slice (one task, one budget) ~30 min once its dense
+models are cached. Other processes on the same cores slow it down a lot (torch's threads wait on each other). Every
+cell prints its estimated and actual time; the start of each task prints the estimate for all its cells.
 
 Needs ``pip install torch-pruning==1.6.1`` for the ``tp_*`` methods. The methods table and the report (tables,
 summary across dense models, plots) are in ``compare_report.py``; this file measures and caches cells.
@@ -79,7 +83,7 @@ from common import (
     omp_env,
     parse_dense,
 )
-from compare_report import BASELINE_RECOVERY, DEFAULT_METHODS, METHODS, RESULTS, build_report, expand
+from compare_report import BASELINE_RECOVERY, METHODS, QUICK_METHODS, RESULTS, build_report, expand
 from transformers.utils import logging as hf_logging
 
 import hf_prune as hp
@@ -89,6 +93,13 @@ from hf_prune.resources import embedded_model_path
 from hf_prune.trainer import DistillationConfig, PruningTrainer
 
 CELLS = CACHE / "compare"
+# The robustness protocol (issue 16), the default run: three independently fine-tuned dense models per task (seed,
+# learning rate, epochs), one epoch of KD recovery (SST-2: 300 x 32 = 9,600 sentences, 14% of an epoch), hf_prune
+# against Torch-Pruning's two criteria with the same recovery.
+PROTOCOL_DENSE = {"sst2": ["0:5e-5:1", "1:3e-5:0.5", "2:1e-4:0.5"], None: ["0:5e-5:1", "1:3e-5:1", "2:5e-5:0.5"]}
+PROTOCOL_METHODS = ["retraining_free", "retraining_free+kd_full", "tp_taylor", "tp_taylor+kd_full", "tp_magnitude",
+                    "tp_magnitude+kd_full"]
+SST2_RECOVERY_STEPS = 300
 
 
 # ----------------------------------------------------------------------------------------------- measurements
@@ -343,16 +354,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="smoke run: SST-2, budget 50%%, 256/128 calibration samples, 8 recovery steps, "
                          "2 latency repeats")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["sst2", "mrpc", "stsb"])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.6, 0.5, 0.4], help="fractions of FLOPs kept")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.6, 0.5, 0.4, 0.25],
+                    help="fractions of FLOPs kept")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
-                    help=f"default: {' '.join(DEFAULT_METHODS)} (+ {' '.join(BASELINE_RECOVERY)} with "
-                         "--recover_baselines)")
+                    help=f"default: {' '.join(PROTOCOL_METHODS)} (+ {' '.join(BASELINE_RECOVERY)} with "
+                         f"--recover_baselines; --quick: {' '.join(QUICK_METHODS)})")
     ap.add_argument("--recover_baselines", action="store_true", help="also recover the magnitude and random models")
     ap.add_argument("--rf_samples", type=int, default=1024, help="calibration samples, retraining-free")
     ap.add_argument("--oneshot_samples", type=int, default=512,
                     help="calibration samples, Fisher one-shot and Torch-Pruning Taylor")
-    ap.add_argument("--recovery_steps", type=int, default=40, help="recovery optimizer steps, every recovered method")
-    ap.add_argument("--recovery_batch", type=int, default=16)
+    ap.add_argument("--recovery_steps", type=int, default=None,
+                    help="recovery optimizer steps, every recovered method (default: one epoch of the task's training "
+                         f"set at --recovery_batch; SST-2 a fixed {SST2_RECOVERY_STEPS} steps)")
+    ap.add_argument("--recovery_batch", type=int, default=32)
     ap.add_argument("--recovery_lr", type=float, default=5e-5, help="learning rate of full recovery")
     ap.add_argument("--lora_lr", type=float, default=5e-4, help="learning rate of LoRA recovery")
     ap.add_argument("--kd_alpha", type=float, default=0.5)
@@ -360,13 +374,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tp_scope", choices=["global", "local"], default="global",
                     help="Torch-Pruning ranking: global (global_pruning=True, as its HF BERT example) or local "
                          "(uniform per layer)")
-    ap.add_argument("--sst2_finetune_steps", type=int, default=300,
-                    help="SST-2 dense fine-tuning steps (batch 32, max length 64)")
-    ap.add_argument("--finetune_epochs", type=float, default=2.0,
+    ap.add_argument("--sst2_finetune_steps", type=int, default=2105,
+                    help="SST-2 dense fine-tuning steps (batch 32, max length 64; 2105 = one epoch)")
+    ap.add_argument("--finetune_epochs", type=float, default=3.0,
                     help="dense fine-tuning epochs (batch 32) of the tasks other than SST-2")
     ap.add_argument("--finetune_lr", type=float, default=5e-5)
-    ap.add_argument("--repeats", type=int, default=10, help="latency repeats at batch 1 (median reported)")
-    ap.add_argument("--repeats_b32", type=int, default=3, help="latency repeats at batch 32 (seconds each)")
+    ap.add_argument("--repeats", type=int, default=5, help="latency repeats at batch 1 (median reported)")
+    ap.add_argument("--repeats_b32", type=int, default=1, help="latency repeats at batch 32 (seconds each)")
     ap.add_argument("--seq_len", type=int, default=128, help="sequence length of FLOPs counts and latency")
     ap.add_argument("--round_to", type=int, default=1,
                     help="PruningConfig.round_to of the hf_prune methods (FFN widths in multiples of it)")
@@ -374,9 +388,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the dense fine-tune, calibration draw, recovery data order and pruning")
     ap.add_argument("--dense", nargs="+", default=None,
-                    help="several dense models seed:lr:epochs_factor instead of --seed/--finetune_lr (the factor "
-                         "multiplies --finetune_epochs, on SST-2 --sst2_finetune_steps): one run each, then mean "
-                         "[min, max] over them")
+                    help="dense models seed:lr:epochs_factor (the factor multiplies --finetune_epochs, on SST-2 "
+                         "--sst2_finetune_steps): one run each, then mean [min, max] over them. Default: the "
+                         f"protocol's three per task ({PROTOCOL_DENSE['sst2']} on SST-2, {PROTOCOL_DENSE[None]} "
+                         "elsewhere); one model from --seed/--finetune_lr when either is given or with --quick")
     ap.add_argument("--report_only", action="store_true",
                     help="run nothing: rebuild the JSON, tables and plots from the cached cells (missing ones listed)")
     ap.add_argument("--name", default=None,
@@ -387,19 +402,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     if args.quick:  # quick defaults, unless given explicitly
-        quick = {"tasks": ["sst2"], "budgets": [0.5], "rf_samples": 256, "oneshot_samples": 128,
-                 "recovery_steps": 8, "repeats": 2, "repeats_b32": 2}
+        quick = {"tasks": ["sst2"], "budgets": [0.5], "rf_samples": 256, "oneshot_samples": 128, "recovery_steps": 8,
+                 "recovery_batch": 16, "repeats": 2, "repeats_b32": 2, "sst2_finetune_steps": 300,
+                 "finetune_epochs": 2.0, "methods": QUICK_METHODS}
         for k, v in quick.items():
             if f"--{k}" not in given:
                 setattr(args, k, v)
-    if args.dense is None:
+    if args.dense is None and (args.quick or given & {"--seed", "--finetune_lr"}):
         args.dense = [f"{args.seed}:{args.finetune_lr:g}:1"]
-    for spec in args.dense:
+    for spec in args.dense or []:
         parse_dense(spec)
-    if len(set(args.dense)) != len(args.dense):
+    if args.dense is not None and len(set(args.dense)) != len(args.dense):
         ap.error(f"--dense {args.dense}: give each dense model once")
     if args.methods is None:
-        args.methods = DEFAULT_METHODS + (BASELINE_RECOVERY if args.recover_baselines else [])
+        args.methods = PROTOCOL_METHODS + (BASELINE_RECOVERY if args.recover_baselines else [])
     args.mode = args.name or ("quick" if args.quick else "full")
     if args.report is None:
         args.report = str(RESULTS / f"compare_{args.mode}.md") if args.mode != "full" else str(HERE / "RESULTS.md")
@@ -418,12 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[tuple[str, str], TaskRun] = {}
     failed: list[str] = []
     t0 = time.perf_counter()
-    for name, spec in [(n, d) for n in args.tasks for d in args.dense]:
+    for name, spec in [(n, d) for n in args.tasks for d in dense_specs(args, n)]:
         task = TASKS[name]
         seed, lr, factor = parse_dense(spec)
         steps = (round(args.sst2_finetune_steps * factor) if name == "sst2"
                  else epochs_to_steps(task, args.finetune_epochs * factor, 32))
-        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "finetune_lr": lr})
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "finetune_lr": lr,
+                                         "recovery_steps": recovery_steps(args, task)})
         run = runs[(name, spec)] = TaskRun(task, run_args, tok, steps)
         if args.report_only:
             run.dense_rec = run.load(None, "dense")
@@ -471,6 +488,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(payload['missing'])} cells missing (not run yet, or failed): re-run the same command to fill them")
     if failed:
         sys.exit(f"{len(failed)} cells failed: {', '.join(failed)}")
+
+
+def dense_specs(args: argparse.Namespace, task: str) -> list[str]:
+    """The dense models of ``task``: ``--dense``, else the protocol's."""
+    return args.dense if args.dense is not None else PROTOCOL_DENSE.get(task, PROTOCOL_DENSE[None])
+
+
+def recovery_steps(args: argparse.Namespace, task: Task) -> int:
+    """``--recovery_steps``, else one epoch of ``task`` (SST-2: the fixed budget; an epoch is 67k sentences)."""
+    if args.recovery_steps is not None:
+        return args.recovery_steps
+    return SST2_RECOVERY_STEPS if task.name == "sst2" else epochs_to_steps(task, 1.0, args.recovery_batch)
 
 
 def fmt_metrics(metrics: dict[str, float]) -> str:

@@ -48,7 +48,7 @@ METHODS: dict[str, Method] = {
     "random": Method("random"),
     "random+kd_full": Method("random + KD full", "random", "full"),
 }
-DEFAULT_METHODS = ["retraining_free", "fisher", "fisher+kd_full", "fisher+kd_lora", "tp_taylor", "tp_taylor+kd_full",
+QUICK_METHODS = ["retraining_free", "fisher", "fisher+kd_full", "fisher+kd_lora", "tp_taylor", "tp_taylor+kd_full",
                    "tp_magnitude", "tp_magnitude+kd_full", "magnitude", "random"]
 BASELINE_RECOVERY = ["magnitude+kd_full", "random+kd_full"]
 
@@ -284,6 +284,10 @@ How each number is measured:
 """
 
 
+def _omp_text(omp: dict[str, str | None]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in omp.items() if v) or "defaults"
+
+
 def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun], command: str
                  ) -> tuple[dict, str]:
     env = report.environment()
@@ -295,7 +299,12 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
         env["torch_pruning"] = None
     env["platform"] = platform.platform()
     env["omp"] = omp_env()
+    specs: dict[str, list[str]] = {}  # task -> its dense models, in run order
+    for name, spec in runs:
+        specs.setdefault(name, []).append(spec)
+    steps = {name: run.args.recovery_steps for (name, _), run in runs.items()}  # per task unless --recovery_steps
     settings = {k: v for k, v in vars(args).items() if k not in ("report",)}
+    settings.update(dense=args.dense or specs, recovery_steps=args.recovery_steps or steps)
     methods = expand(args.methods)
     payload: dict[str, Any] = {"meta": {**env, "command": command, "mode": args.mode, "settings": settings},
                                "dense": {}, "cells": [], "missing": []}
@@ -315,18 +324,19 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
         + (f"; hf_prune FFN widths in multiples of {args.round_to}" if getattr(args, "round_to", 1) != 1 else "")),
         (f"- calibration: {args.rf_samples} samples for retraining-free, {args.oneshot_samples} for Fisher one-shot "
         f"and Torch-Pruning Taylor; Torch-Pruning scope `{args.tp_scope}`"),
-        (f"- recovery: {args.recovery_steps} steps x batch {args.recovery_batch}, lr {args.recovery_lr} (full) / "
+        (f"- recovery: {args.recovery_steps or ', '.join(f'{n} {k}' for n, k in steps.items())} steps x batch "
+         f"{args.recovery_batch}, lr {args.recovery_lr} (full) / "
         f"{args.lora_lr} (LoRA), KD alpha {args.kd_alpha}, T {args.kd_temperature}"),
-        (f"- latency: median of {args.repeats} repeats at batch 1, {args.repeats_b32} at batch 32; OpenMP env: "
-        f"{', '.join(f'{k}={v}' for k, v in env['omp'].items() if v) or 'defaults'}"),
+        "- latency: {latency}",
         "",
     ]
-    several = len(args.dense) > 1
+    omp_at = len(md) - 2
+    several = any(len(v) > 1 for v in specs.values())
     per_dense: dict[str, list[tuple[dict, list[dict]]]] = {}
     for (name, spec), run in runs.items():
         task = run.task
         # one dense model keeps the single-run names (``dense[task]``, ``## task``, ``compare_<mode>_<task>_*.png``)
-        i = args.dense.index(spec)
+        i = specs[name].index(spec)
         tag, title = (f"{name}_dense{i}", f"{name}, dense {spec}") if several else (name, name)
         if run.dense_rec is None:
             md += [f"## {title}", "", "missing: no cached dense model results for these settings", ""]
@@ -360,5 +370,9 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
         if leads:
             payload["lead_over_tp"] = leads
         md += summary
+    # The OpenMP env the cells were measured under (a --report_only run's own env says nothing about them).
+    envs = sorted({_omp_text(c["omp"]) for c in payload["cells"] if "omp" in c} or {_omp_text(env["omp"])})
+    md[omp_at] = (f"- latency: median of {args.repeats} repeats at batch 1, {args.repeats_b32} at batch 32; OpenMP "
+                  f"env of the cells: {' | '.join(envs)}")
     md += ["## Method notes", "", NOTES]
     return payload, "\n".join(md)
