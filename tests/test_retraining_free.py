@@ -439,6 +439,32 @@ def test_latency_search_at_the_edges_of_its_budget():
         hp.search_latency(scores, model, table, 0.999 * smallest / table.dense_ms())
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_latency_search_on_random_tables_within_its_grid(seed):
+    # Random non-decreasing tables with flat stretches: the plan never exceeds the budget, and no choice of per-layer
+    # counts under the budget less the grid's rounding (one step per block) keeps more Fisher.
+    model = BY_NAME["bert"].model()
+    scores = hp.fisher_information(model, _batches("bert"), progress=False).scores()
+    rng = np.random.default_rng(seed)
+    steps = lambda n: np.concatenate([[0.0], np.cumsum(rng.choice([0.0, 0.5, 1.0, 2.0], n))])  # noqa: E731
+    table = hp.LatencyTable(head_points=[0, 1, 2, 3, 4], head_ms=steps(4).tolist(), neuron_points=[0, 16, 32, 48],
+                            neuron_ms=steps(3).tolist(), fixed_ms=0.5, num_layers=3)
+    options = [(h, n) for h in range(1, 5) for n in (16, 32, 48)]
+    costs = {o: table.layer_ms(*o) for o in options}
+    smallest = 3 * min(costs.values())
+    budget = smallest + rng.uniform(0.0, 1.0) * (table.dense_ms() - smallest)
+    bins = 200
+    plan = hp.search_latency(scores, model, table, budget / table.dense_ms(), round_to=16, bins=bins)
+    assert table.plan_ms(plan) <= budget + 1e-9
+    kept = lambda row, n: float(row.sort(descending=True).values[:n].sum())  # noqa: E731
+    got = sum(float(scores.heads[i, hs].sum() + scores.neurons[i, ns].sum())
+              for i, (hs, ns) in enumerate(zip(plan.heads, plan.neurons)))
+    slack = 6 * (budget - smallest) / bins  # 6 blocks, each rounded up by less than one grid step
+    best = max(sum(kept(scores.heads[i], h) + kept(scores.neurons[i], n) for i, (h, n) in enumerate(combo))
+               for combo in itertools.product(options, repeat=3) if sum(costs[o] for o in combo) <= budget - slack)
+    assert got >= best - 1e-6
+
+
 def test_measured_latency_table_and_latency_budget_through_prune():
     model = BY_NAME["bert"].model()
     table = hp.measure_latency_table(model, batch_size=2, seq_len=16, repeats=3, progress=False)
