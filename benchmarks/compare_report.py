@@ -327,10 +327,9 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
         (f"- recovery: {args.recovery_steps or ', '.join(f'{n} {k}' for n, k in steps.items())} steps x batch "
          f"{args.recovery_batch}, lr {args.recovery_lr} (full) / "
         f"{args.lora_lr} (LoRA), KD alpha {args.kd_alpha}, T {args.kd_temperature}"),
-        "- latency: {latency}",
         "",
     ]
-    omp_at = len(md) - 2
+    header_end = len(md) - 1  # the latency line goes here once the cells are read
     several = any(len(v) > 1 for v in specs.values())
     per_dense: dict[str, list[tuple[dict, list[dict]]]] = {}
     for (name, spec), run in runs.items():
@@ -372,7 +371,7 @@ def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun],
         md += summary
     # The OpenMP env the cells were measured under (a --report_only run's own env says nothing about them).
     envs = sorted({_omp_text(c["omp"]) for c in payload["cells"] if "omp" in c} or {_omp_text(env["omp"])})
-    md[omp_at] = (f"- latency: median of {args.repeats} repeats at batch 1, {args.repeats_b32} at batch 32; OpenMP "
-                  f"env of the cells: {' | '.join(envs)}")
+    md.insert(header_end, f"- latency: median of {args.repeats} repeats at batch 1, {args.repeats_b32} at batch 32; "
+              f"OpenMP env of the cells: {' | '.join(envs)}")
     md += ["## Method notes", "", NOTES]
     return payload, "\n".join(md)
