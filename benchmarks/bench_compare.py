@@ -24,7 +24,7 @@ loss; full fine-tuning uses ``--recovery_lr``, LoRA ``--lora_lr`` (adapters need
 Each (task, budget, method) cell is written to ``benchmarks/cache/compare/<task>/`` as soon as it finishes
 (the file name carries a hash of the settings it depends on), so an interrupted run continues where it stopped;
 the report is built from the cached cells only, missing ones are listed as missing. ``--dense`` repeats everything
-per dense model ``seed:lr:epochs_factor`` instead of the protocol's (the seed also draws the calibration samples and
+per dense model ``seed:lr:epochs_factor[:batch]`` instead of the protocol's (the seed also draws the calibration samples and
 orders the recovery data); with several dense models the report adds a table of mean [min, max] over them, each
 hf_prune method's lead over the best Torch-Pruning method with the same recovery, and a plot of the mean metric
 against the mean batch-1 speedup. Outputs:
@@ -156,6 +156,8 @@ class TaskRun:
         s: dict[str, Any] = {"task": self.task.name, "max_len": self.task.max_len,
                              "finetune_steps": self.finetune_steps, "finetune_lr": a.finetune_lr, "seed": a.seed,
                              "seq_len": a.seq_len, "threads": a.threads}
+        if a.finetune_batch != 32:  # only when set: the batch-32 cells keep their hashes
+            s["finetune_batch"] = a.finetune_batch
         if method == "dense":
             return {**s, "repeats": a.repeats, "repeats_b32": a.repeats_b32}
         m = METHODS[method]
@@ -196,7 +198,7 @@ class TaskRun:
     def prepare(self) -> None:
         a, task = self.args, self.task
         start = time.perf_counter()
-        path = finetune(task, self.tok, self.finetune_steps, 32, a.finetune_lr, a.seed)
+        path = finetune(task, self.tok, self.finetune_steps, a.finetune_batch, a.finetune_lr, a.seed)
         if time.perf_counter() - start > 5:
             self.finetune_s = time.perf_counter() - start
         self.dense = T.AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -388,8 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the dense fine-tune, calibration draw, recovery data order and pruning")
     ap.add_argument("--dense", nargs="+", default=None,
-                    help="dense models seed:lr:epochs_factor (the factor multiplies --finetune_epochs, on SST-2 "
-                         "--sst2_finetune_steps): one run each, then mean [min, max] over them. Default: the "
+                    help="dense models seed:lr:epochs_factor[:batch] (the factor multiplies --finetune_epochs, on "
+                         "SST-2 --sst2_finetune_steps' epoch; batch 32 unless given): one run each, then mean [min, max] over them. Default: the "
                          f"protocol's three per task ({PROTOCOL_DENSE['sst2']} on SST-2, {PROTOCOL_DENSE[None]} "
                          "elsewhere); one model from --seed/--finetune_lr when either is given or with --quick")
     ap.add_argument("--report_only", action="store_true",
@@ -436,10 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for name, spec in [(n, d) for n in args.tasks for d in dense_specs(args, n)]:
         task = TASKS[name]
-        seed, lr, factor = parse_dense(spec)
-        steps = (round(args.sst2_finetune_steps * factor) if name == "sst2"
-                 else epochs_to_steps(task, args.finetune_epochs * factor, 32))
-        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "finetune_lr": lr,
+        seed, lr, factor, batch = parse_dense(spec)
+        steps = (round(args.sst2_finetune_steps * factor * 32 / batch) if name == "sst2"
+                 else epochs_to_steps(task, args.finetune_epochs * factor, batch))
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed, "finetune_lr": lr, "finetune_batch": batch,
                                          "recovery_steps": recovery_steps(args, task)})
         run = runs[(name, spec)] = TaskRun(task, run_args, tok, steps)
         if args.report_only:

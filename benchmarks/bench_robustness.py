@@ -3,8 +3,8 @@ independently fine-tuned dense MiniLMs (different seeds, learning rates and epoc
 draws x budgets; the drop of the dev metric (dense minus pruned, in points) reported as mean, min and max over all
 (dense model, draw) pairs, with the dev divergence from each dense model (KL; squared error for STS-B).
 
-A dense model is ``seed:lr:epochs_factor``; its epochs are the task's usual count (``EPOCHS``: SST-2 1, the small
-tasks 3) times the factor. Calibration draw ``d`` is ``--samples`` training examples drawn with seed ``d`` (each
+A dense model is ``seed:lr:epochs_factor[:batch]``; its epochs are the task's usual count (``EPOCHS``: SST-2 1, the
+small tasks 3) times the factor, at batch 32 unless given. Calibration draw ``d`` is ``--samples`` training examples drawn with seed ``d`` (each
 draw a different random subset). Every (task, dense, draw, budget, method) cell is cached under
 ``benchmarks/cache/robustness/`` as soon as it finishes; dense fine-tunes under ``benchmarks/cache/``.
 
@@ -30,6 +30,7 @@ from common import (
     CACHE,
     HERE,
     MAIN_METRIC,
+    PROTOCOL_EPOCHS,
     TASKS,
     cached_cell,
     calibration,
@@ -47,7 +48,7 @@ from hf_prune.resources import embedded_model_path
 from hf_prune.retraining_free import sample_divergence
 
 CELLS = CACHE / "robustness"
-EPOCHS = {"sst2": 1.0, "mrpc": 3.0, "stsb": 3.0, "cola": 3.0, "rte": 3.0}
+EPOCHS = PROTOCOL_EPOCHS
 #: the issue's targets: (task, budget) -> largest mean drop of the main metric, in points
 TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 0.5): 1.0, ("cola", 0.5): 2.0}
 #: method name -> the ``PruningConfig`` settings it uses, given the run's arguments. ``retraining_free_tune_all``
@@ -75,7 +76,7 @@ class RobustnessArguments:
     Args:
         tasks: GLUE tasks (``sst2``, ``mrpc``, ``stsb``, ``cola``, ``rte``).
         budgets: fractions of the layer FLOPs kept.
-        dense: dense models as ``seed:lr:epochs_factor`` (at least three, two learning rates or epoch counts).
+        dense: dense models as ``seed:lr:epochs_factor[:batch]`` (at least three, two learning rates or epoch counts).
         draws: calibration draws per dense model.
         samples: calibration samples per draw.
         methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``,
@@ -104,9 +105,9 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
     dev, labels = dev_batches(task, tok)
     rows = []
     for spec in args.dense:
-        seed, lr, factor = parse_dense(spec)
-        steps = epochs_to_steps(task, EPOCHS[name] * factor, 32)
-        model = T.AutoModelForSequenceClassification.from_pretrained(finetune(task, tok, steps, 32, lr, seed)).eval()
+        seed, lr, factor, batch = parse_dense(spec)
+        steps = epochs_to_steps(task, EPOCHS[name] * factor, batch)
+        model = T.AutoModelForSequenceClassification.from_pretrained(finetune(task, tok, steps, batch, lr, seed)).eval()
         dense_logits = dev_logits(model, dev)
         dense = metrics_of(task, dense_logits, labels)
         print(f"[{name}] dense {spec} ({steps} steps): {main} {dense[main]:.2f}", flush=True)

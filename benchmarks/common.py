@@ -14,6 +14,7 @@ import copy
 import ctypes
 import functools
 import gc
+import json
 import os
 import random
 import threading
@@ -85,6 +86,10 @@ TASKS = {
     "cola": Task("cola", 64),
 }
 
+#: Epochs of the robustness protocol's dense fine-tunes (a ``--dense`` factor multiplies them): SST-2 one epoch of
+#: 67k sentences, the small tasks three.
+PROTOCOL_EPOCHS = {"sst2": 1.0, "mrpc": 3.0, "stsb": 3.0, "cola": 3.0, "rte": 3.0}
+
 #: The metric each task is judged by (first column of its tables).
 MAIN_METRIC = {"sst2": "accuracy", "mrpc": "f1", "stsb": "spearmanr", "rte": "accuracy",
                "cola": "matthews_correlation"}
@@ -97,13 +102,20 @@ def finetune_dir(task: Task, steps: int, batch_size: int, lr: float, seed: int) 
     return CACHE / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-lr{lr:g}-seed{seed}"
 
 
-def parse_dense(spec: str) -> tuple[int, float, float]:
-    """A dense model ``seed:lr:epochs_factor`` (``--dense`` of the robustness and side-by-side benchmarks)."""
+def parse_dense(spec: str) -> tuple[int, float, float, int]:
+    """A dense model ``seed:lr:epochs_factor[:batch]`` (``--dense`` of the robustness, side-by-side and dense
+    benchmarks): seed, learning rate, the task's usual epochs times ``epochs_factor``, batch size (default 32)."""
     try:
-        seed, lr, factor = spec.split(":")
-        return int(seed), float(lr), float(factor)
+        seed, lr, factor, *rest = spec.split(":")
+        if len(rest) > 1:
+            raise ValueError
+        batch = int(rest[0]) if rest else 32
+        if batch < 1 or float(factor) <= 0:
+            raise ValueError
+        return int(seed), float(lr), float(factor), batch
     except ValueError:
-        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor, e.g. 0:5e-5:1") from None
+        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor[:batch], e.g. 0:5e-5:1 or 0:2e-5:1.667:16") \
+            from None
 
 
 def epochs_to_steps(task: Task, epochs: float, batch_size: int) -> int:
@@ -151,6 +163,9 @@ def finetune(task: Task, tok: Any, steps: int, batch_size: int, lr: float, seed:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    # what the fine-tune cost, for the dense sweep's table (folders cached before this file existed lack it)
+    (tmp / "finetune.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "last_loss": loss.item(),
+                                                   "steps": steps, "batch": batch_size, "lr": lr, "seed": seed}))
     tmp.rename(out)
     return out
 
