@@ -24,10 +24,10 @@ loss; full fine-tuning uses ``--recovery_lr``, LoRA ``--lora_lr`` (adapters need
 Each (task, budget, method) cell is written to ``benchmarks/cache/compare/<task>/`` as soon as it finishes
 (the file name carries a hash of the settings it depends on), so an interrupted run continues where it stopped;
 the report is built from the cached cells only, missing ones are listed as missing. ``--dense`` repeats everything
-per dense model ``seed:lr:epochs_factor[:batch]`` instead of the protocol's (the seed also draws the calibration samples and
-orders the recovery data); with several dense models the report adds a table of mean [min, max] over them, each
-hf_prune method's lead over the best Torch-Pruning method with the same recovery, and a plot of the mean metric
-against the mean batch-1 speedup. Outputs:
+per dense model ``seed:lr:epochs_factor[:batch]`` instead of the protocol's (the seed also draws the
+calibration samples and orders the recovery data); with several dense models the report adds a table of mean
+[min, max] over them, each hf_prune method's lead over the best Torch-Pruning method with the same recovery, and a
+plot of the mean metric against the mean batch-1 speedup. Outputs:
 ``benchmarks/results/compare_<mode>.json``, PNG plots ``benchmarks/results/compare_<mode>_*.png`` and a markdown
 report (``benchmarks/RESULTS.md`` for the full run, ``benchmarks/results/compare_quick.md`` for ``--quick``).
 
@@ -391,7 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seed of the dense fine-tune, calibration draw, recovery data order and pruning")
     ap.add_argument("--dense", nargs="+", default=None,
                     help="dense models seed:lr:epochs_factor[:batch] (the factor multiplies --finetune_epochs, on "
-                         "SST-2 --sst2_finetune_steps' epoch; batch 32 unless given): one run each, then mean [min, max] over them. Default: the "
+                         "SST-2 --sst2_finetune_steps' epoch; batch 32 unless given): one run each, then mean "
+                         "[min, max] over them. Default: the "
                          f"protocol's three per task ({PROTOCOL_DENSE['sst2']} on SST-2, {PROTOCOL_DENSE[None]} "
                          "elsewhere); one model from --seed/--finetune_lr when either is given or with --quick")
     ap.add_argument("--report_only", action="store_true",

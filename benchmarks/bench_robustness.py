@@ -3,10 +3,11 @@ independently fine-tuned dense MiniLMs (different seeds, learning rates and epoc
 draws x budgets; the drop of the dev metric (dense minus pruned, in points) reported as mean, min and max over all
 (dense model, draw) pairs, with the dev divergence from each dense model (KL; squared error for STS-B).
 
-A dense model is ``seed:lr:epochs_factor[:batch]``; its epochs are the task's usual count (``EPOCHS``: SST-2 1, the
-small tasks 3) times the factor, at batch 32 unless given. Calibration draw ``d`` is ``--samples`` training examples drawn with seed ``d`` (each
-draw a different random subset). Every (task, dense, draw, budget, method) cell is cached under
-``benchmarks/cache/robustness/`` as soon as it finishes; dense fine-tunes under ``benchmarks/cache/``.
+A dense model is ``seed:lr:epochs_factor[:batch]``; its epochs are the task's usual count (``PROTOCOL_EPOCHS``:
+SST-2 1, the small tasks 3) times the factor, at batch 32 unless given. Calibration draw ``d`` is ``--samples``
+training examples drawn with seed ``d`` (each draw a different random subset). Every (task, dense, draw, budget,
+method) cell is cached under ``benchmarks/cache/robustness/`` as soon as it finishes; dense fine-tunes under
+``benchmarks/cache/``.
 
     .venv/bin/python benchmarks/bench_robustness.py --quick          # MRPC, 50%, two short fine-tunes: a smoke run
     .venv/bin/python benchmarks/bench_robustness.py                  # SST-2, MRPC, STS-B, CoLA x 60/50/40% (hours)
@@ -48,7 +49,6 @@ from hf_prune.resources import embedded_model_path
 from hf_prune.retraining_free import sample_divergence
 
 CELLS = CACHE / "robustness"
-EPOCHS = PROTOCOL_EPOCHS
 #: the issue's targets: (task, budget) -> largest mean drop of the main metric, in points
 TARGETS = {("sst2", 0.5): 0.5, ("sst2", 0.4): 1.0, ("mrpc", 0.5): 1.0, ("stsb", 0.5): 1.0, ("cola", 0.5): 2.0}
 #: method name -> the ``PruningConfig`` settings it uses, given the run's arguments. ``retraining_free_tune_all``
@@ -106,7 +106,7 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
     rows = []
     for spec in args.dense:
         seed, lr, factor, batch = parse_dense(spec)
-        steps = epochs_to_steps(task, EPOCHS[name] * factor, batch)
+        steps = epochs_to_steps(task, PROTOCOL_EPOCHS[name] * factor, batch)
         model = T.AutoModelForSequenceClassification.from_pretrained(finetune(task, tok, steps, batch, lr, seed)).eval()
         dense_logits = dev_logits(model, dev)
         dense = metrics_of(task, dense_logits, labels)
@@ -238,9 +238,10 @@ def main() -> None:
         args.tasks, args.budgets, args.dense, args.samples = ["mrpc"], [0.5], ["0:5e-5:0.1", "1:3e-5:0.1"], 256
     for spec in args.dense:
         parse_dense(spec)
-    unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.tasks) - set(EPOCHS))
+    unknown = sorted(set(args.methods) - set(METHODS)) + sorted(set(args.tasks) - set(PROTOCOL_EPOCHS))
     if unknown:
-        raise SystemExit(f"unknown {unknown}: --methods from {', '.join(METHODS)}, --tasks from {', '.join(EPOCHS)}")
+        raise SystemExit(f"unknown {unknown}: --methods from {', '.join(METHODS)}, "
+                         f"--tasks from {', '.join(PROTOCOL_EPOCHS)}")
     tok = T.AutoTokenizer.from_pretrained(embedded_model_path())
     rows = []
     for name in args.tasks:
