@@ -92,7 +92,9 @@ def _pruner(model: nn.Module, example: Mapping[str, torch.Tensor], importance: A
         model, dict(example), importance=importance, global_pruning=scope == "global",
         pruning_ratio=ffn_ratio, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
         head_pruning_ratio=head_ratio, ignored_layers=ignored,
-        output_transform=lambda out: out.logits.sum(),
+        # the logits themselves, not a scalar of them: TP reads the width of the graph's output node as
+        # shape[1], and a 0-d output fails MetaPruner's constructor (IndexError, torch 2.13 + TP 1.6.0)
+        output_transform=lambda out: out.logits,
     )
 
 

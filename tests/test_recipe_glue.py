@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 import hf_prune as hp
 from hf_prune.recipes import ConfigError, run_recipe
 from hf_prune.recipes.common import evaluate
-from hf_prune.recipes.glue import ARG_TYPES, main, parse_args
+from hf_prune.recipes.glue import main, parse_args
 from hf_prune.resources import embedded_model_path, read_tsv, sst2_sample
 
 ROOT = Path(__file__).resolve().parents[1]
