@@ -4,6 +4,7 @@ from cached cells only (``bench_compare.py --report_only`` rebuilds them without
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 from dataclasses import dataclass
@@ -291,11 +292,9 @@ def _omp_text(omp: dict[str, str | None]) -> str:
 def build_report(args: argparse.Namespace, runs: dict[tuple[str, str], TaskRun], command: str
                  ) -> tuple[dict, str]:
     env = report.environment()
-    try:
-        import torch_pruning
-
-        env["torch_pruning"] = torch_pruning.__version__
-    except ImportError:
+    try:  # the distribution's version: not every torch-pruning build sets ``torch_pruning.__version__``
+        env["torch_pruning"] = importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
         env["torch_pruning"] = None
     env["platform"] = platform.platform()
     env["omp"] = omp_env()
