@@ -71,6 +71,7 @@ import transformers as T
 from common import (
     CACHE,
     HERE,
+    PROTOCOL_EPOCHS,
     TASKS,
     PeakRSS,
     Task,
@@ -376,10 +377,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tp_scope", choices=["global", "local"], default="global",
                     help="Torch-Pruning ranking: global (global_pruning=True, as its HF BERT example) or local "
                          "(uniform per layer)")
-    ap.add_argument("--sst2_finetune_steps", type=int, default=2105,
-                    help="SST-2 dense fine-tuning steps (batch 32, max length 64; 2105 = one epoch)")
-    ap.add_argument("--finetune_epochs", type=float, default=3.0,
-                    help="dense fine-tuning epochs (batch 32) of the tasks other than SST-2")
+    ap.add_argument("--sst2_finetune_steps", type=int, default=None,
+                    help="SST-2 dense fine-tuning steps at batch 32, max length 64 (default: PROTOCOL_EPOCHS' one "
+                         "epoch, 2105 steps)")
+    ap.add_argument("--finetune_epochs", type=float, default=None,
+                    help="dense fine-tuning epochs of the tasks other than SST-2 (default: PROTOCOL_EPOCHS', the "
+                         "robustness and dense benchmarks' count: 3)")
     ap.add_argument("--finetune_lr", type=float, default=5e-5)
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats at batch 1 (median reported)")
     ap.add_argument("--repeats_b32", type=int, default=1, help="latency repeats at batch 32 (seconds each)")
@@ -390,9 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the dense fine-tune, calibration draw, recovery data order and pruning")
     ap.add_argument("--dense", nargs="+", default=None,
-                    help="dense models seed:lr:epochs_factor[:batch] (the factor multiplies --finetune_epochs, on "
-                         "SST-2 --sst2_finetune_steps' epoch; batch 32 unless given): one run each, then mean "
-                         "[min, max] over them. Default: the "
+                    help="dense models seed:lr:epochs_factor[:batch] (the factor multiplies the task's epochs, "
+                         "PROTOCOL_EPOCHS unless --finetune_epochs / --sst2_finetune_steps; batch 32 unless "
+                         "given): one run each, then mean [min, max] over them. Default: the "
                          f"protocol's three per task ({PROTOCOL_DENSE['sst2']} on SST-2, {PROTOCOL_DENSE[None]} "
                          "elsewhere); one model from --seed/--finetune_lr when either is given or with --quick")
     ap.add_argument("--report_only", action="store_true",
@@ -425,6 +428,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def dense_steps(args: argparse.Namespace, task: Task, factor: float, batch: int) -> int:
+    """Fine-tuning steps of a dense model ``factor`` x the task's epochs at ``batch``: ``PROTOCOL_EPOCHS`` (the
+    robustness and dense benchmarks' one definition) unless ``--finetune_epochs`` / ``--sst2_finetune_steps`` say
+    otherwise, so the same ``--dense`` spec is the same cached model in all three benchmarks."""
+    if task.name == "sst2" and args.sst2_finetune_steps is not None:
+        return round(args.sst2_finetune_steps * factor * 32 / batch)
+    epochs = PROTOCOL_EPOCHS[task.name]
+    if task.name != "sst2" and args.finetune_epochs is not None:
+        epochs = args.finetune_epochs
+    return epochs_to_steps(task, epochs * factor, batch)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = ".venv/bin/python benchmarks/bench_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -440,8 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, spec in [(n, d) for n in args.tasks for d in dense_specs(args, n)]:
         task = TASKS[name]
         seed, lr, factor, batch = parse_dense(spec)
-        steps = (round(args.sst2_finetune_steps * factor * 32 / batch) if name == "sst2"
-                 else epochs_to_steps(task, args.finetune_epochs * factor, batch))
+        steps = dense_steps(args, task, factor, batch)
         run_args = argparse.Namespace(**{**vars(args), "seed": seed, "finetune_lr": lr, "finetune_batch": batch,
                                          "recovery_steps": recovery_steps(args, task)})
         run = runs[(name, spec)] = TaskRun(task, run_args, tok, steps)
