@@ -159,14 +159,12 @@ def run(args: LlmArguments, name: str) -> dict[str, Any]:
 def _cut(model, dense, method: str, budget: float, calib, n: int, args: LlmArguments):
     """Prune ``model`` in place with ``method``; returns the config recovery uses and what to record."""
     if method.startswith("tp_"):
-        from tp_baseline import kept_units, tp_prune_decoder
+        from tp_baseline import kept_units, max_diff_vs_replay, tp_prune_decoder
 
         _, info = tp_prune_decoder(model, budget, METHODS[method]["importance"], calib)
         model.prune_plan = kept_units(model, dense)  # recovery then sees a pruned model and does not cut again
-        replay = hp.apply_plan_(copy.deepcopy(dense), model.prune_plan)
-        with torch.no_grad():
-            diff = (model(**calib[0]).logits - replay(**calib[0]).logits).abs().max()
-        return hp.PruningConfig(flops_keep=budget), {"tp": info, "tp_replay_max_diff": float(diff)}
+        diff = max_diff_vs_replay(model, dense, model.prune_plan, calib[:1])
+        return hp.PruningConfig(flops_keep=budget), {"tp": info, "tp_replay_max_diff": diff}
     settings = dict(METHODS[method])
     if settings.get("method") == "retraining_free":
         settings.update(tuning_samples=n // 2, selection_samples=n // 2)

@@ -34,6 +34,7 @@ hf_prune does not cut, so FLOPs could not be matched), and one patch for transfo
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import sys
@@ -232,6 +233,19 @@ def max_diff_vs_masked(pruned: nn.Module, dense: nn.Module, plan: hp.PrunePlan,
         with mask_hooks(dense, masks):
             ref = dense(**feats).logits
         worst = max(worst, float((pruned(**feats).logits - ref).abs().max()))
+    return worst
+
+
+@torch.inference_mode()
+def max_diff_vs_replay(pruned: nn.Module, dense: nn.Module, plan: hp.PrunePlan,
+                       batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Largest |logit difference| between ``pruned`` and hf_prune's surgery of ``plan`` on a copy of ``dense``."""
+    replay = hp.apply_plan_(copy.deepcopy(dense), plan).eval()
+    pruned.eval()
+    worst = 0.0
+    for b in batches:
+        feats = {k: v for k, v in b.items() if k != "labels"}
+        worst = max(worst, float((pruned(**feats).logits - replay(**feats).logits).abs().max()))
     return worst
 
 

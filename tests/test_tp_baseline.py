@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tiny import BY_NAME, inputs_only
+from tiny import BY_NAME
 
 import hf_prune as hp
 from hf_prune.adapters import model_dims
@@ -59,10 +58,7 @@ def test_tp_prune_encoder_meets_budget_and_equals_masked_dense(name, importance,
     # the attributes attention reads were set from the new shapes, and the model equals dense with the cut masked
     assert tp_baseline.max_diff_vs_masked(model, dense, plan, [tiny.batch(seed=9)]) < 1e-5
     # and equals hf_prune's own surgery of the same units (the plan is a complete description of TP's cut)
-    replay = hp.apply_plan_(copy.deepcopy(dense), plan)
-    batch = inputs_only(tiny.batch(seed=9))
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, replay(**batch).logits, atol=1e-5, rtol=1e-5)
+    assert tp_baseline.max_diff_vs_replay(model, dense, plan, [tiny.batch(seed=9)]) < 1e-5
 
 
 @pytest.mark.parametrize("importance", ["taylor", "magnitude"])
@@ -73,9 +69,5 @@ def test_tp_prune_decoder_meets_budget_and_equals_replay(importance):
     model, info = tp_baseline.tp_prune_decoder(copy.deepcopy(dense), 0.6, importance, calib, seq_len=SEQ)
     assert _flops(model) <= 0.6 * _flops(dense) + 1e-6
     plan = tp_baseline.kept_units(model, dense)
-    replay = hp.apply_plan_(copy.deepcopy(dense), plan)
-    batch = inputs_only(tiny.batch(seed=9))
-    with torch.no_grad():
-        out, ref = model(**batch).logits, replay(**batch).logits
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert tp_baseline.max_diff_vs_replay(model, dense, plan, [tiny.batch(seed=9)]) < 1e-5
     assert info["target"]["neurons_removed"] > 0
