@@ -18,6 +18,8 @@ from .costs import (
 )
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
 from .export import NotStockExpressible, save_pruned, save_stock
+from . import formats  # noqa: E402
+from .formats import ExportFormat, export_model, register_export_format, save_gguf, save_onnx
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .criteria import CRITERIA, Criterion, register_criterion
 from .importance import ImportanceScores, compute_importance
@@ -47,6 +49,11 @@ from .trainer import DistillationConfig, PruningTrainer  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExportFormat",
+    "export_model",
+    "register_export_format",
+    "save_gguf",
+    "save_onnx",
     "ArchAdapter",
     "CRITERIA",
     "CorruptCheckpointError",

@@ -322,43 +322,10 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
-@dataclass
-class ExportArgs:
-    """Arguments of ``hf-prune export``.
-
-    Args:
-        checkpoint: a pruned checkpoint folder or Hub id whose layers all have the same shape.
-        output_dir: the new folder for the stock-architecture checkpoint.
-    """
-
-    checkpoint: str = field(metadata={"help": "Pruned checkpoint folder or Hub id."})
-    output_dir: str = field(default="", metadata={"help": "New folder for the stock checkpoint."})
-
-
 def cmd_export(argv: list[str]) -> int:
-    from transformers import AutoTokenizer, HfArgumentParser
+    from .formats.command import cmd_export as export
 
-    from .checkpoint import load_pruned
-    from .export import save_stock
-    from .hub import write_model_card
-
-    parser = HfArgumentParser(ExportArgs, prog="hf-prune export")
-    parser.description = ("Write a homogeneous pruned checkpoint as its stock architecture (plain from_pretrained, "
-                          "no trust_remote_code; what vLLM/TGI/llama.cpp converters read).")
-    (args,) = _parse(parser, argv)
-    if not args.output_dir:
-        raise UsageError("pass --output_dir NEW_FOLDER for the stock checkpoint")
-    model = load_pruned(args.checkpoint)
-    folder = save_stock(model, args.output_dir)  # NotStockExpressible (a ValueError) says why it cannot
-    try:
-        AutoTokenizer.from_pretrained(args.checkpoint).save_pretrained(folder)
-    except (OSError, ValueError):
-        pass  # a checkpoint without a tokenizer (vision, or saved without one)
-    write_model_card(folder)  # sizes, provenance and the no-custom-code loading snippet
-    name = type(model).__name__.removeprefix("Pruned")
-    print(f"wrote {folder}: the stock {name} architecture; load it with {name}.from_pretrained({str(folder)!r}), "
-          "no trust_remote_code")
-    return 0
+    return export(argv, _parse, UsageError)
 
 
 COMMANDS = {"run": cmd_run, "prune": cmd_prune, "inspect": cmd_inspect, "bench": cmd_bench, "export": cmd_export}
@@ -370,7 +337,8 @@ commands:
   prune          one-shot prune, measure, save and reload (default: embedded MiniLM, 50% FLOPs, offline)
   inspect CKPT   per-layer heads/neurons, parameters and FLOPs of a pruned checkpoint vs its dense model
   bench CKPT     latency of a pruned checkpoint vs its dense base (batch 1 and 32, interleaved)
-  export CKPT --output_dir DIR   a homogeneous pruned checkpoint as its stock architecture (no custom code)"""
+  export CKPT --format {stock,gguf,onnx} --output_dir DIR
+                 for a serving runtime: stock architecture (uniform cuts), GGUF for llama.cpp, ONNX for onnxruntime"""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

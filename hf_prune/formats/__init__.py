@@ -1,0 +1,36 @@
+"""Exports for serving runtimes: GGUF (llama.cpp) for decoders, ONNX (onnxruntime) for encoders and vision
+models, and the stock transformers architecture for uniform cuts. Each is one :class:`ExportFormat` in the
+registry; ``hf-prune export --format``, :func:`export_model` and recipes' ``export_formats`` look them up there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..export import save_stock
+from .gguf import OUTTYPES, gguf_file_name, save_gguf
+from .gguf_families import GgufFamily, register_gguf_family
+from .onnx import save_onnx
+from .registry import ExportFormat, export_formats, export_model, get_export_format, register_export_format
+
+
+def _write_stock(model: nn.Module, tokenizer: Any, path: Path, *, overwrite: bool = False) -> Path:
+    folder = save_stock(model, path, overwrite=overwrite)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+for _fmt in (
+    ExportFormat("gguf", "llama.cpp (llama-cpp-python, ollama, LM Studio)", save_gguf, gguf_file_name,
+                 ("outtype", "pad_ffn_to", "pre_tokenizer", "overwrite")),
+    ExportFormat("onnx", "onnxruntime", save_onnx, lambda **_: "", ("quantize", "overwrite")),
+    ExportFormat("stock", "transformers without remote code (vLLM, TGI)", _write_stock, lambda **_: "",
+                 ("overwrite",)),
+):
+    register_export_format(_fmt)
+
+__all__ = ["ExportFormat", "GgufFamily", "OUTTYPES", "export_formats", "export_model", "get_export_format",
+           "register_export_format", "register_gguf_family", "save_gguf", "save_onnx"]

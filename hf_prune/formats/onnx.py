@@ -1,0 +1,219 @@
+"""ONNX export: a (pruned) encoder or vision model as an ONNX graph for onnxruntime.
+
+An ONNX graph carries every layer's own shapes, so uneven cuts need no stock config and no remote code. The
+folder written holds ``model.onnx`` (and ``model_int8.onnx`` with ``quantize="int8"``), ``config.json`` and the
+tokenizer, the layout onnxruntime-based loaders look for. Batch and sequence axes are dynamic. The graph is checked
+in onnxruntime against PyTorch before the folder is moved into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter, model_dims
+from ..modeling_pruned import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
+from ..io import chmod_like_new_
+
+ONNX_INSTALL = "pip install 'hf_prune[serve]'   (onnx, onnxruntime)"
+#: onnxruntime's output may differ from PyTorch's by float reordering only; more than this is a wrong graph.
+TOLERANCE = 1e-4
+
+
+def _output_name(model: nn.Module) -> str:
+    return "last_hidden_state" if model is model.base_model else "logits"
+
+
+class _Traced(nn.Module):
+    """The model as a function of plain tensors returning the one tensor a serving runtime reads."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, args)), return_dict=True)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 16) -> dict[str, torch.Tensor]:
+    """Inputs the graph is traced with and checked on (>= 2 in every dynamic axis: size 1 gets specialised)."""
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    if get_adapter(model).special_tokens is not None:
+        size, channels = config.image_size, getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.randn(batch_size, channels, size, size, generator=g)}
+    ids = torch.randint(5, config.vocab_size, (batch_size, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, seq_len // 2:] = 0  # one padded row: the mask path is traced and checked
+    out = {"input_ids": ids, "attention_mask": mask}
+    if getattr(config, "type_vocab_size", 0) and "token_type_ids" in _forward_args(model):
+        out["token_type_ids"] = torch.zeros_like(ids)
+    return out
+
+
+@torch.no_grad()
+def _zero_head_in_empty_layers(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose layers without attention heads keep one head of zeros (only when there are such
+    layers). ONNX cannot reshape an empty tensor to ``(-1, heads, head_dim)``; a head with zero query, key and value
+    rows and zero output columns attends uniformly over zero values and adds exactly nothing."""
+    spec = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    empty = [i for i, layer in enumerate(layer_list(model, spec))
+             if current_layer_sizes(layer, spec, head_dim)["num_heads"] == 0]
+    if not empty:
+        return model
+    model = copy.deepcopy(model)
+    for i in empty:
+        layer = layer_list(model, spec)[i]
+        for key, dim in (("q", 0), ("k", 0), ("v", 0), ("o", 1)):
+            linear = get_module(layer, getattr(spec, key))
+            shape = list(linear.weight.shape)
+            shape[dim] = head_dim
+            linear.weight = nn.Parameter(torch.cat([linear.weight, linear.weight.new_zeros(shape)], dim))
+            if dim == 0:
+                if linear.bias is not None:
+                    linear.bias = nn.Parameter(torch.cat([linear.bias, linear.bias.new_zeros(head_dim)]))
+                linear.out_features = head_dim
+            else:
+                linear.in_features = head_dim
+        sync_layer_attrs_(layer, spec, head_dim)
+    return model
+
+
+def _forward_args(model: nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
+
+
+@contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """The exporter prints its progress; an export prints one line of its own instead."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Eager attention for the trace (the SDPA path traces to shapes fixed at the example's size)."""
+    old = getattr(model.config, "_attn_implementation", None)
+    try:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        yield
+    finally:
+        if old is not None and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(old)
+
+
+def _check(model: nn.Module, path: Path, overwrite: bool, quantize: str | None) -> None:
+    get_adapter(model)  # peft-wrapped or unknown family: the one-line errors
+    for package in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"ONNX export needs {package}: {ONNX_INSTALL}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
+    if getattr(model.config, "is_decoder", False) or model.config.model_type in ("llama", "mistral", "qwen2", "qwen3",
+                                                                                   "gemma3_text"):
+        raise ValueError(f"ONNX export covers encoders and vision models; export the {model.config.model_type} "
+                         "decoder with format='gguf' for llama.cpp")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) to replace it")
+
+
+@torch.no_grad()
+def save_onnx(model: nn.Module, tokenizer: Any, path: str | Path, *, quantize: str | None = None, opset: int = 18,
+              overwrite: bool = False) -> Path:
+    """Write ``model`` as ONNX into the folder ``path`` (``model.onnx``, ``config.json``, tokenizer files).
+
+    Args:
+        model: an encoder (BERT family, DistilBERT) or ViT/DeiT, dense or pruned, any head.
+        tokenizer: saved beside the graph (None for vision models).
+        path: the folder to write (atomically: a temporary sibling renamed into place).
+        quantize: ``"int8"`` also writes ``model_int8.onnx`` (onnxruntime dynamic quantization of the MatMuls).
+        opset: the ONNX opset.
+        overwrite: replace an existing folder.
+    """
+    path = Path(path)
+    _check(model, path, overwrite, quantize)
+    was_training, original = model.training, model
+    model.eval()
+    model = _zero_head_in_empty_layers(model)
+    inputs = example_inputs(model)
+    names = list(inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        with _eager_attention(model):
+            expected = _Traced(model, names)(*inputs.values())
+            output = _output_name(model)
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            shapes = tuple({0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names)
+            with warnings.catch_warnings(), _quiet_stdout():
+                warnings.simplefilter("ignore")  # the exporter's notes on what it specialised or decomposed
+                torch.onnx.export(_Traced(model, names), tuple(inputs.values()), str(stage / "model.onnx"),
+                                  input_names=names, output_names=[output], dynamic_shapes=(shapes,),
+                                  opset_version=opset, dynamo=True, external_data=False, optimize=True,
+                                  verbose=False)
+            again = example_inputs(model, batch_size=3, seq_len=23)  # other sizes: the axes are really dynamic
+            _verify(stage / "model.onnx", [(inputs, expected), (again, _Traced(model, names)(*again.values()))])
+        if quantize == "int8":
+            _quantize_int8(stage / "model.onnx", stage / "model_int8.onnx")
+        model.config.to_json_file(stage / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        chmod_like_new_(stage)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{stage.name}")
+            path.rename(old)
+        os.replace(stage, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        original.train(was_training)
+    return path
+
+
+def _quantize_int8(source: Path, target: Path) -> None:
+    """onnxruntime's dynamic int8 quantization of the weight MatMuls, per output channel. MatMuls whose weight is
+    empty (a layer left with no FFN neuron) stay float: there is nothing to quantize and the quantizer cannot."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source)).graph
+    empty = {t.name for t in graph.initializer if 0 in t.dims}
+    skip = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and empty & set(n.input)]
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=skip)
+
+
+def _verify(file: Path, cases: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:
+    """onnxruntime must give PyTorch's output on every case (the trace inputs and other batch/sequence sizes)."""
+    from .runtimes import ort_run, ort_session
+
+    session = ort_session(file)
+    for inputs, expected in cases:
+        got = torch.from_numpy(ort_run(session, inputs)[0])
+        diff = (got - expected).abs().max().item() if got.shape == expected.shape else float("inf")
+        if diff > TOLERANCE:
+            shape = tuple(next(iter(inputs.values())).shape)
+            raise RuntimeError(f"the exported graph disagrees with PyTorch on inputs of shape {shape} (max |diff| "
+                               f"{diff:.2e} > {TOLERANCE}); nothing was written")
