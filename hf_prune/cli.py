@@ -347,7 +347,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .plan import PlanMismatchError
     from .recipes import ConfigError
 
-    return (UsageError, ConfigError, ValueError, OSError, PlanMismatchError, CorruptCheckpointError)
+    # ImportError: an optional runtime the command needs is not installed (the message names the install)
+    return (UsageError, ConfigError, ValueError, OSError, ImportError, PlanMismatchError, CorruptCheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:

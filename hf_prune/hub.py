@@ -18,6 +18,7 @@ import yaml
 
 from .checkpoint import FLOPS_SEQ_LEN, CorruptCheckpointError, checkpoint_stats
 from .export import is_stock_export
+from .formats.cards import serving_section
 from .io import WEIGHTS_INDEX_FILE, weight_file_names, write_text_atomic
 from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE
 from .plan import PrunePlan
@@ -264,6 +265,7 @@ def model_card(
             "```",
             "",
         ]
+    out += serving_section(folder, repo_id)  # GGUF / ONNX files exported beside the checkpoint
     # Plan provenance (criterion, budget, ...); large entries such as latency tables stay in prune_plan.json.
     small_meta = {k: v for k, v in s["plan_meta"].items() if len(json.dumps(v, default=str)) <= 200}
     if recipe or small_meta:

@@ -36,6 +36,9 @@ def _cut(model, how: str):
                                                neurons_keep=0.6))
     elif how == "uneven":
         hp.apply_plan_(model, random_plan(model, seed=3, query_heads=True))
+    elif how == "depth":  # layers removed, widths untouched: still one shape (Gemma: its sliding pattern shifts)
+        plan = hp.PrunePlan.dense(model).to_dict()
+        hp.apply_plan_(model, hp.PrunePlan.from_dict({**plan, "layers": [0, 2]}))
     elif how == "layers":
         plan = random_plan(model, seed=5)
         plan.layers = [0, 2]
@@ -43,7 +46,7 @@ def _cut(model, how: str):
     return model
 
 
-CASES = [(f, c) for f in GGUF_FAMILIES for c in ("dense", "uniform")] + \
+CASES = [(f, c) for f in GGUF_FAMILIES for c in ("dense", "uniform", "depth")] + \
         [(f, c) for f in UNEVEN_FAMILIES for c in ("uneven", "layers")]
 
 
@@ -143,3 +146,16 @@ def test_a_peft_wrapped_model_is_refused(tokenizer, tmp_path):
     with pytest.raises(TypeError, match="merge_and_unload"):
         save_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_refuses_a_checkpoint_without_its_tokenizer(tmp_path, capsys):
+    from hf_prune.cli import main
+
+    tokenizer = tiny_tokenizer()
+    _cut(tiny_lm("llama", len(tokenizer)), "uneven").save_pretrained(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--output_dir", str(tmp_path / "g")]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err and not (tmp_path / "g").exists()
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--quantize", "int8", "--output_dir",
+                 str(tmp_path / "g")]) == 2
+    assert "--quantize does not apply to gguf" in capsys.readouterr().err

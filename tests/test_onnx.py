@@ -69,3 +69,19 @@ def test_bad_input_writes_nothing(tmp_path):
         save_onnx(BY_NAME["bert"].model(), None, tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"] and [p.name for p in (tmp_path / "c").iterdir()] == [
         "keep.txt"]
+
+
+def test_a_forward_torch_cannot_trace_is_refused_with_the_reason(tmp_path):
+    require("onnxruntime")
+    model = BY_NAME["bert"].model()
+    layer = model.bert.encoder.layer[0].intermediate
+
+    def untraceable(hidden_states):  # data-dependent Python control flow: torch.export cannot follow it
+        if hidden_states.sum().item() > 0:
+            return hidden_states
+        return -hidden_states
+
+    layer.forward = untraceable
+    with pytest.raises(ValueError, match="torch could not export BertForSequenceClassification to ONNX"):
+        save_onnx(model, None, tmp_path / "onnx")
+    assert not list(tmp_path.iterdir())

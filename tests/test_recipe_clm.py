@@ -123,3 +123,36 @@ def test_text_blocks_start_with_the_special_tokens_the_tokenizer_puts_before_a_t
     assert ids.shape == (6, 16) and (ids[:, 0] == tok.cls_token_id).all()
     stream = tok("\n".join(texts), add_special_tokens=False)["input_ids"]
     assert ids[:, 1:].reshape(-1).tolist() == stream[: 6 * 15]  # the text itself, packed without gaps
+
+
+def test_export_formats_write_a_gguf_beside_the_checkpoint_that_llama_cpp_runs(tmp_path):
+    """``export_formats: [gguf]`` in a recipe: the pruned checkpoint folder also holds model-f32.gguf, which llama.cpp
+    runs to the checkpoint's own logits, and the model card says how to run it."""
+    import numpy as np
+    from serving import require, tiny_lm, tiny_tokenizer
+
+    from hf_prune.formats.runtimes import llama_logits, load_llama
+
+    require("llama_cpp")
+    tok = tiny_tokenizer()
+    tiny_lm("llama", len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    results = main(_flags(tmp_path / "base", tmp_path / "out", flops_keep=[0.6], tuning_samples=4,
+                          selection_samples=4, export_formats=["gguf"], outtype="f32"))
+    folder = Path(results["runs"][0]["checkpoint"])
+    assert results["runs"][0]["exports"] == [str(folder / "model-f32.gguf")]
+    assert "llama-cli -m model-f32.gguf" in (folder / "README.md").read_text()
+    model = hp.load_pruned(folder).eval()
+    ids = tok("the movie was great and the plot was fine")["input_ids"]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    got = llama_logits(load_llama(folder / "model-f32.gguf", n_ctx=64, exact=True), ids)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra, match", [({"export_formats": ["stock"]}, "deployable"),
+                                          ({"export_formats": ["gguf"], "quantize": "int8"},
+                                           "--quantize does not apply to gguf")])
+def test_export_settings_that_cannot_apply_fail_before_the_run(tiny_llama, tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(_flags(tiny_llama, tmp_path, **extra))

@@ -9,39 +9,85 @@ from typing import Any
 
 
 @dataclass
-class ExportOptions:
-    """Settings of an export (``hf-prune export`` flags; the same names in recipes).
+class ExportSettings:
+    """How each format is written: one definition for ``hf-prune export`` flags and recipe keys (same names).
 
     Args:
-        format: ``stock`` (transformers' own architecture, uniform cuts), ``gguf`` (llama.cpp) or ``onnx``
-            (onnxruntime).
         outtype: GGUF weight type: ``f32``, ``f16``, ``bf16``, ``q8_0`` or ``q4_k_m``.
         pad_ffn_to: GGUF: pad FFN widths with zero neurons to a multiple of this (1: none); exact, faster kernels.
         pre_tokenizer: GGUF: llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer it cannot recognise.
         quantize: ONNX: ``int8`` also writes ``model_int8.onnx`` (onnxruntime dynamic quantization).
-        overwrite: replace an existing output.
     """
 
-    format: str = field(default="stock", metadata={"help": "stock, gguf or onnx."})
     outtype: str = field(default="f16", metadata={"help": "GGUF: f32, f16, bf16, q8_0 or q4_k_m."})
     pad_ffn_to: int = field(default=32, metadata={"help": "GGUF: pad FFN widths to a multiple of this (1: none)."})
     pre_tokenizer: str = field(default="", metadata={"help": "GGUF: llama.cpp pre-tokenizer name if unrecognised."})
     quantize: str = field(default="", metadata={"help": "ONNX: 'int8' also writes model_int8.onnx."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output."})
 
-    def for_format(self) -> dict[str, Any]:
-        """The options the chosen format takes; a setting given for another format is an error, not ignored."""
+    def options_for(self, formats: list[str]) -> dict[str, dict[str, Any]]:
+        """``{format: its options}``; a setting changed from its default that none of ``formats`` takes is an
+        error (it would be silently ignored)."""
         from .registry import get_export_format
 
-        fmt = get_export_format(self.format)
-        defaults = asdict(ExportOptions())
-        given = {k: v for k, v in asdict(self).items() if k != "format" and v != defaults[k]}
-        wrong = sorted(k for k in given if k not in fmt.options)
-        if wrong:
-            raise ValueError(f"--{wrong[0]} does not apply to --format {self.format} (it takes "
-                             f"{', '.join('--' + o for o in fmt.options)})")
-        out = {k: v for k, v in asdict(self).items() if k in fmt.options}
-        return {k: v for k, v in out.items() if v != ""}
+        chosen = [get_export_format(f) for f in formats]
+        defaults = asdict(ExportSettings())
+        mine = {k: v for k, v in asdict(self).items() if k in defaults}
+        unused = sorted(k for k, v in mine.items() if v != defaults[k] and not any(k in f.options for f in chosen))
+        if unused:
+            raise ValueError(f"--{unused[0]} does not apply to {', '.join(formats) or 'no export format'} (it is "
+                             f"taken by {', '.join(n for n in _formats_taking(unused[0])) or 'no format'})")
+        return {f.name: {k: v for k, v in mine.items() if k in f.options and v != ""} for f in chosen}
+
+
+def _formats_taking(option: str) -> list[str]:
+    from .registry import export_formats, get_export_format
+
+    return [n for n in export_formats() if option in get_export_format(n).options]
+
+
+@dataclass
+class ExportOptions(ExportSettings):
+    """``hf-prune export`` settings: :class:`ExportSettings` plus the format and whether to overwrite.
+
+    Args:
+        format: ``stock`` (transformers' own architecture, uniform cuts), ``gguf`` (llama.cpp) or ``onnx``
+            (onnxruntime).
+        overwrite: replace an existing output.
+    """
+
+    format: str = field(default="stock", metadata={"help": "stock, gguf or onnx."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output."})
+
+
+@dataclass
+class ServeArguments(ExportSettings):
+    """Recipe settings: which serving formats to write beside each pruned checkpoint, and how.
+
+    Args:
+        export_formats: any of ``gguf`` (``model-<outtype>.gguf`` in the checkpoint folder) and ``onnx`` (its
+            ``onnx/`` subfolder); pushed with the checkpoint, and the model card says how to run each.
+    """
+
+    export_formats: list[str] = field(default_factory=list, metadata={"help": "Serving formats: gguf, onnx."})
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.export_formats) - {"gguf", "onnx"})
+        if bad:
+            raise ValueError(f"export_formats takes gguf and onnx, not {bad[0]!r} (a stock checkpoint is "
+                             "deployable: true)")
+        self.options_for(self.export_formats)  # a setting no chosen format takes fails now, not after the run
+
+
+def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArguments) -> list[Path]:
+    """Write ``serve.export_formats`` into a saved checkpoint ``folder`` (GGUF file at its root, ONNX in
+    ``onnx/``), replacing earlier exports."""
+    from .registry import export_model
+
+    written = []
+    for name, options in serve.options_for(serve.export_formats).items():
+        target = folder / "onnx" if name == "onnx" else folder
+        written.append(export_model(model, tokenizer, target, name, **options, overwrite=True))
+    return written
 
 
 @dataclass
@@ -84,7 +130,7 @@ def cmd_export(argv: list[str], parse: Any, usage_error: type[Exception]) -> int
     if not args.output_dir:
         raise usage_error("pass --output_dir FOLDER for the export")
     fmt = get_export_format(options.format)
-    settings = options.for_format()
+    settings = {**options.options_for([fmt.name])[fmt.name], "overwrite": options.overwrite or None}
     tokenizer = _tokenizer(args.checkpoint, required=fmt.name == "gguf")
     model = load_pruned(args.checkpoint)
     out = export_model(model, tokenizer, args.output_dir, fmt.name, **settings)

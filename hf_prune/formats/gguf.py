@@ -13,12 +13,13 @@ its slow generic path.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -86,9 +87,13 @@ def _check(model: nn.Module, outtype: str, path: Path, overwrite: bool) -> tuple
         if reason := check(model.config):
             raise ValueError(f"cannot export to llama.cpp: {reason}")
     act = getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", None)
-    want = "gelu_pytorch_tanh" if family.arch == "gemma3" else "silu"
-    if act != want:
-        raise ValueError(f"llama.cpp's {family.arch} architecture runs a {want} FFN, this model's is {act}")
+    if act != family.activation:
+        raise ValueError(f"llama.cpp's {family.arch} architecture runs a {family.activation} FFN, this model's "
+                         f"is {act}")
+    spec = get_adapter(model)
+    layer = layers_of(model)[0]
+    if any(getattr(get_module(layer, p), "bias", None) is not None for p in (spec.up, spec.down, spec.gate) if p):
+        raise ValueError("the FFN linears have biases (mlp_bias=True), which this GGUF export does not write yet")
     sizes = model_layer_sizes(model)
     dims = model_dims(model)
     narrow = family.full_width_attention and sizes[0]["num_heads"] * dims["head_dim"] != dims["hidden_size"]
@@ -268,6 +273,23 @@ def save_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, outtype: st
     return path
 
 
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """llama.cpp logs from C straight to fd 2 (the quantizer a line per tensor); silenced unless
+    ``HF_PRUNE_RUNTIME_LOGS`` is set."""
+    if os.environ.get("HF_PRUNE_RUNTIME_LOGS"):
+        yield
+        return
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _llama_cpp_quantize(file: Path, ftype: int, threads: int | None) -> None:
     """Quantize ``file`` in place (through a sibling) with llama.cpp's own quantizer."""
     import llama_cpp
@@ -277,7 +299,8 @@ def _llama_cpp_quantize(file: Path, ftype: int, threads: int | None) -> None:
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
     try:
-        rc = llama_cpp.llama_model_quantize(str(file).encode(), str(out).encode(), params)
+        with quiet_native_stderr():
+            rc = llama_cpp.llama_model_quantize(str(file).encode(), str(out).encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama.cpp's quantizer failed on {file.name} (return code {rc})")
         os.replace(out, file)

@@ -37,6 +37,7 @@ class GgufFamily:
         full_width_attention: ``arch`` builds Q and the output projection at the hidden width (llama.cpp's qwen2),
             so a cut of query heads, even a uniform one, goes to ``uneven_arch``.
         checks: ``check(config) -> reason or None`` for settings llama.cpp's architecture cannot run.
+        activation: the FFN activation llama.cpp's architecture runs (the config's ``hidden_act`` must match).
     """
 
     model_type: str
@@ -47,6 +48,7 @@ class GgufFamily:
     extra_keys: Callable[[Any, Any, list[int]], None] | None = None
     uneven_reason: str = ""
     full_width_attention: bool = False
+    activation: str = "silu"
     checks: tuple[Callable[[Any], str | None], ...] = field(default_factory=tuple)
 
 
@@ -128,7 +130,7 @@ for _family in (
                norms=(("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
                       ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
                       ("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
-               norm_offset=1.0, extra_keys=_gemma3_keys, uneven_reason=_NO_PER_HEAD_NORMS.format(arch="gemma3"),
+               norm_offset=1.0, extra_keys=_gemma3_keys, activation="gelu_pytorch_tanh", uneven_reason=_NO_PER_HEAD_NORMS.format(arch="gemma3"),
                checks=(_gemma3_check,)),
 ):
     register_gguf_family(_family)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -165,10 +166,16 @@ def save_onnx(model: nn.Module, tokenizer: Any, path: str | Path, *, quantize: s
             shapes = tuple({0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names)
             with warnings.catch_warnings(), _quiet_stdout():
                 warnings.simplefilter("ignore")  # the exporter's notes on what it specialised or decomposed
-                torch.onnx.export(_Traced(model, names), tuple(inputs.values()), str(stage / "model.onnx"),
-                                  input_names=names, output_names=[output], dynamic_shapes=(shapes,),
-                                  opset_version=opset, dynamo=True, external_data=False, optimize=True,
-                                  verbose=False)
+                try:
+                    torch.onnx.export(_Traced(model, names), tuple(inputs.values()), str(stage / "model.onnx"),
+                                      input_names=names, output_names=[output], dynamic_shapes=(shapes,),
+                                      opset_version=opset, dynamo=True, external_data=False, optimize=True,
+                                      verbose=False)
+                except Exception as e:  # torch.export's errors are pages long: the first lines name the op
+                    cause = e.__cause__ or e
+                    lines = [x for x in str(cause).splitlines() if x.strip()][:2]
+                    raise ValueError(f"torch could not export {type(model).__name__} to ONNX "
+                                     f"({type(cause).__name__}: {' '.join(lines)[:400]})") from e
             again = example_inputs(model, batch_size=3, seq_len=23)  # other sizes: the axes are really dynamic
             _verify(stage / "model.onnx", [(inputs, expected), (again, _Traced(model, names)(*again.values()))])
         if quantize == "int8":
@@ -201,8 +208,14 @@ def _quantize_int8(source: Path, target: Path) -> None:
     graph = onnx.load(str(source)).graph
     empty = {t.name for t in graph.initializer if 0 in t.dims}
     skip = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and empty & set(n.input)]
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=skip)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process (shape inference) logs on every call
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=skip)
+    finally:
+        root.setLevel(level)
 
 
 def _verify(file: Path, cases: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:

@@ -6,7 +6,6 @@ ran it": logits for given token ids, perplexity over blocks, and timing.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .gguf import LLAMA_CPP_INSTALL
+from .gguf import LLAMA_CPP_INSTALL, quiet_native_stderr
 
 
 def has_llama_cpp() -> bool:
@@ -24,22 +23,6 @@ def has_llama_cpp() -> bool:
 
 def has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """llama.cpp logs from C to fd 2; the Python flag covers most of it, this the rest (tests stay readable)."""
-    if os.environ.get("HF_PRUNE_RUNTIME_LOGS"):
-        yield
-        return
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True,
@@ -56,7 +39,7 @@ def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int | None = None
     import llama_cpp
 
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact else {}
-    with _quiet_stderr():
+    with quiet_native_stderr():
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_batch=n_batch,
                                n_ubatch=n_batch, logits_all=logits_all, flash_attn=not exact, verbose=bool(os.environ.get("HF_PRUNE_RUNTIME_LOGS")), **kv)
 
@@ -64,7 +47,7 @@ def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int | None = None
 def llama_logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
     """Logits ``(len(ids), vocab)`` llama.cpp computes for ``ids`` from an empty cache (row i predicts i + 1)."""
     llm.reset()
-    with _quiet_stderr():
+    with quiet_native_stderr():
         llm.eval(list(int(i) for i in ids))
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
@@ -85,7 +68,7 @@ def llama_greedy(llm: Any, ids: Sequence[int], new_tokens: int) -> list[int]:
     """Greedy continuation of ``ids`` in llama.cpp (token ids, no sampling)."""
     llm.reset()
     out = []
-    with _quiet_stderr():
+    with quiet_native_stderr():
         for token in llm.generate(list(int(i) for i in ids), temp=0.0, top_k=1, top_p=1.0, min_p=0.0,
                                   repeat_penalty=1.0, reset=True):
             out.append(int(token))
@@ -94,8 +77,10 @@ def llama_greedy(llm: Any, ids: Sequence[int], new_tokens: int) -> list[int]:
     return out
 
 
-def ort_session(path: str | Path, *, threads: int | None = None, optimize: bool = True) -> Any:
-    """An onnxruntime CPU session on ``path`` (graph optimisations on unless ``optimize=False``)."""
+def ort_session(path: str | Path, *, threads: int | None = None, optimize: bool = True, spin: bool = True) -> Any:
+    """An onnxruntime CPU session on ``path`` (graph optimisations on unless ``optimize=False``). ``spin=False``:
+    idle worker threads sleep instead of spinning, for timing several sessions in one process (a spinning idle
+    session steals the cores of the one being timed)."""
     if not has_onnxruntime():
         raise ImportError("running ONNX files needs onnxruntime: pip install 'hf_prune[serve]'")
     import onnxruntime as ort
@@ -104,6 +89,7 @@ def ort_session(path: str | Path, *, threads: int | None = None, optimize: bool 
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 
 from ..lm import perplexity, text_block_rows
 from ..resources import EMBEDDED_DATA, embedded_glue_dir, read_tsv, resolve_model_path
+from ..formats.command import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,
@@ -74,7 +75,7 @@ class TextDataArguments:
 
 
 ARG_TYPES = (ModelArguments, TextDataArguments, PruneArguments, RecoveryArguments, DenseArguments, BenchArguments,
-             TrainingArguments)
+             ServeArguments, TrainingArguments)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ...]:

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from ..resources import resolve_data_dir, resolve_model_path
+from ..formats.command import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,
@@ -110,7 +111,7 @@ class DataArguments:
 
 
 ARG_TYPES = (ModelArguments, DataArguments, PruneArguments, RecoveryArguments, DenseArguments, BenchArguments,
-             TrainingArguments)
+             ServeArguments, TrainingArguments)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ...]:

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from ..adapters import get_adapter
+from ..formats.command import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,
@@ -137,7 +138,7 @@ class DataArguments:
 
 
 ARG_TYPES = (ModelArguments, DataArguments, PruneArguments, RecoveryArguments, DenseArguments, BenchArguments,
-             TrainingArguments)
+             ServeArguments, TrainingArguments)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, ...]:

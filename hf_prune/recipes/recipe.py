@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from .. import report
 from ..distributed import barrier
+from ..formats.command import export_beside
 from ..hub import check_can_push, check_repo_id
 from ..plan import PrunePlan
 from ..resources import base_model_id
@@ -76,9 +77,10 @@ class Recipe:
     name = ""
 
     def __init__(self, model_args: Any, data_args: Any, prune_args: Any, recovery_args: Any, dense_args: Any,
-                 bench_args: Any, training_args: TrainingArguments) -> None:
+                 bench_args: Any, serve_args: Any, training_args: TrainingArguments) -> None:
         self.model_args, self.data_args, self.prune_args = model_args, data_args, prune_args
         self.recovery_args, self.dense_args, self.bench_args = recovery_args, dense_args, bench_args
+        self.serve_args = serve_args
         self.training_args = training_args
         self.main_process = is_main_process(training_args)
         self.out = Path(training_args.output_dir)
@@ -152,7 +154,7 @@ class Recipe:
         results = RecipeResults(
             self.name, self.task_name, self.model_name, self.main_metric, self.latency_seq_len,
             args_dict(self.model_args, self.data_args, self.prune_args, self.recovery_args, self.dense_args,
-                      self.bench_args, args),
+                      self.bench_args, self.serve_args, args),
             {"metrics": dense_metrics, **model_stats(dense, self.prune_args.seq_len)},
         )
         calibration = self.calibration()
@@ -192,6 +194,7 @@ class Recipe:
         save_pruned(model, folder, deployable=self.prune_args.deployable)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
+        run["exports"] = [str(p) for p in export_beside(model, self.processing_class, folder, self.serve_args)]
         report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), self.out / f"layers_{res.name}.png",
                                   title=f"{self.task_name} {res.name}: kept heads and FFN neurons")
         metrics = {"dense": results.dense["metrics"], "pruned": res.metrics_pruned}
