@@ -42,15 +42,17 @@ def test_onnxruntime_gives_pytorch_outputs_at_any_batch_and_length(name, cut, tm
         np.testing.assert_allclose(ort_run(session, x)[0], want, atol=1e-4)
 
 
-def test_the_tiny_table_batch_runs_too_and_int8_is_a_second_graph(tmp_path):
+def test_the_tiny_table_batch_runs_too_and_optimized_and_int8_are_more_graphs(tmp_path):
     require("onnxruntime")
     tiny = BY_NAME["bert"]
     model = _cut(tiny.model(), "uneven")
-    folder = save_onnx(model, None, tmp_path / "onnx", quantize="int8")
+    folder = save_onnx(model, None, tmp_path / "onnx", quantize="int8", optimize=True)
     x = inputs_only(tiny.batch())
     with torch.no_grad():
         want = output_tensor(model(**x)).numpy()
     np.testing.assert_allclose(ort_run(ort_session(folder / "model.onnx"), x)[0], want, atol=1e-4)
+    np.testing.assert_allclose(ort_run(ort_session(folder / "model_optimized.onnx", optimize=False), x)[0], want,
+                               atol=1e-4)
     int8 = ort_run(ort_session(folder / "model_int8.onnx"), x)[0]
     assert int8.shape == want.shape and np.isfinite(int8).all()
     assert (folder / "model_int8.onnx").stat().st_size < (folder / "model.onnx").stat().st_size
@@ -75,11 +77,12 @@ def test_a_forward_torch_cannot_trace_is_refused_with_the_reason(tmp_path):
     require("onnxruntime")
     model = BY_NAME["bert"].model()
     layer = model.bert.encoder.layer[0].intermediate
+    forward = layer.forward
 
     def untraceable(hidden_states):  # data-dependent Python control flow: torch.export cannot follow it
         if hidden_states.sum().item() > 0:
-            return hidden_states
-        return -hidden_states
+            return forward(hidden_states)
+        return forward(-hidden_states)
 
     layer.forward = untraceable
     with pytest.raises(ValueError, match="torch could not export BertForSequenceClassification to ONNX"):

@@ -74,7 +74,7 @@ def _flags(model: Path, data: Path, out: Path, **extra) -> list[str]:
 
 @pytest.mark.parametrize("config", GLUE_CONFIGS, ids=lambda p: p.stem)
 def test_every_glue_config_parses(config):
-    model, data, prune, rec, dense, bench, train = parse_args([str(config)])
+    model, data, prune, rec, dense, bench, serve, train = parse_args([str(config)])
     task = data.task()
     assert task.name == config.stem
     for budget in prune.budgets():
@@ -85,11 +85,11 @@ def test_every_glue_config_parses(config):
 
 
 def test_flags_override_config():
-    *_, prune, rec, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.6", "0.4",
+    *_, prune, rec, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.6", "0.4",
                                               "--recovery", "lora", "--learning_rate", "1e-4"])
     assert prune.budgets() == [{"flops_keep": 0.6}, {"flops_keep": 0.4}]
     assert rec.recovery == "lora" and train.learning_rate == 1e-4
-    *_, prune, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--prune_method", "retraining_free",
+    *_, prune, _, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--prune_method", "retraining_free",
                                             "--tuning_fit", "scales"])
     cfg = prune.pruning_config(prune.budgets()[0], seed=train.seed)
     assert cfg.method == "retraining_free" and cfg.tuning_fit == "scales"
@@ -98,14 +98,14 @@ def test_flags_override_config():
 def test_a_depth_budget_goes_with_every_flops_budget_of_a_recipe():
     from hf_prune.recipes.common import run_name
 
-    *_, prune, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.5", "0.3",
+    *_, prune, _, _, _, _, train = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.5", "0.3",
                                             "--layers_keep", "4"])
     budgets = prune.budgets()
     assert budgets == [{"flops_keep": 0.5, "layers_keep": 4}, {"flops_keep": 0.3, "layers_keep": 4}]
     assert [run_name(b) for b in budgets] == ["flops50_layers4", "flops30_layers4"]
     cfg = prune.pruning_config(budgets[1], seed=train.seed)
     assert cfg.layers_keep == 4 and cfg.flops_keep == 0.3
-    *_, prune, _, _, _, _ = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.5",
+    *_, prune, _, _, _, _, _ = parse_args([str(ROOT / "recipes/glue/sst2.yaml"), "--flops_keep", "0.5",
                                         "--depth_search", "true"])
     assert prune.pruning_config(prune.budgets()[0], seed=0).depth_search
     assert run_name({"layers_keep": 0.5}) == "layers50pct"
@@ -220,7 +220,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def test_a_decoder_llm_as_sequence_classifier_with_query_head_pruning(tiny_llama, glue_dir, tmp_path):
     config = ROOT / "recipes" / "glue" / "decoder" / "sst2.yaml"
-    *_, prune, _, dense, _, _ = parse_args([str(config)])  # the shipped decoder config parses
+    *_, prune, _, dense, _, _, _ = parse_args([str(config)])  # the shipped decoder config parses
     assert prune.head_unit == "query_head" and dense.dense_train == "auto"
     out = tmp_path / "decoder"
     argv = _flags(tiny_llama, glue_dir, out, flops_keep=[0.6], head_unit="query_head", importance="taylor",

@@ -77,7 +77,7 @@ def _recipe_config(tmp_path, settings: dict):
     text = "recipe: glue\ntask_name: sst2\n" + "".join(f"{k}: {_yaml(v)}\n" for k, v in settings.items())
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    *_, prune, _, _, _, train = parse_args([str(path)])
+    *_, prune, _, _, _, _, train = parse_args([str(path)])
     return prune.pruning_config(prune.budgets()[0], seed=train.seed)
 
 
@@ -132,7 +132,7 @@ def test_deprecated_recipe_keys_still_work_with_a_warning(tmp_path):
     path.write_text("recipe: glue\ntask_name: sst2\nprune_method: retraining_free\ncalibration_samples: 99\n"
                     "flops_seq_len: 32\n")
     with pytest.warns(FutureWarning, match="prune_method"):
-        *_, prune, _, _, _, train = parse_args([str(path), "--flops_seq_len", "48"])
+        *_, prune, _, _, _, _, train = parse_args([str(path), "--flops_seq_len", "48"])
     cfg = prune.pruning_config(prune.budgets()[0], seed=train.seed)
     assert (cfg.method, cfg.max_calibration_samples, cfg.seq_len) == ("retraining_free", 99, 48)
     path.write_text("recipe: glue\ntask_name: sst2\nprune_method: one_shot\nmethod: one_shot\n")

@@ -17,12 +17,14 @@ class ExportSettings:
         pad_ffn_to: GGUF: pad FFN widths with zero neurons to a multiple of this (1: none); exact, faster kernels.
         pre_tokenizer: GGUF: llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer it cannot recognise.
         quantize: ONNX: ``int8`` also writes ``model_int8.onnx`` (onnxruntime dynamic quantization).
+        optimize: ONNX: also write ``model_optimized.onnx`` (onnxruntime's graph optimisations applied ahead of time).
     """
 
     outtype: str = field(default="f16", metadata={"help": "GGUF: f32, f16, bf16, q8_0 or q4_k_m."})
     pad_ffn_to: int = field(default=32, metadata={"help": "GGUF: pad FFN widths to a multiple of this (1: none)."})
     pre_tokenizer: str = field(default="", metadata={"help": "GGUF: llama.cpp pre-tokenizer name if unrecognised."})
     quantize: str = field(default="", metadata={"help": "ONNX: 'int8' also writes model_int8.onnx."})
+    optimize: bool = field(default=False, metadata={"help": "ONNX: also write model_optimized.onnx."})
 
     def options_for(self, formats: list[str]) -> dict[str, dict[str, Any]]:
         """``{format: its options}``; a setting changed from its default that none of ``formats`` takes is an
