@@ -159,3 +159,8 @@ def test_cli_export_refuses_a_checkpoint_without_its_tokenizer(tmp_path, capsys)
     assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--quantize", "int8", "--output_dir",
                  str(tmp_path / "g")]) == 2
     assert "--quantize does not apply to gguf" in capsys.readouterr().err
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "model-f16.gguf").write_text("keep")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--output_dir", str(tmp_path / "g")]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "g" / "model-f16.gguf").read_text() == "keep"

@@ -374,3 +374,17 @@ def test_card_of_a_depth_pruned_checkpoint_counts_the_dense_layers(tmp_path):
     kept = hp.count_params(model)
     assert "layers kept 2/3" in card and "attention heads kept 8/12" in card
     assert f"parameters kept {kept:,}/{dense_params:,}" in card
+
+
+def test_the_card_says_how_to_run_the_serving_files_beside_the_checkpoint(bert_ckpt, tmp_path):
+    folder = _copy(bert_ckpt[1], tmp_path)
+    assert "Run it in" not in hp.model_card(folder)  # nothing exported: no section
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"x")
+    (folder / "onnx" / "model_int8.onnx").write_bytes(b"x")
+    text = hp.model_card(folder, repo_id="me/tiny")
+    assert 'hf_hub_download("me/tiny", "onnx/model.onnx")' in text and "`onnx/model_int8.onnx`" in text
+    (folder / "model-q8_0.gguf").write_bytes(b"x")
+    text = hp.model_card(folder, repo_id="me/tiny")
+    assert "llama-cli -m model-q8_0.gguf" in text and 'filename="model-q8_0.gguf"' in text
+    assert "FROM ./model-q8_0.gguf" in text

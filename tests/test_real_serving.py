@@ -83,7 +83,7 @@ def test_real_gemma3_uniform_cut_runs_in_llama_cpp(tmp_path):
     config = hp.PruningConfig(importance="fisher", allocation="uniform", neurons_keep=0.75, seq_len=128,
                               progress=False)
     model, held_out = _decoder("gemma3", config, tmp_path)
-    # ggml's GELU is an f16 table lookup: logits agree to ~1e-2 on Gemma's scale (|logit| up to ~40), not 1e-4
+    # ggml's GELU is an f16 table lookup (GGML_GELU_FP16): Gemma's logits are not float-exact in llama.cpp
     _check_in_llama_cpp(model, held_out, tmp_path, atol=5e-2, quantized={"f16": 0.01})
 
 

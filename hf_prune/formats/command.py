@@ -133,6 +133,9 @@ def cmd_export(argv: list[str], parse: Any, usage_error: type[Exception]) -> int
         raise usage_error("pass --output_dir FOLDER for the export")
     fmt = get_export_format(options.format)
     settings = {**options.options_for([fmt.name])[fmt.name], "overwrite": options.overwrite or None}
+    target = Path(args.output_dir) / fmt.file_name(**settings)
+    if not options.overwrite and target.exists() and (target.is_file() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists: pass --overwrite to replace it")  # before loading anything
     tokenizer = _tokenizer(args.checkpoint, required=fmt.name == "gguf")
     model = load_pruned(args.checkpoint)
     out = export_model(model, tokenizer, args.output_dir, fmt.name, **settings)
