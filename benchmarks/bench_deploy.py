@@ -36,7 +36,9 @@ class DeployArguments:
     """Arguments of ``bench_deploy.py``.
 
     Args:
-        parts: ``llama`` (SmolLM2 in llama.cpp) and/or ``onnx`` (MiniLM in onnxruntime).
+        parts: ``llama`` (a decoder in llama.cpp) and/or ``onnx`` (MiniLM in onnxruntime).
+        llama_model: the embedded decoder of the llama part: ``smollm2`` or ``gemma3`` (Gemma-3's uneven cuts have no
+            llama.cpp architecture, so only its uniform cut runs; the skip is recorded).
         budgets: SmolLM2: fractions of layer FLOPs kept by the retraining-free cuts.
         uniform_budget: SmolLM2: the uniform (stock-shaped) one-shot Fisher cut's budget (0: none).
         outtypes: GGUF outtypes.
@@ -50,6 +52,7 @@ class DeployArguments:
     """
 
     parts: list[str] = field(default_factory=lambda: ["llama", "onnx"])
+    llama_model: str = "smollm2"
     budgets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6])
     uniform_budget: float = 0.8
     outtypes: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
@@ -65,19 +68,26 @@ class DeployArguments:
 def run_llama(args: DeployArguments, tmp: Path) -> dict[str, Any]:
     import deploy_llama as L
 
-    dense, tok = L.load("smollm2")
+    from hf_prune.formats.gguf_families import gguf_family
+
+    name = args.llama_model
+    dense, tok = L.load(name)
     sentences = qnli_text("dev")
     calib = pack_text_blocks(tok, sentences[:2000], block_size=128, batch_size=4, max_blocks=args.calibration_blocks)
     held_out = pack_text_blocks(tok, sentences[3000:], block_size=128, batch_size=4, max_blocks=args.eval_blocks)
-    models, prune_s = {"dense": dense}, {}
-    for b in args.budgets:
-        models[f"rf {b:.0%}"], prune_s[f"rf {b:.0%}"] = L.cut_model("smollm2", dense, "retraining_free", b, calib)
+    models, prune_s, skipped = {"dense": dense}, {}, None
+    family = gguf_family(dense.config.model_type)
+    if family.uneven_arch is None:
+        skipped = f"retraining-free cuts (uneven): {family.uneven_reason}"
+        print(f"skipped {skipped}", flush=True)
+    for b in [] if skipped else args.budgets:
+        models[f"rf {b:.0%}"], prune_s[f"rf {b:.0%}"] = L.cut_model(name, dense, "retraining_free", b, calib)
     if args.uniform_budget:
-        name = f"uniform {args.uniform_budget:.0%}"
-        models[name], prune_s[name] = L.cut_model("smollm2", dense, "uniform", args.uniform_budget, calib)
+        cut = f"uniform {args.uniform_budget:.0%}"
+        models[cut], prune_s[cut] = L.cut_model(name, dense, "uniform", args.uniform_budget, calib)
     unpadded = [n for n in models if n == "rf 80%"]
     rows = L.measure(models, tok, held_out, args.outtypes, unpadded, args.repeats, args.threads, tmp)
-    return {"rows": rows, "prune_s": prune_s}
+    return {"model": name, "rows": rows, "prune_s": prune_s, "skipped": skipped}
 
 
 def run_onnx(args: DeployArguments, tmp: Path) -> dict[str, Any]:
@@ -138,7 +148,9 @@ def write(results: dict[str, Any], args: DeployArguments) -> None:
              f"- environment: {json.dumps(report.environment())}\n",
              f"- runtimes: {json.dumps(runtime_versions())}\n"]
     if "llama" in results:
-        lines += ["\n## SmolLM2-135M-Instruct in llama.cpp\n",
+        title = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}[results["llama"]["model"]]
+        lines += [f"\n## {title} in llama.cpp\n",
+                  *([f"\nNot run: {results['llama']['skipped']}.\n"] if results["llama"].get("skipped") else []),
                   f"\nPerplexity on {args.eval_blocks} held-out blocks of 128 QNLI tokens, computed by llama.cpp "
                   "(flash attention, f16 KV cache) and by transformers (fp32) on the same blocks; prompt = 128 "
                   f"tokens, decode = 32 tokens at batch 1, {args.threads} threads, every file interleaved, median of "
@@ -150,11 +162,12 @@ def write(results: dict[str, Any], args: DeployArguments) -> None:
                                         headers=LLAMA_HEADERS)]
         series: dict[str, list] = {}
         for r in results["llama"]["rows"]:
-            if r["model"].startswith("rf") and "unpadded" not in r["model"]:
-                series.setdefault(f"rf, {r['outtype']}", []).append((r["decode_speedup"], r["ppl_llama_cpp"]))
+            if r["model"] != "dense" and "unpadded" not in r["model"]:
+                kind = r["model"].split()[0]
+                series.setdefault(f"{kind}, {r['outtype']}", []).append((r["decode_speedup"], r["ppl_llama_cpp"]))
         plot = out / f"{args.out_name}_llama.png"
         report.plot_metric_vs_speedup(series, plot, metric="perplexity in llama.cpp (log)", log_y=True,
-                                      title="SmolLM2 cuts in llama.cpp: perplexity vs decode speedup (b1)")
+                                      title=f"{title} cuts in llama.cpp: perplexity vs decode speedup (b1)")
         lines.append(f"\n![perplexity vs decode speedup]({plot.name})\n")
     if "onnx" in results:
         lines += ["\n## all-MiniLM-L6-v2 in onnxruntime\n",
@@ -179,6 +192,8 @@ def main() -> None:
     unknown = sorted(set(args.parts) - {"llama", "onnx"})
     if unknown:
         raise SystemExit(f"bench_deploy.py: unknown part {unknown[0]!r}; choose llama and/or onnx")
+    if args.llama_model not in ("smollm2", "gemma3"):
+        raise SystemExit(f"bench_deploy.py: --llama_model is smollm2 or gemma3, not {args.llama_model!r}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_deploy-") as tmp:
         if "llama" in args.parts:
