@@ -172,7 +172,8 @@ def write(results: dict[str, Any], args: DeployArguments) -> None:
     if "onnx" in results:
         lines += ["\n## all-MiniLM-L6-v2 in onnxruntime\n",
                   "\nSTS-B dev Spearman (x100) of the cosine of mean-pooled embeddings; latency at 128 tokens, "
-                  f"{args.threads} threads, one runtime at a time with its models interleaved, median of {args.repeats}; speedup "
+                  f"{args.threads} threads, one runtime at a time with its models interleaved, median of "
+                  f"{args.repeats}; speedup "
                   "over the dense model in the same runtime, and as a share of the FLOPs ideal.\n",
                   _onnx_table(results["onnx"]["rows"])]
         series = {rt: [(r[f"{rt}_b1_speedup"], r["stsb_torch"] if rt == "torch" else r[f"stsb_{rt}"])

@@ -29,10 +29,10 @@ CUTS = CACHE / "deploy" / "cuts"
 
 def cut_model(name: str, dense: torch.nn.Module, method: str, budget: float, calib: list[dict], seed: int = 0):
     """The cut (cached as a checkpoint: retraining-free refits weights, so its plan alone does not replay it)."""
-    folder = CUTS / f"{name}-{method}-{budget:g}-calib{sum(b['input_ids'].shape[0] for b in calib)}"
+    n = sum(b["input_ids"].shape[0] for b in calib)
+    folder = CUTS / f"{name}-{method}-{budget:g}-calib{n}"
     if (folder / "config.json").exists():
         return hp.load_pruned(folder).eval(), None
-    n = sum(b["input_ids"].shape[0] for b in calib)
     if method == "retraining_free":
         cfg = hp.PruningConfig(method="retraining_free", flops_keep=budget, tuning_samples=n // 2,
                                selection_samples=n // 2, progress=False, seed=seed)
@@ -70,6 +70,8 @@ def measure(models: dict[str, torch.nn.Module], tok: Any, held_out: list[dict], 
     dense_flops = hp.count_flops(dense, 128)["total"]
     torch_ppl = {name: perplexity(m, held_out) for name, m in models.items()}
     for name, model in models.items():
+        sizes = hp.PrunePlan.of(model).physical_sizes()
+        flops_kept = hp.count_flops(model, 128)["total"] / dense_flops
         for outtype in outtypes:
             for pad in ([32, 1] if name in unpadded else [32]):
                 label = name if pad == 32 else f"{name} (unpadded)"
@@ -79,11 +81,10 @@ def measure(models: dict[str, torch.nn.Module], tok: Any, held_out: list[dict], 
                 ppl = llama_perplexity(llm, blocks)
                 del llm
                 llms[(label, outtype)] = load_llama(path, n_ctx=256, threads=threads, logits_all=False)
-                sizes = hp.PrunePlan.of(model).physical_sizes()
                 rows.append({"model": label, "outtype": outtype, "file_mb": path.stat().st_size / 2**20,
                              "ppl_llama_cpp": ppl, "ppl_torch": torch_ppl[name],
                              "ppl_vs_torch": ppl / torch_ppl[name] - 1, "ppl_vs_dense": ppl / torch_ppl["dense"],
-                             "flops_kept": hp.count_flops(model, 128)["total"] / dense_flops,
+                             "flops_kept": flops_kept,
                              "layers": len(sizes), "heads": sum(s["num_heads"] for s in sizes),
                              "ffn": sum(s["intermediate_size"] for s in sizes)})
                 print(f"  {label:<28} {outtype:<7} {rows[-1]['file_mb']:7.1f} MiB  ppl {ppl:.3f} (torch "
@@ -105,7 +106,7 @@ def measure(models: dict[str, torch.nn.Module], tok: Any, held_out: list[dict], 
         row["decode_speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["prompt_of_ideal"] = row["prompt_speedup"] / row["flops_ideal"]
         row["decode_of_ideal"] = row["decode_speedup"] / row["bytes_ideal"]
-    eager = hp.compare_decode({n: m for n, m in models.items()}, prompt_len=128, new_tokens=32, repeats=repeats)
+    eager = hp.compare_decode(models, prompt_len=128, new_tokens=32, repeats=repeats)
     for row in rows:
         e = eager[row["model"].removesuffix(" (unpadded)")]
         d = eager["dense"]

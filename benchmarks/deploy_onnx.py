@@ -3,7 +3,8 @@
 Quality: STS-B dev Spearman of the cosine of mean-pooled embeddings (the model's own use, no fine-tuning), in
 PyTorch, onnxruntime fp32 and onnxruntime int8. Speed: batch 1 and batch 32 at 128 tokens in PyTorch eager and in
 onnxruntime (all graph optimisations; fp32 and int8; idle threads do not spin, so sessions alive side by side do
-not steal each other's cores), one runtime at a time with its models interleaved run by run, median; each cut's speedup is over the dense model *in the same runtime*, and its share of the FLOPs ideal.
+not steal each other's cores), one runtime at a time with its models interleaved run by run, median; each cut's
+speedup is over the dense model *in the same runtime*, and its share of the FLOPs ideal.
 """
 
 from __future__ import annotations

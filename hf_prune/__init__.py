@@ -18,7 +18,6 @@ from .costs import (
 )
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
 from .export import NotStockExpressible, save_pruned, save_stock
-from . import formats  # noqa: E402
 from .formats import ExportFormat, export_model, register_export_format, save_gguf, save_onnx
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .criteria import CRITERIA, Criterion, register_criterion

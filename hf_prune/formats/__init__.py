@@ -25,8 +25,9 @@ def _write_stock(model: nn.Module, tokenizer: Any, path: Path, *, overwrite: boo
 
 for _fmt in (
     ExportFormat("gguf", "llama.cpp (llama-cpp-python, ollama, LM Studio)", save_gguf, gguf_file_name,
-                 ("outtype", "pad_ffn_to", "pre_tokenizer", "overwrite")),
-    ExportFormat("onnx", "onnxruntime", save_onnx, lambda **_: "", ("quantize", "optimize", "overwrite")),
+                 ("outtype", "pad_ffn_to", "pre_tokenizer", "overwrite"), beside=""),
+    ExportFormat("onnx", "onnxruntime", save_onnx, lambda **_: "", ("quantize", "optimize", "overwrite"),
+                 beside="onnx"),
     ExportFormat("stock", "transformers without remote code (vLLM, TGI)", _write_stock, lambda **_: "",
                  ("overwrite",)),
 ):

@@ -73,9 +73,12 @@ class ServeArguments(ExportSettings):
     export_formats: list[str] = field(default_factory=list, metadata={"help": "Serving formats: gguf, onnx."})
 
     def __post_init__(self) -> None:
-        bad = sorted(set(self.export_formats) - {"gguf", "onnx"})
+        from .registry import export_formats, get_export_format
+
+        beside = [n for n in export_formats() if get_export_format(n).beside is not None]
+        bad = sorted(set(self.export_formats) - set(beside))
         if bad:
-            raise ValueError(f"export_formats takes gguf and onnx, not {bad[0]!r} (a stock checkpoint is "
+            raise ValueError(f"export_formats takes {' and '.join(beside)}, not {bad[0]!r} (a stock checkpoint is "
                              "deployable: true)")
         self.options_for(self.export_formats)  # a setting no chosen format takes fails now, not after the run
 
@@ -83,11 +86,11 @@ class ServeArguments(ExportSettings):
 def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArguments) -> list[Path]:
     """Write ``serve.export_formats`` into a saved checkpoint ``folder`` (GGUF file at its root, ONNX in
     ``onnx/``), replacing earlier exports."""
-    from .registry import export_model
+    from .registry import export_model, get_export_format
 
     written = []
     for name, options in serve.options_for(serve.export_formats).items():
-        target = folder / "onnx" if name == "onnx" else folder
+        target = folder / get_export_format(name).beside
         written.append(export_model(model, tokenizer, target, name, **options, overwrite=True))
     return written
 
@@ -132,7 +135,7 @@ def cmd_export(argv: list[str], parse: Any, usage_error: type[Exception]) -> int
     if not args.output_dir:
         raise usage_error("pass --output_dir FOLDER for the export")
     fmt = get_export_format(options.format)
-    settings = {**options.options_for([fmt.name])[fmt.name], "overwrite": options.overwrite or None}
+    settings = {**options.options_for([fmt.name])[fmt.name], "overwrite": options.overwrite}
     target = Path(args.output_dir) / fmt.file_name(**settings)
     if not options.overwrite and target.exists() and (target.is_file() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists: pass --overwrite to replace it")  # before loading anything

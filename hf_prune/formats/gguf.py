@@ -123,11 +123,15 @@ def _permute_rope(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(-1, 2, head_dim // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def _padded_width(width: int, multiple: int) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (an empty FFN stays empty)."""
+    return width + (-width) % multiple if width else 0
+
+
 def _pad_ffn(up: torch.Tensor, gate: torch.Tensor | None, down: torch.Tensor, multiple: int):
     """Zero neurons appended so the width is a multiple of ``multiple``: gate/up rows and down columns of zeros,
     whose contribution ``down[:, n] * act(gate[n] x) * (up[n] x)`` is exactly 0."""
-    width = up.shape[0]
-    extra = (-width) % multiple if width else 0
+    extra = _padded_width(up.shape[0], multiple) - up.shape[0]
     if not extra:
         return up, gate, down
     rows = up.new_zeros(extra, up.shape[1])
@@ -142,7 +146,7 @@ class _Tensors:
     whole quant blocks stays f16, as llama.cpp's own quantizer does), 1-D tensors f32."""
 
     def __init__(self, writer: Any, outtype: str):
-        self.writer, self.outtype, self.fallbacks = writer, outtype, []
+        self.writer, self.outtype = writer, outtype
 
     def add(self, name: str, t: torch.Tensor) -> None:
         import gguf
@@ -157,7 +161,6 @@ class _Tensors:
         qtype = _ggml_type(self.outtype)
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         if a.shape[-1] % block:
-            self.fallbacks.append(name)
             self.writer.add_tensor(name, a.astype(np.float16))
             return
         self.writer.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
@@ -195,8 +198,7 @@ def _write_keys(writer: Any, model: nn.Module, family: GgufFamily, arch: str, si
                 outtype: str) -> None:
     config = model.config
     dims = model_dims(model)
-    padded = [s["intermediate_size"] + ((-s["intermediate_size"]) % pad if s["intermediate_size"] else 0)
-              for s in sizes]
+    padded = [_padded_width(s["intermediate_size"], pad) for s in sizes]
     uniform = arch != "deci"
     name = getattr(config, "_name_or_path", "") or type(model).__name__
     writer.add_name(Path(str(name)).name)
@@ -215,7 +217,7 @@ def _write_keys(writer: Any, model: nn.Module, family: GgufFamily, arch: str, si
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(model.get_output_embeddings().out_features))
     if family.extra_keys is not None:
-        family.extra_keys(writer, config, list(range(len(sizes))))
+        family.extra_keys(writer, config)
 
 
 @torch.no_grad()
@@ -251,9 +253,9 @@ def save_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, outtype: st
         add_vocab(writer, tokenizer, files.name, model.get_output_embeddings().out_features, pre_tokenizer)
         tensors = _Tensors(writer, base_type)
         tensors.add("token_embd.weight", model.get_input_embeddings().weight)
+        spec, head_dim = get_adapter(model), model_dims(model)["head_dim"]
         for i, (layer, s) in enumerate(zip(layers_of(model), sizes)):
-            _write_layer(tensors, i, layer, get_adapter(model), family, arch, s, model_dims(model)["head_dim"],
-                         pad_ffn_to)
+            _write_layer(tensors, i, layer, spec, family, arch, s, head_dim, pad_ffn_to)
         tensors.add("output_norm.weight", model.base_model.norm.weight + family.norm_offset)
         if not getattr(model.config, "tie_word_embeddings", False):
             tensors.add("output.weight", model.get_output_embeddings().weight)

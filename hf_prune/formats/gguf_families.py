@@ -32,7 +32,7 @@ class GgufFamily:
             family (uneven cuts are then refused with ``uneven_reason``).
         norms: per-layer norm modules (HF path inside a layer, GGUF name); linears come from the adapter.
         norm_offset: added to every norm weight (Gemma's RMSNorm scales by ``1 + w``; llama.cpp by ``w``).
-        extra_keys: ``extra_keys(writer, config, kept_layers)`` writes family-specific metadata.
+        extra_keys: ``extra_keys(writer, config)`` writes family-specific metadata.
         uneven_reason: why uneven cuts cannot be exported (said in the error).
         full_width_attention: ``arch`` builds Q and the output projection at the hidden width (llama.cpp's qwen2),
             so a cut of query heads, even a uniform one, goes to ``uneven_arch``.
@@ -45,7 +45,7 @@ class GgufFamily:
     uneven_arch: str | None = "deci"
     norms: tuple[tuple[str, str], ...] = LLAMA_NORMS
     norm_offset: float = 0.0
-    extra_keys: Callable[[Any, Any, list[int]], None] | None = None
+    extra_keys: Callable[[Any, Any], None] | None = None
     uneven_reason: str = ""
     full_width_attention: bool = False
     activation: str = "silu"
@@ -62,11 +62,16 @@ def register_gguf_family(family: GgufFamily, *, overwrite: bool = False) -> Gguf
     return family
 
 
+def gguf_model_types() -> list[str]:
+    """The model types GGUF export writes (the decoder LLM families)."""
+    return sorted(_FAMILIES)
+
+
 def gguf_family(model_type: str) -> GgufFamily:
     if model_type not in _FAMILIES:
         raise ValueError(
             f"llama.cpp has no architecture hf_prune can write for model_type {model_type!r} (GGUF holds decoder "
-            f"LLMs: {', '.join(sorted(_FAMILIES))}); export encoders and vision models with format='onnx'")
+            f"LLMs: {', '.join(gguf_model_types())}); export encoders and vision models with format='onnx'")
     return _FAMILIES[model_type]
 
 
@@ -95,7 +100,7 @@ def _sliding_window_check(config: Any) -> str | None:
     return None
 
 
-def _gemma3_keys(writer: Any, config: Any, kept_layers: list[int]) -> None:
+def _gemma3_keys(writer: Any, config: Any) -> None:
     types = list(getattr(config, "layer_types", None) or [])
     writer.add_sliding_window(int(config.sliding_window))
     # one flag per layer the file has: after depth pruning the stock every-6th-layer pattern no longer holds
@@ -130,7 +135,8 @@ for _family in (
                norms=(("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
                       ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
                       ("self_attn.q_norm", "attn_q_norm"), ("self_attn.k_norm", "attn_k_norm")),
-               norm_offset=1.0, extra_keys=_gemma3_keys, activation="gelu_pytorch_tanh", uneven_reason=_NO_PER_HEAD_NORMS.format(arch="gemma3"),
+               norm_offset=1.0, extra_keys=_gemma3_keys, activation="gelu_pytorch_tanh",
+               uneven_reason=_NO_PER_HEAD_NORMS.format(arch="gemma3"),
                checks=(_gemma3_check,)),
 ):
     register_gguf_family(_family)

@@ -9,14 +9,15 @@ in onnxruntime against PyTorch before the folder is moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
 import logging
 import os
 import shutil
 import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ from torch import nn
 from ..adapters import get_adapter, model_dims
 from ..modeling_pruned import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
 from ..io import chmod_like_new_
+from .gguf_families import gguf_model_types
 
 ONNX_INSTALL = "pip install 'hf_prune[serve]'   (onnx, onnxruntime)"
 #: onnxruntime's output may differ from PyTorch's by float reordering only; more than this is a wrong graph.
@@ -99,17 +101,7 @@ def _forward_args(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-@contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """The exporter prints its progress; an export prints one line of its own instead."""
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-@contextmanager
+@contextlib.contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[None]:
     """Eager attention for the trace (the SDPA path traces to shapes fixed at the example's size)."""
     old = getattr(model.config, "_attn_implementation", None)
@@ -129,8 +121,7 @@ def _check(model: nn.Module, path: Path, overwrite: bool, quantize: str | None) 
             raise ImportError(f"ONNX export needs {package}: {ONNX_INSTALL}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
-    if getattr(model.config, "is_decoder", False) or model.config.model_type in ("llama", "mistral", "qwen2", "qwen3",
-                                                                                   "gemma3_text"):
+    if getattr(model.config, "is_decoder", False) or model.config.model_type in gguf_model_types():
         raise ValueError(f"ONNX export covers encoders and vision models; export the {model.config.model_type} "
                          "decoder with format='gguf' for llama.cpp")
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -167,7 +158,8 @@ def save_onnx(model: nn.Module, tokenizer: Any, path: str | Path, *, quantize: s
             output = _output_name(model)
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
             shapes = tuple({0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names)
-            with warnings.catch_warnings(), _quiet_stdout():
+            # the exporter prints its progress; an export prints one line of its own instead
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")  # the exporter's notes on what it specialised or decomposed
                 try:
                     torch.onnx.export(_Traced(model, names), tuple(inputs.values()), str(stage / "model.onnx"),

@@ -25,6 +25,8 @@ class ExportFormat:
         file_name: ``file_name(**options)``: the file it writes inside the output folder, or ``""`` when the output
             folder itself is what it writes.
         options: the option names ``write`` takes (anything else is refused, never ignored).
+        beside: where a recipe's ``export_formats`` writes it inside a saved checkpoint folder (``""``: the folder
+            itself, a file at its root; ``"onnx"``: that subfolder), or None when it is not written beside one.
     """
 
     name: str
@@ -32,6 +34,7 @@ class ExportFormat:
     write: Callable[..., Path]
     file_name: Callable[..., str]
     options: tuple[str, ...] = ()
+    beside: str | None = None
 
 
 _REGISTRY: dict[str, ExportFormat] = {}
@@ -40,7 +43,8 @@ _REGISTRY: dict[str, ExportFormat] = {}
 def register_export_format(fmt: ExportFormat, *, overwrite: bool = False) -> ExportFormat:
     """Register ``fmt`` under ``fmt.name`` (``overwrite`` replaces a format of that name)."""
     if fmt.name in _REGISTRY and not overwrite:
-        raise ValueError(f"an export format named {fmt.name!r} is already registered; pass overwrite=True to replace it")
+        raise ValueError(f"an export format named {fmt.name!r} is already registered; pass overwrite=True to "
+                         "replace it")
     _REGISTRY[fmt.name] = fmt
     return fmt
 

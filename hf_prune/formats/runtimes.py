@@ -41,7 +41,8 @@ def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int | None = None
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact else {}
     with quiet_native_stderr():
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(), n_batch=n_batch,
-                               n_ubatch=n_batch, logits_all=logits_all, flash_attn=not exact, verbose=bool(os.environ.get("HF_PRUNE_RUNTIME_LOGS")), **kv)
+                               n_ubatch=n_batch, logits_all=logits_all, flash_attn=not exact,
+                               verbose=bool(os.environ.get("HF_PRUNE_RUNTIME_LOGS")), **kv)
 
 
 def llama_logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
