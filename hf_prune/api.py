@@ -1,26 +1,22 @@
-"""``prune(model, dataloader, config)``: score, plan and cut in one call."""
+"""``prune(model, dataloader, config)``: plan with the configured method, fold its refit, cut; one call."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from torch import nn
 
 from .config import PruningConfig
-from .depth import layer_importance
 from .export import stock_config
-from .importance import compute_importance
-from .budget import build_plan
+from .methods import DEPTH_SEARCH_SAMPLES, MethodContext, get_method
 from .plan import PrunePlan
-from .batches import collect_batches
-from .retraining_free import LatencyTable, choose_depth, prune_retraining_free
+from .retraining_free import LatencyTable
 from .surgery import apply_plan_
 
 M = TypeVar("M", bound=nn.Module)
-#: calibration samples ``depth_search`` compares its one-shot candidates on (``retraining_free`` uses its own
-#: held-out selection samples)
-DEPTH_SEARCH_SAMPLES = 256
+__all__ = ["DEPTH_SEARCH_SAMPLES", "prune"]
 
 
 def prune(
@@ -30,48 +26,28 @@ def prune(
     *,
     latency_table: LatencyTable | None = None,
 ) -> tuple[M, PrunePlan]:
-    """Score heads and neurons (and whole layers, for ``layers_keep``) on ``dataloader``, build a plan under
-    ``config``'s budget and apply it in place.
+    """Choose what to keep with ``config.method`` (a registered :class:`hf_prune.methods.PruningMethod`: scores
+    and layer scores on ``dataloader`` under ``config``'s budget for ``one_shot``; the retraining-free pipeline for
+    ``retraining_free``), fold any refit into the kept weights and cut, in place.
 
     Returns the (same, now physically smaller) model and the plan. ``dataloader`` may be None for the
-    data-free criteria ``magnitude`` and ``random`` of ``method="one_shot"``. ``method="retraining_free"``
-    runs :func:`hf_prune.prune_retraining_free` (``latency_table``: reuse a table measured earlier for a
-    ``latency_keep`` budget instead of timing the model again). With ``config.deployable``, a cut whose shape the
-    family's stock config cannot express raises :class:`hf_prune.NotStockExpressible` here, before any recovery.
+    data-free criteria ``magnitude`` and ``random`` of ``method="one_shot"``. ``latency_table``: reuse a table
+    measured earlier for a ``latency_keep`` budget instead of timing the model again. With ``config.deployable``, a
+    cut whose shape the family's stock config cannot express raises :class:`hf_prune.NotStockExpressible` here,
+    before any recovery.
     """
-    if config.method == "retraining_free":
-        if dataloader is None:
-            raise ValueError("method='retraining_free' needs calibration data: pass a dataloader")
-        model, plan = prune_retraining_free(model, dataloader, config, latency_table=latency_table)
-        if config.deployable:
-            stock_config(model)
-        return model, plan
-    depth = config.layers_keep is not None or config.depth_search
-    if depth and dataloader is None:
-        raise ValueError(f"layers_keep and depth_search score whole layers on calibration data (layer_importance="
-                         f"{config.layer_importance!r}): pass a dataloader")
-    if depth:  # every stage sees the same samples, even from a one-shot iterator
-        dataloader = collect_batches(dataloader, config.max_calibration_samples)
-    scores = compute_importance(
-        model,
-        dataloader,
-        config.importance,
-        max_samples=config.max_calibration_samples,
-        seed=config.seed,
-        progress=config.progress,
-    )
-    if depth:
-        scores.layers = layer_importance(
-            model, dataloader, config.layer_importance, max_samples=config.max_calibration_samples,
-            seed=config.seed, progress=config.progress,
-        )
-    if config.depth_search:
-        held_out = collect_batches(dataloader, DEPTH_SEARCH_SAMPLES)
-        plan = choose_depth(model, held_out, config, lambda c: build_plan(scores, model, c),
-                            PrunePlan.of(model).num_layers)
-    else:
-        plan = build_plan(scores, model, config)
+    method = get_method(config.method)
+    if method.needs_data and dataloader is None:
+        raise ValueError(f"method={method.name!r} needs calibration data: pass a dataloader")
+    start = time.perf_counter()
+    plan, tuning = method.plan(model, dataloader, config, MethodContext(latency_table=latency_table))
+    if tuning is not None and method.fold is not None:
+        method.fold(model, tuning)
+    t = time.perf_counter()
     apply_plan_(model, plan)
+    info = plan.meta.get(method.name)
+    if isinstance(info, dict) and "times" in info:  # a method reporting its stage times gets the cut's added
+        info["times"].update(cut_s=time.perf_counter() - t, total_s=time.perf_counter() - start)
     if config.deployable:  # a shape the stock config cannot hold fails now, not after recovery
         stock_config(model)
     return model, plan

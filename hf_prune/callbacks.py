@@ -12,9 +12,9 @@ that :func:`hf_prune.apply_plan_` turns into a physically smaller model with the
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,19 +23,15 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 
 from .adapters import get_adapter, model_dims
-from .api import DEPTH_SEARCH_SAMPLES
-from .batches import collect_batches
-from .budget import build_plan
 from .config import PruningConfig
 from .costs import CostModel, count_params
 from .criteria import get_criterion
-from .depth import layer_importance
 from .distributed import all_reduce_sum_, broadcast_parameters_, is_main
-from .importance import ImportanceScores, compute_importance
+from .importance import ImportanceScores
 from .masks import LayerMasks, mask_hooks
 from .modeling_pruned import get_module, layer_list
+from .methods import MethodContext, get_method
 from .plan import PrunePlan
-from .retraining_free import choose_depth
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
 
@@ -195,15 +191,15 @@ class PruningCallback(TrainerCallback, ExportableState):
             schedule if isinstance(schedule, PruningSchedule) else PruningSchedule(**dict(schedule or {}))
         )
         self.calibration_dataloader = calibration_dataloader
-        if self.config.method == "retraining_free":
-            if self.schedule.kind != "one_shot" or self.schedule.start_step != 0:
-                raise ValueError(
-                    "method='retraining_free' is a one-shot cut of the trained model: use the default schedule "
-                    f"(one_shot at start_step=0), not {self.schedule.kind} from step {self.schedule.start_step}; "
-                    "for a gradual schedule use method='one_shot'"
-                )
-            if calibration_dataloader is None:
-                raise ValueError("method='retraining_free' needs calibration data: pass calibration_dataloader=...")
+        method = get_method(self.config.method)
+        if method.once_at_start and (self.schedule.kind != "one_shot" or self.schedule.start_step != 0):
+            raise ValueError(
+                f"method={method.name!r} is a one-shot cut of the trained model: use the default schedule "
+                f"(one_shot at start_step=0), not {self.schedule.kind} from step {self.schedule.start_step}; "
+                "for a gradual schedule use method='one_shot'"
+            )
+        if method.needs_data and calibration_dataloader is None:
+            raise ValueError(f"method={method.name!r} needs calibration data: pass calibration_dataloader=...")
         if self.config.depth_search and self.schedule.kind != "one_shot":
             raise ValueError(f"depth_search chooses the layer count at one one-shot event, not on a "
                              f"{self.schedule.kind} schedule: use a one_shot schedule, or set layers_keep (a gradual "
@@ -212,8 +208,8 @@ class PruningCallback(TrainerCallback, ExportableState):
             raise ValueError(f"layers_keep scores whole layers (layer_importance={self.config.layer_importance!r}) on "
                              "calibration data: pass calibration_dataloader=...")
         crit = get_criterion(self.config.importance)
-        uses_gradients = calibration_dataloader is None and crit.gradient
-        if crit.needs_data and not crit.gradient and calibration_dataloader is None:
+        uses_gradients = method.uses_criterion and calibration_dataloader is None and crit.gradient
+        if method.uses_criterion and crit.needs_data and not crit.gradient and calibration_dataloader is None:
             raise ValueError(
                 f"importance={crit.name!r} needs a calibration_dataloader (it is not a gradient statistic)"
             )
@@ -319,56 +315,31 @@ class PruningCallback(TrainerCallback, ExportableState):
         self.on_plan_update(model, step)
 
     def _new_plan(self, model: nn.Module, cfg: PruningConfig, step: int) -> PrunePlan:
-        """This event's plan: retraining-free, or scores (calibration data, or the training gradients) -> plan."""
+        """This event's plan from the configured method (scores from the calibration data, or from the training
+        gradients), its refit folded into the kept weights in place (same tensors, so the optimizer and DDP's
+        buckets stay valid); the masks then make the model compute what the cut one would."""
         assert self.controller is not None
-        if cfg.method == "retraining_free":
-            return self._retraining_free_event(model, cfg)
-        if self.calibration_dataloader is not None or not get_criterion(self.config.importance).gradient:
-            scores = compute_importance(
-                model,
-                self.calibration_dataloader,
-                self.config.importance,
-                max_samples=self.config.max_calibration_samples,
-                seed=self.config.seed + step,
-                progress=self.config.progress and is_main(),
-            )
-        else:
-            scores = self.controller.gradient_scores()
-        if cfg.layers_keep is not None or cfg.depth_search:
-            scores.layers = layer_importance(
-                model, self.calibration_dataloader, cfg.layer_importance, max_samples=cfg.max_calibration_samples,
-                seed=cfg.seed + step, progress=cfg.progress and is_main(),
-            )
-        scores = self.controller.restrict(scores)
-        if not cfg.depth_search:
-            return build_plan(scores, model, cfg)
-        self.controller.remove()  # the candidates are cut copies of the model, without its mask hooks
-        try:
-            held_out = collect_batches(self.calibration_dataloader, DEPTH_SEARCH_SAMPLES)
-            return choose_depth(model, held_out, cfg, lambda c: build_plan(scores, model, c),
-                                self.controller.physical.num_layers)
-        finally:
-            self.controller.install()
-
-    def _retraining_free_event(self, model: nn.Module, cfg: PruningConfig) -> PrunePlan:
-        """Retraining-free plan, its tuning folded into the kept weights in place (same tensors, so the
-        optimizer and DDP's buckets stay valid); the masks then make the model compute what the cut one does."""
-        from .retraining_free import fold_tuning_, retraining_free_plan
-
-        assert self.controller is not None
-        self.controller.remove()  # the search scores the dense model through its own mask hooks
-        try:
-            cfg = dataclasses.replace(cfg, progress=cfg.progress and is_main())
-            plan, tuning = retraining_free_plan(model, self.calibration_dataloader, cfg)
-        finally:
-            self.controller.install()
-        if tuning is not None:
+        method = get_method(cfg.method)
+        context = MethodContext(step=step, main_process=is_main(), gradient_scores=self.controller.gradient_scores,
+                                restrict=self.controller.restrict, unmasked=self._unmasked)
+        plan, tuning = method.plan(model, self.calibration_dataloader, cfg, context)
+        if tuning is not None and method.fold is not None:
             with torch.no_grad():
-                fold_tuning_(model, tuning)
-            # each rank tuned on its own calibration shard; the plan is the same everywhere (Fisher and stage
-            # divergences are reduced over ranks), the refitted weights are made rank 0's
+                method.fold(model, tuning)
+            # each rank fitted on its own calibration shard; the plan is the same everywhere (the methods reduce
+            # their statistics over ranks), the refitted weights are made rank 0's
             broadcast_parameters_(model)
         return plan
+
+    @contextlib.contextmanager
+    def _unmasked(self) -> Iterator[None]:
+        """The model without this callback's mask hooks (a method that scores or cuts copies of it)."""
+        assert self.controller is not None
+        self.controller.remove()
+        try:
+            yield
+        finally:
+            self.controller.install()
 
     def on_plan_update(self, model: nn.Module, step: int) -> None:
         """Called after each pruning event (``PruningTrainer`` cuts the model here)."""

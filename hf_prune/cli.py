@@ -337,8 +337,9 @@ commands:
   prune          one-shot prune, measure, save and reload (default: embedded MiniLM, 50% FLOPs, offline)
   inspect CKPT   per-layer heads/neurons, parameters and FLOPs of a pruned checkpoint vs its dense model
   bench CKPT     latency of a pruned checkpoint vs its dense base (batch 1 and 32, interleaved)
-  export CKPT --format {stock,gguf,onnx} --output_dir DIR
-                 for a serving runtime: stock architecture (uniform cuts), GGUF for llama.cpp, ONNX for onnxruntime"""
+  export CKPT --format {stock,gguf,onnx,vllm} --output_dir DIR
+                 for a serving runtime: stock architecture (uniform cuts), GGUF for llama.cpp, ONNX for
+                 onnxruntime, DeciLM for vLLM"""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -11,20 +11,9 @@ from typing import Any, Literal
 from .budget import check_budget, set_budget
 from .criteria import CRITERIA
 from .depth import LAYER_CRITERIA
-
-METHODS = ("one_shot", "retraining_free")
-#: Settings only ``method="retraining_free"`` reads: set to anything but their default with another method, they
-#: would be ignored, so they are refused instead.
-RETRAINING_FREE_FIELDS = ("rearrange", "rearrange_scope", "mask_tuning", "tuning_fit", "obs_reselection",
-                          "tuning_samples", "select_stages", "selection_samples", "selection_metric")
-#: What retraining-free mask tuning fits per layer (``tuning_fit``; :func:`hf_prune.tune_masks`).
-TUNING_FITS = ("weights", "scales")
+from .methods.registry import check_method_settings, get_method
 #: What one attention unit is under grouped-query attention (``head_unit``).
 HEAD_UNITS = ("kv_group", "query_head")
-#: How retraining-free selection compares candidate cuts on held-out samples (``selection_metric``).
-SELECTION_METRICS = ("divergence", "task_loss")
-#: Where retraining-free rearrangement may move units (``rearrange_scope``).
-REARRANGE_SCOPES = ("layer", "model")
 
 
 @dataclass
@@ -35,7 +24,8 @@ class PruningConfig:
     :data:`hf_prune.budget.BUDGETS`.
 
     Args:
-        method: ``one_shot`` scores units and cuts the lowest; ``retraining_free`` is Kwon et al. (2022):
+        method: a registered :class:`hf_prune.methods.PruningMethod` (:func:`hf_prune.register_method` adds one).
+            ``one_shot`` scores units and cuts the lowest; ``retraining_free`` is Kwon et al. (2022):
             Fisher mask search, mask rearrangement with per-layer Fisher blocks and least-squares mask
             tuning folded into the kept weights (see :mod:`hf_prune.retraining_free`). It needs
             ``importance="fisher"`` and calibration data.
@@ -151,8 +141,7 @@ class PruningConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_method(self.method)  # unknown: the one-line error naming the registered methods, before anything else
         if self.importance not in CRITERIA:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(CRITERIA)}")
         check_budget(self)
@@ -171,44 +160,10 @@ class PruningConfig:
             if not {"flops_keep", "latency_keep"} & set(self.budget()):
                 raise ValueError("depth_search trades layers against heads and neurons under one cost budget: set "
                                  "flops_keep (or latency_keep with method='retraining_free')")
-        if self.method != "retraining_free":
-            changed = [n for n in RETRAINING_FREE_FIELDS if getattr(self, n) != defaults[n]]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} only apply to method='retraining_free' (method="
-                                 f"{self.method!r} would ignore them): set method='retraining_free' or drop them")
+        check_method_settings(self, defaults)  # another method's settings would be ignored: refused
         if self.latency_keep is None and self.latency_batch_size != defaults["latency_batch_size"]:
             raise ValueError("latency_batch_size only applies to a latency_keep budget (it sizes the latency "
                              "table): set latency_keep or drop latency_batch_size")
-        if self.method == "retraining_free" and self.importance != "fisher":
-            raise ValueError(
-                f"method='retraining_free' ranks and rearranges units with the Fisher information of their "
-                f"masks; importance={self.importance!r} does not apply (leave importance='fisher')"
-            )
-        if self.tuning_fit not in TUNING_FITS:
-            raise ValueError(f"tuning_fit must be 'weights' or 'scales', not {self.tuning_fit!r}")
-        if self.obs_reselection and (self.tuning_fit != "weights" or not self.mask_tuning):
-            raise ValueError("obs_reselection re-chooses units inside the weights fit: set tuning_fit='weights' and "
-                             "mask_tuning=True, or drop obs_reselection")
-        if self.rearrange_scope not in REARRANGE_SCOPES:
-            raise ValueError(f"rearrange_scope must be 'layer' or 'model', not {self.rearrange_scope!r}")
-        if self.rearrange_scope == "model":
-            needs = (("rearrange", self.rearrange), ("allocation", self.allocation == "global"),
-                     ("round_to", self.round_to == 1), ("head_unit", self.head_unit == "kv_group"),
-                     ("latency_keep", self.latency_keep is None))
-            clash = [f"{name}={getattr(self, name)!r}" for name, ok in needs if not ok]
-            if clash:
-                raise ValueError(f"rearrange_scope='model' moves single heads (KV groups) and neurons between layers "
-                                 f"at equal cost, which {', '.join(clash)} rules out: drop rearrange_scope or those")
-        if self.tuning_samples is not None and self.tuning_samples < 1:
-            raise ValueError(f"tuning_samples must be >= 1 (or None for all), got {self.tuning_samples}")
-        if self.selection_samples < 1:
-            raise ValueError(f"selection_samples must be >= 1, got {self.selection_samples}")
-        if self.selection_metric not in SELECTION_METRICS:
-            raise ValueError(f"selection_metric must be one of {', '.join(SELECTION_METRICS)}, not "
-                             f"{self.selection_metric!r}")
-        if self.selection_metric != "divergence" and not (self.select_stages or self.depth_search):
-            raise ValueError("selection_metric only applies when candidates are compared: set select_stages=True "
-                             "(or depth_search=True), or drop selection_metric")
         if self.latency_batch_size < 1:
             raise ValueError(f"latency_batch_size must be >= 1, got {self.latency_batch_size}")
         if self.allocation not in ("global", "uniform"):
@@ -218,10 +173,6 @@ class PruningConfig:
             if width and self.allocation != "uniform":
                 raise ValueError("deployable=True saves the stock architecture, which has one size for all layers: "
                                  "set allocation='uniform' (or prune depth only, with layers_keep alone)")
-            if width and self.method == "retraining_free":
-                raise ValueError("deployable=True needs the same shape in every layer, and the retraining-free "
-                                 "search sizes each layer on its own: use method='one_shot' with "
-                                 "allocation='uniform', or layers_keep alone")
             if self.allow_empty_layers:
                 raise ValueError("deployable=True cannot keep empty attention/FFN blocks (stock code builds every "
                                  "block): drop allow_empty_layers")
@@ -234,6 +185,9 @@ class PruningConfig:
             raise ValueError(f"round_to must be >= 1, got {self.round_to}")
         if self.seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        method = get_method(self.method)
+        if method.validate is not None:
+            method.validate(self)  # the method's own rules
 
     def budget(self) -> dict[str, Any]:
         """The budget fields that are set."""

@@ -147,6 +147,7 @@ def model_card(
     dataset: str | None = None,
     metrics: Mapping[str, Mapping[str, float]] | None = None,
     speedup: Mapping[str, Any] | None = None,
+    runtime_speed: Sequence[Mapping[str, Any]] = (),
     recipe: Mapping[str, Any] | str | None = None,
     extra_tags: Sequence[str] = (),
     seq_len: int = FLOPS_SEQ_LEN,
@@ -166,6 +167,8 @@ def model_card(
             and the architecture has a pipeline tag.
         speedup: measured latency, e.g. ``{"device": "cpu", "seq_len": 128, "rows": [{"batch_size": 1,
             "dense_ms": 9.1, "pruned_ms": 5.2, "speedup": 1.75}]}``; every key is rendered.
+        runtime_speed: the exported files timed in their runtimes against the dense model's exports: rows
+            ``{format, runtime, metric, dense, pruned, speedup}`` (``export_beside`` returns them).
         recipe: the pruning recipe, a mapping (rendered as YAML) or a command line.
         extra_tags: Hub tags added to ``hf_prune``, ``pruned``, ``structured-pruning``.
     """
@@ -265,7 +268,7 @@ def model_card(
             "```",
             "",
         ]
-    out += serving_section(folder, repo_id)  # GGUF / ONNX files exported beside the checkpoint
+    out += serving_section(folder, repo_id, runtime_speed)  # GGUF / ONNX / vLLM files exported beside it
     # Plan provenance (criterion, budget, ...); large entries such as latency tables stay in prune_plan.json.
     small_meta = {k: v for k, v in s["plan_meta"].items() if len(json.dumps(v, default=str)) <= 200}
     if recipe or small_meta:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 #: What save_pretrained writes the weights as: one file, or shards listed in an index.
 WEIGHTS_FILE = "model.safetensors"
@@ -63,3 +66,28 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of folder ``path`` to write into; on success it replaces ``path`` (readers
+    see the old folder or the new one, never half of one), on error it is removed. An existing non-empty ``path``
+    without ``overwrite`` is refused before anything is written."""
+    path = Path(path)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists: pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield stage
+        chmod_like_new_(stage)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{stage.name}")
+            path.rename(old)
+        os.replace(stage, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

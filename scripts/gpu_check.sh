@@ -4,7 +4,10 @@
 #      give the CPU's plan and outputs) and the surgery, generation and query-head tests on that machine's stack;
 #   2. a bf16 PruningTrainer run under `accelerate launch --mixed_precision bf16`;
 #   3. forward latency at batch 1/32/128 in fp16 and bf16, dense vs pruned at 75/50/40% of layer FLOPs (MiniLM);
-#   4. retraining-free wall time on the GPU for MiniLM and SmolLM2-135M (next to one forward+backward), decode ms.
+#   4. retraining-free wall time on the GPU for MiniLM and SmolLM2-135M (next to one forward+backward), decode ms;
+#   5. where the machine has vLLM installed, the vLLM tests (tests/test_vllm.py -m vllm: the DeciLM export, the
+#      Transformers-backend fallback and the stock export give the pruned model's log-probabilities and greedy tokens
+#      on the GPU). vLLM's wheel (~400 MB) is far over what a device run carries, so it is not brought along.
 # Parts 2-4 write benchmarks/results/gpu.json (scripts/gpu_check.py); with $OUT set, the JSON and logs go there too.
 #
 # The device machine has PyTorch, transformers, accelerate and peft but no network: prepare what it lacks here, once
@@ -66,5 +69,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG
 for part in latency retraining_free; do
     "$PY" scripts/gpu_check.py --part $part 2>&1 | tee "$LOGS/gpu_$part.log" | tail -12 || rc=1
 done
+if "$PY" -c "import vllm" 2>/dev/null; then
+    "$PY" -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm.py 2>&1 | tee "$LOGS/gpu_vllm.log" | tail -5 || rc=1
+else
+    echo "vLLM is not installed on this machine (and its wheel does not fit a device run's carry): part 5 skipped" \
+        | tee "$LOGS/gpu_vllm.log"
+fi
 [ -n "${OUT:-}" ] && cp benchmarks/results/gpu.json "$OUT/"
 exit $rc

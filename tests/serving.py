@@ -43,11 +43,11 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
                                                    "{{ m['content'] }}<|im_end|>\n{% endfor %}")
 
 
-def tiny_lm(name: str, vocab: int, seed: int = 0) -> torch.nn.Module:
-    """The tiny table's config for ``name`` as a causal LM with ``vocab`` tokens and a head size of 16."""
+def tiny_lm(name: str, vocab: int, seed: int = 0, head_dim: int = 16) -> torch.nn.Module:
+    """The tiny table's config for ``name`` as a causal LM with ``vocab`` tokens and a head size of ``head_dim``."""
     config = copy.deepcopy(BY_NAME[name].make_config())
     config.vocab_size = vocab
-    config.hidden_size, config.head_dim = 64, 16
+    config.hidden_size, config.head_dim = 64, head_dim
     config.intermediate_size = 96
     config.max_position_embeddings = 128
     if name == "gemma3_text":

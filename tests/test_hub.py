@@ -388,3 +388,8 @@ def test_the_card_says_how_to_run_the_serving_files_beside_the_checkpoint(bert_c
     text = hp.model_card(folder, repo_id="me/tiny")
     assert "llama-cli -m model-q8_0.gguf" in text and 'filename="model-q8_0.gguf"' in text
     assert "FROM ./model-q8_0.gguf" in text
+    assert "vllm serve" not in text
+    (folder / "vllm").mkdir()
+    (folder / "vllm" / "config.json").write_text("{}")
+    text = hp.model_card(folder, repo_id="me/tiny")
+    assert 'huggingface-cli download me/tiny --include "vllm/*"' in text and "vllm serve ./vllm" in text

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from hf_prune.metrics import (
+from hf_prune.recipes.metrics import (
     GlueMetric,
     compute_glue_metrics,
     glue_compute_metrics,
     load_metric,
     logits_to_predictions,
 )
-from hf_prune.tasks import GLUE_TASKS, TaskSpec
+from hf_prune.recipes.tasks import GLUE_TASKS, TaskSpec
 
 # Confusion matrix by hand: TP=4 (label 1, pred 1), FN=1, TN=3, FP=2.
 LABELS = [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]

@@ -88,3 +88,22 @@ def test_a_forward_torch_cannot_trace_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ValueError, match="torch could not export BertForSequenceClassification to ONNX"):
         save_onnx(model, None, tmp_path / "onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_exports_beside_a_checkpoint_are_timed_against_the_dense_models_export(tmp_path):
+    """A recipe's ``export_formats`` with the dense model: the dense model is exported the same way and both are
+    timed in onnxruntime; the card shows those rows."""
+    require("onnxruntime")
+    from hf_prune.formats.cards import serving_section
+    from hf_prune.formats.command import ServeArguments, export_beside
+
+    dense = BY_NAME["bert"].model().eval()
+    model = _cut(BY_NAME["bert"].model().eval(), "uneven")
+    written, speed = export_beside(model, None, tmp_path, ServeArguments(export_formats=["onnx"]), dense=dense)
+    assert written == [tmp_path / "onnx"] and (tmp_path / "onnx" / "model.onnx").is_file()
+    assert [r["metric"] for r in speed] == ["latency ms (1x64 inputs)"]  # the tiny BERT's 64 positions
+    assert speed[0]["dense"] > 0 and speed[0]["pruned"] > 0
+    assert speed[0]["speedup"] == pytest.approx(speed[0]["dense"] / speed[0]["pruned"])
+    text = "\n".join(serving_section(tmp_path, "me/x", speed))
+    assert f"| onnx | onnxruntime | latency ms (1x64 inputs) | {speed[0]['dense']:.1f} |" in text
+    assert export_beside(model, None, tmp_path, ServeArguments(export_formats=["onnx"]))[1] == []  # no dense: no rows

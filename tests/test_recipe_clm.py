@@ -127,7 +127,8 @@ def test_text_blocks_start_with_the_special_tokens_the_tokenizer_puts_before_a_t
 
 def test_export_formats_write_a_gguf_beside_the_checkpoint_that_llama_cpp_runs(tmp_path):
     """``export_formats: [gguf]`` in a recipe: the pruned checkpoint folder also holds model-f32.gguf, which llama.cpp
-    runs to the checkpoint's own logits, and the model card says how to run it."""
+    runs to the checkpoint's own logits, and the model card says how to run it and how fast it ran in llama.cpp
+    against the dense model's GGUF (bench_latency)."""
     import numpy as np
     from serving import require, tiny_lm, tiny_tokenizer
 
@@ -138,10 +139,17 @@ def test_export_formats_write_a_gguf_beside_the_checkpoint_that_llama_cpp_runs(t
     tiny_lm("llama", len(tok)).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     results = main(_flags(tmp_path / "base", tmp_path / "out", flops_keep=[0.6], tuning_samples=4,
-                          selection_samples=4, export_formats=["gguf"], outtype="f32"))
+                          selection_samples=4, export_formats=["gguf"], outtype="f32", bench_latency=True,
+                          bench_batch_sizes=[1], bench_repeats=2))
     folder = Path(results["runs"][0]["checkpoint"])
     assert results["runs"][0]["exports"] == [str(folder / "model-f32.gguf")]
-    assert "llama-cli -m model-f32.gguf" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "llama-cli -m model-f32.gguf" in card
+    speed = results["runs"][0]["runtime_speed"]
+    assert [r["metric"].split()[0] for r in speed] == ["prompt", "decode"] and {r["format"] for r in speed} == {"gguf"}
+    for r in speed:
+        assert r["dense"] > 0 and r["pruned"] > 0 and r["speedup"] == pytest.approx(r["pruned"] / r["dense"])
+        assert f"| gguf | {r['runtime']} | {r['metric']} | {r['dense']:.1f} | {r['pruned']:.1f} |" in card
     model = hp.load_pruned(folder).eval()
     ids = tok("the movie was great and the plot was fine")["input_ids"]
     with torch.no_grad():

@@ -192,8 +192,8 @@ def test_sst2_recipe_end_to_end(tiny_bert, glue_dir, tmp_path, capsys):
         # the saved checkpoint scores exactly what the recipe reported for its final model
         from transformers import DataCollatorWithPadding, TrainingArguments
 
-        from hf_prune.metrics import glue_compute_metrics
-        from hf_prune.tasks import load_task_data
+        from hf_prune.recipes.metrics import glue_compute_metrics
+        from hf_prune.recipes.tasks import load_task_data
 
         dev = load_task_data("sst2", glue_dir, splits=["validation"])["validation"]
         dev = dev.map(lambda b: tok(b["sentence"], truncation=True, max_length=32), batched=True,

@@ -126,3 +126,56 @@ def test_a_registered_layer_criterion_chooses_the_layers_removed():
             hp.register_layer_criterion(LAYER_CRITERIA["inverse_norm"])
     finally:
         LAYER_CRITERIA.pop("inverse_norm")
+
+
+@pytest.fixture
+def toy_method():
+    """Keep each layer's first heads and neurons (``heads_keep``/``neurons_keep`` of them), and 'refit' by scaling
+    the kept FFN down projections by 2: both easy to see, and no built-in does either."""
+    from hf_prune.methods import MethodContext, PruningMethod, register_method, unregister_method
+
+    folds = []
+
+    def plan(model, batches, config, context: MethodContext):
+        current = hp.PrunePlan.of(model)
+        heads = [h[: round(config.heads_keep * len(h))] for h in current.heads]
+        neurons = [n[: int(config.neurons_keep * len(n))] for n in current.neurons]
+        return dataclasses.replace(current, heads=heads, neurons=neurons, meta={"criterion": "first"}), 2.0
+
+    def fold(model, factor):
+        adapter = hp.get_adapter(model)
+        with torch.no_grad():
+            for layer in hp.adapters.layers_of(model):
+                hp.modeling_pruned.get_module(layer, adapter.down).weight.mul_(factor)
+        folds.append(factor)
+
+    register_method(PruningMethod("first_units", plan=plan, fold=fold, summary="the first units of each layer"))
+    yield "first_units", folds
+    unregister_method("first_units")
+
+
+def test_a_registered_method_runs_through_prune_the_callback_and_the_trainer(toy_method, tmp_path):
+    from hf_prune.callbacks import PruningCallback
+    from hf_prune.trainer import PruningTrainer
+
+    name, folds = toy_method
+    cfg = hp.PruningConfig(method=name, heads_keep=0.5, neurons_keep=0.5, progress=False)
+    tiny = BY_NAME["bert"]
+    dense = tiny.model()
+    model, plan = hp.prune(tiny.model(), None, cfg)
+    assert plan.heads == [[0, 1]] * 3 and plan.neurons == [list(range(24))] * 3 and folds == [2.0]
+    down = "bert.encoder.layer.0.output.dense.weight"
+    torch.testing.assert_close(model.state_dict()[down], 2 * dense.state_dict()[down][:, :24])
+    with pytest.raises(ValueError, match="mask_tuning only apply to method='retraining_free'"):
+        hp.PruningConfig(method=name, heads_keep=0.5, mask_tuning=False)
+
+    rows = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": i % 2} for i in range(16)]
+    args = T.TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=2, per_device_train_batch_size=4,
+                               report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    callback = PruningCallback(cfg)
+    T.Trainer(model=tiny.model(), args=args, train_dataset=rows, callbacks=[callback]).train()
+    assert callback.plan.heads == plan.heads and callback.plan.neurons == plan.neurons and len(folds) == 2
+    trainer = PruningTrainer(model=tiny.model(), args=args, train_dataset=rows, pruning_config=cfg)
+    trainer.train()
+    assert hp.PrunePlan.of(trainer.model).physical_sizes() == hp.PrunePlan.of(model).physical_sizes()
+    assert len(folds) == 3

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from hf_prune.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_data, prepare_task_data, split_file_names
+from hf_prune.recipes.tasks import GLUE_TASKS, TaskSpec, get_task, load_task_data, prepare_task_data, split_file_names
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"real GLUE files not found at {GLUE_DIR}")

@@ -4,16 +4,26 @@ root, ONNX graphs in ``onnx/``), in the runtimes that read them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 
-def serving_section(folder: str | Path, repo_id: str) -> list[str]:
-    """Markdown lines for the exported files in ``folder`` (none when there are none)."""
+def serving_section(folder: str | Path, repo_id: str, speed: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """Markdown lines for the exported files in ``folder`` (none when there are none), with ``speed``: rows of the
+    exports timed against the dense model's in their runtimes."""
     folder = Path(folder)
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     onnx = folder / "onnx" / "model.onnx"
-    if not ggufs and not onnx.is_file():
+    vllm = (folder / "vllm" / "config.json").is_file()
+    if not ggufs and not onnx.is_file() and not vllm:
         return []
-    out = ["## Run it in llama.cpp or onnxruntime", ""]
+    out = ["## Run it in a serving runtime", ""]
+    if speed:
+        out += [f"Measured when it was exported, against the dense model exported the same way, timed interleaved "
+                f"in the runtime ({speed[0].get('threads', '?')} CPU threads):", "",
+                "| format | runtime | metric | dense | pruned | speedup |", "|---|---|---|---:|---:|---:|"]
+        out += [f"| {r['format']} | {r['runtime']} | {r['metric']} | {r['dense']:.1f} | {r['pruned']:.1f} | "
+                f"{r['speedup']:.2f}x |" for r in speed]
+        out.append("")
     if ggufs:
         first = ggufs[0]
         out += [
@@ -52,6 +62,17 @@ def serving_section(folder: str | Path, repo_id: str) -> list[str]:
             'inputs = dict(tokenizer(["Hello"], return_tensors="np"))',
             "names = [i.name for i in session.get_inputs()]",
             "outputs = session.run(None, {k: v for k, v in inputs.items() if k in names})",
+            "```",
+            "",
+        ]
+    if vllm:
+        out += [
+            "vLLM (`vllm/`: the DeciLM / Nemotron-NAS layout, which vLLM runs with its own implementation, each layer "
+            "at its own FFN width and KV-head count; `trust_remote_code` loads only its config class):",
+            "",
+            "```bash",
+            f'huggingface-cli download {repo_id} --include "vllm/*" --local-dir .',
+            "vllm serve ./vllm --trust-remote-code",
             "```",
             "",
         ]

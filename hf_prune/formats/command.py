@@ -1,5 +1,5 @@
-"""``hf-prune export CHECKPOINT --format {stock,gguf,onnx} --output_dir D``: a saved checkpoint written for a serving
-runtime. :class:`ExportOptions` is the one definition of the export settings (CLI flags and recipe keys)."""
+"""``hf-prune export CHECKPOINT --format {stock,gguf,onnx,vllm} --output_dir D``: a saved checkpoint written for a
+serving runtime. :class:`ExportOptions` is the one definition of the export settings (CLI flags and recipe keys)."""
 
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ class ExportOptions(ExportSettings):
     """``hf-prune export`` settings: :class:`ExportSettings` plus the format and whether to overwrite.
 
     Args:
-        format: ``stock`` (transformers' own architecture, uniform cuts), ``gguf`` (llama.cpp) or ``onnx``
-            (onnxruntime).
+        format: ``stock`` (transformers' own architecture, uniform cuts), ``gguf`` (llama.cpp), ``onnx``
+            (onnxruntime) or ``vllm`` (vLLM's own DeciLM implementation, uneven cuts too).
         overwrite: replace an existing output.
     """
 
-    format: str = field(default="stock", metadata={"help": "stock, gguf or onnx."})
+    format: str = field(default="stock", metadata={"help": "stock, gguf, onnx or vllm."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output."})
 
 
@@ -66,11 +66,12 @@ class ServeArguments(ExportSettings):
     """Recipe settings: which serving formats to write beside each pruned checkpoint, and how.
 
     Args:
-        export_formats: any of ``gguf`` (``model-<outtype>.gguf`` in the checkpoint folder) and ``onnx`` (its
-            ``onnx/`` subfolder); pushed with the checkpoint, and the model card says how to run each.
+        export_formats: any of ``gguf`` (``model-<outtype>.gguf`` in the checkpoint folder), ``onnx`` (its
+            ``onnx/`` subfolder) and ``vllm`` (its ``vllm/`` subfolder); pushed with the checkpoint, and the model
+            card says how to run each.
     """
 
-    export_formats: list[str] = field(default_factory=list, metadata={"help": "Serving formats: gguf, onnx."})
+    export_formats: list[str] = field(default_factory=list, metadata={"help": "Serving formats: gguf, onnx, vllm."})
 
     def __post_init__(self) -> None:
         from .registry import export_formats, get_export_format
@@ -83,16 +84,27 @@ class ServeArguments(ExportSettings):
         self.options_for(self.export_formats)  # a setting no chosen format takes fails now, not after the run
 
 
-def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArguments) -> list[Path]:
-    """Write ``serve.export_formats`` into a saved checkpoint ``folder`` (GGUF file at its root, ONNX in
-    ``onnx/``), replacing earlier exports."""
+def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArguments,
+                  dense: Any = None) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Write ``serve.export_formats`` into a saved checkpoint ``folder`` (GGUF file at its root, ONNX in ``onnx/``,
+    vLLM in ``vllm/``), replacing earlier exports. With the ``dense`` model, each format that can be timed is also
+    written for it (in a temporary folder) and the two are timed interleaved in the runtime: returns the files
+    written and those rows ``{format, runtime, metric, dense, pruned, speedup}``."""
+    import tempfile
+
     from .registry import export_model, get_export_format
 
-    written = []
+    written, speed = [], []
     for name, options in serve.options_for(serve.export_formats).items():
-        target = folder / get_export_format(name).beside
-        written.append(export_model(model, tokenizer, target, name, **options, overwrite=True))
-    return written
+        fmt = get_export_format(name)
+        out = export_model(model, tokenizer, folder / fmt.beside, name, **options, overwrite=True)
+        written.append(out)
+        if dense is None or fmt.speed is None:
+            continue
+        with tempfile.TemporaryDirectory(prefix="hf_prune-dense-export-") as tmp:
+            dense_out = export_model(dense, tokenizer, tmp, name, **options, overwrite=True)
+            speed += [{"format": name, "runtime": fmt.runtime, **row} for row in fmt.speed(dense_out, out, model)]
+    return written, speed
 
 
 @dataclass
@@ -101,7 +113,7 @@ class ExportArgs:
 
     Args:
         checkpoint: a (pruned) checkpoint folder or Hub id, saved with its tokenizer.
-        output_dir: where the export goes: the folder itself for ``stock`` and ``onnx``, the folder that receives
+        output_dir: where the export goes: the folder itself for ``stock``, ``onnx`` and ``vllm``, the folder that receives
             ``model-<outtype>.gguf`` for ``gguf``.
     """
 
@@ -116,7 +128,7 @@ def _tokenizer(checkpoint: str, required: bool) -> Any:
         return AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError) as e:
         if required:
-            raise ValueError(f"{checkpoint} has no tokenizer ({type(e).__name__}); GGUF files carry theirs: save the "
+            raise ValueError(f"{checkpoint} has no tokenizer ({type(e).__name__}); the export carries it: save the "
                              "tokenizer beside the checkpoint (tokenizer.save_pretrained(folder))") from e
         return None  # vision models, or a checkpoint saved without one
 
@@ -130,7 +142,8 @@ def cmd_export(argv: list[str], parse: Any, usage_error: type[Exception]) -> int
 
     parser = HfArgumentParser((ExportArgs, ExportOptions), prog="hf-prune export")
     parser.description = ("Write a checkpoint for a serving runtime: --format stock (plain from_pretrained, no "
-                          "trust_remote_code; uniform cuts), gguf (llama.cpp; uneven cuts too) or onnx (onnxruntime).")
+                          "trust_remote_code; uniform cuts), gguf (llama.cpp; uneven cuts too), onnx (onnxruntime) "
+                          "or vllm (vLLM's own DeciLM implementation; uneven cuts too).")
     args, options = parse(parser, argv)
     if not args.output_dir:
         raise usage_error("pass --output_dir FOLDER for the export")
@@ -139,7 +152,7 @@ def cmd_export(argv: list[str], parse: Any, usage_error: type[Exception]) -> int
     target = Path(args.output_dir) / fmt.file_name(**settings)
     if not options.overwrite and target.exists() and (target.is_file() or any(target.iterdir())):
         raise FileExistsError(f"{target} exists: pass --overwrite to replace it")  # before loading anything
-    tokenizer = _tokenizer(args.checkpoint, required=fmt.name == "gguf")
+    tokenizer = _tokenizer(args.checkpoint, required=fmt.needs_tokenizer)
     model = load_pruned(args.checkpoint)
     out = export_model(model, tokenizer, args.output_dir, fmt.name, **settings)
     if fmt.name == "stock":

@@ -14,9 +14,6 @@ import copy
 import importlib.util
 import io
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,8 +22,8 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter, model_dims
+from ..io import staged_folder
 from ..modeling_pruned import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
-from ..io import chmod_like_new_
 from .gguf_families import gguf_model_types
 
 ONNX_INSTALL = "pip install 'hf_prune[serve]'   (onnx, onnxruntime)"
@@ -150,48 +147,36 @@ def save_onnx(model: nn.Module, tokenizer: Any, path: str | Path, *, quantize: s
     model = _zero_head_in_empty_layers(model)
     inputs = example_inputs(model)
     names = list(inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
-        with _eager_attention(model):
-            expected = _Traced(model, names)(*inputs.values())
-            output = _output_name(model)
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-            shapes = tuple({0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names)
-            # the exporter prints its progress; an export prints one line of its own instead
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")  # the exporter's notes on what it specialised or decomposed
-                try:
-                    torch.onnx.export(_Traced(model, names), tuple(inputs.values()), str(stage / "model.onnx"),
-                                      input_names=names, output_names=[output], dynamic_shapes=(shapes,),
-                                      opset_version=opset, dynamo=True, external_data=False, optimize=True,
-                                      verbose=False)
-                except Exception as e:  # torch.export's errors are pages long: the first lines name the op
-                    cause = e.__cause__ or e
-                    lines = [x for x in str(cause).splitlines() if x.strip()][:2]
-                    raise ValueError(f"torch could not export {type(model).__name__} to ONNX "
-                                     f"({type(cause).__name__}: {' '.join(lines)[:400]})") from e
-            again = example_inputs(model, batch_size=3, seq_len=23)  # other sizes: the axes are really dynamic
-            _verify(stage / "model.onnx", [(inputs, expected), (again, _Traced(model, names)(*again.values()))])
-        if optimize:
-            _optimize(stage / "model.onnx", stage / "model_optimized.onnx")
-            _verify(stage / "model_optimized.onnx", [(inputs, expected)])
-        if quantize == "int8":
-            _quantize_int8(stage / "model.onnx", stage / "model_int8.onnx")
-        model.config.to_json_file(stage / "config.json")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage)
-        chmod_like_new_(stage)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{stage.name}")
-            path.rename(old)
-        os.replace(stage, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with staged_folder(path, overwrite) as stage:
+            with _eager_attention(model):
+                expected = _Traced(model, names)(*inputs.values())
+                output = _output_name(model)
+                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+                shapes = tuple({0: batch} if n == "pixel_values" else {0: batch, 1: seq} for n in names)
+                # the exporter prints its progress; an export prints one line of its own instead
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")  # the exporter's notes on what it specialised or decomposed
+                    try:
+                        torch.onnx.export(_Traced(model, names), tuple(inputs.values()), str(stage / "model.onnx"),
+                                          input_names=names, output_names=[output], dynamic_shapes=(shapes,),
+                                          opset_version=opset, dynamo=True, external_data=False, optimize=True,
+                                          verbose=False)
+                    except Exception as e:  # torch.export's errors are pages long: the first lines name the op
+                        cause = e.__cause__ or e
+                        lines = [x for x in str(cause).splitlines() if x.strip()][:2]
+                        raise ValueError(f"torch could not export {type(model).__name__} to ONNX "
+                                         f"({type(cause).__name__}: {' '.join(lines)[:400]})") from e
+                again = example_inputs(model, batch_size=3, seq_len=23)  # other sizes: the axes are really dynamic
+                _verify(stage / "model.onnx", [(inputs, expected), (again, _Traced(model, names)(*again.values()))])
+            if optimize:
+                _optimize(stage / "model.onnx", stage / "model_optimized.onnx")
+                _verify(stage / "model_optimized.onnx", [(inputs, expected)])
+            if quantize == "int8":
+                _quantize_int8(stage / "model.onnx", stage / "model_int8.onnx")
+            model.config.to_json_file(stage / "config.json")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(stage)
     finally:
         original.train(was_training)
     return path

@@ -27,6 +27,9 @@ class ExportFormat:
         options: the option names ``write`` takes (anything else is refused, never ignored).
         beside: where a recipe's ``export_formats`` writes it inside a saved checkpoint folder (``""``: the folder
             itself, a file at its root; ``"onnx"``: that subfolder), or None when it is not written beside one.
+        needs_tokenizer: the export carries the tokenizer, so a checkpoint without one is refused up front.
+        speed: ``speed(dense_output, pruned_output, pruned_model) -> rows``: the two exports timed interleaved in
+            the runtime, rows ``{metric, dense, pruned, speedup}`` (what a recipe's model card shows), or None.
     """
 
     name: str
@@ -35,6 +38,8 @@ class ExportFormat:
     file_name: Callable[..., str]
     options: tuple[str, ...] = ()
     beside: str | None = None
+    needs_tokenizer: bool = False
+    speed: Callable[[Path, Path, nn.Module], list[dict[str, Any]]] | None = None
 
 
 _REGISTRY: dict[str, ExportFormat] = {}

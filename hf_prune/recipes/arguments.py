@@ -144,13 +144,14 @@ class BenchArguments:
     """Latency measured after pruning (dense and pruned interleaved, on the training device's CPU/GPU).
 
     Args:
-        bench_latency: measure latency at all (off for quick runs and tests).
+        bench_latency: measure latency at all (off for quick runs and tests): PyTorch, and each of
+            ``export_formats`` in its own runtime against the dense model's export.
         bench_batch_sizes: batch sizes timed.
         bench_seq_len: sequence length of the timed inputs (text models).
         bench_repeats: timed repeats per model (the median is reported).
     """
 
-    bench_latency: bool = field(default=True, metadata={"help": "Measure latency dense vs pruned."})
+    bench_latency: bool = field(default=True, metadata={"help": "Measure latency dense vs pruned (PyTorch, and each export format in its runtime)."})
     bench_batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Batch sizes timed."})
     bench_seq_len: int = field(default=128, metadata={"help": "Tokens per timed input."})
     bench_repeats: int = field(default=10, metadata={"help": "Timed repeats (median reported)."})

@@ -194,7 +194,10 @@ class Recipe:
         save_pruned(model, folder, deployable=self.prune_args.deployable)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
-        run["exports"] = [str(p) for p in export_beside(model, self.processing_class, folder, self.serve_args)]
+        # with bench_latency, each export is timed against the dense model's in its runtime, for the card
+        exports, run["runtime_speed"] = export_beside(model, self.processing_class, folder, self.serve_args,
+                                                      dense=dense if self.bench_args.bench_latency else None)
+        run["exports"] = [str(p) for p in exports]
         report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), self.out / f"layers_{res.name}.png",
                                   title=f"{self.task_name} {res.name}: kept heads and FFN neurons")
         metrics = {"dense": results.dense["metrics"], "pruned": res.metrics_pruned}
@@ -203,7 +206,8 @@ class Recipe:
         device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
         speedup = {"device": device, "threads": torch.get_num_threads(), "seq_len": self.latency_seq_len,
                    "rows": run.get("latency", [])}
-        write_model_card(folder, repo_id=args.hub_model_id, metrics=metrics, speedup=speedup, recipe=results.args,
+        write_model_card(folder, repo_id=args.hub_model_id, metrics=metrics, speedup=speedup,
+                         runtime_speed=run["runtime_speed"], recipe=results.args,
                          seq_len=seq, base_model=self.base_model, **self.card())
         if args.push_to_hub:
             repo = args.hub_model_id if not several else f"{args.hub_model_id}-{res.name}"

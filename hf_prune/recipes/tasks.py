@@ -20,7 +20,7 @@ from ..resources import read_tsv
 
 GLUE_HUB_PATH = "nyu-mll/glue"
 TRAIN_SPLIT = "train"
-#: The metric names ``evaluate.load("glue", task)`` returns; ``hf_prune.metrics`` computes each of them.
+#: The metric names ``evaluate.load("glue", task)`` returns; ``hf_prune.recipes.metrics`` computes each of them.
 METRIC_NAMES = ("accuracy", "f1", "matthews_correlation", "pearson", "spearmanr")
 #: Looked for in this order, so an original GLUE ``dev.tsv`` wins over an export beside it.
 DATA_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json", ".parquet")

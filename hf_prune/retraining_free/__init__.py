@@ -37,7 +37,8 @@ and the width budget is spent on the rest; the tuning skips them in the cut stre
 the budget allows, tunes each candidate and keeps the one closest to the dense outputs (:func:`choose_depth`).
 
 One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the latency table for ``latency_keep``),
-:mod:`.rearrange`, :mod:`.tuning` (with :mod:`.obs`), :mod:`.selection`; :mod:`.layer_io` records and replays layer calls;
+:mod:`.rearrange`, :mod:`.tuning` (with :mod:`.obs`); selection is the library's own step
+(:mod:`hf_prune.selection`, which every method can use); :mod:`.layer_io` records and replays layer calls;
 :mod:`.pipeline` chains them.
 """
 
@@ -48,7 +49,7 @@ from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positi
 from .obs import backward_eliminate
 from .pipeline import prune_retraining_free, retraining_free_plan
 from .rearrange import quadratic_loss, rearrange_across_layers, rearrange_masks, swap_descent
-from .selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
+from ..selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
 __all__ = [

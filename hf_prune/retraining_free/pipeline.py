@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
@@ -17,7 +17,7 @@ from ..surgery import apply_plan_
 from .fisher import fisher_information
 from .latency import LatencyTable, search_masks
 from .rearrange import rearrange_across_layers, rearrange_masks
-from .selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
+from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
 if TYPE_CHECKING:
@@ -119,8 +119,8 @@ def retraining_free_plan(
         # outputs (or has the lowest task loss) on calibration samples none of them was fitted to. Each candidate
         # runs as a cut copy, at its kept FLOPs (about half the time of the full model under masks).
         t = time.perf_counter()
-        candidates = {name: functools.partial(cut_candidate, model, p, None) for name, p in stages.items()}
-        candidates.update({name: functools.partial(cut_candidate, model, to_tune[name][0], tn)
+        candidates = {name: functools.partial(cut_candidate, model, p) for name, p in stages.items()}
+        candidates.update({name: functools.partial(cut_candidate, model, to_tune[name][0], _folding(tn))
                            for name, tn in tuned.items()})
         divergence = SELECTION_SCORES[config.selection_metric](model, held_out, candidates)
         chosen = min(divergence, key=divergence.get)
@@ -136,8 +136,17 @@ def retraining_free_plan(
     return plan, tuning
 
 
-def _tune_quietly(model: nn.Module, batches: list, fit: str, plan: PrunePlan) -> MaskTuning:
-    return tune_masks(model, batches, plan, fit=fit, progress=False)
+def _folding(tuning: MaskTuning) -> Callable[[nn.Module], nn.Module]:
+    """What prepares a candidate's copy of the model: ``tuning`` folded into its kept weights."""
+    return functools.partial(_fold_into, tuning=tuning)
+
+
+def _fold_into(model: nn.Module, tuning: MaskTuning) -> nn.Module:
+    return fold_tuning_(model, tuning)
+
+
+def _tune_quietly(model: nn.Module, batches: list, fit: str, plan: PrunePlan) -> Callable[[nn.Module], nn.Module]:
+    return _folding(tune_masks(model, batches, plan, fit=fit, progress=False))
 
 
 def prune_retraining_free(

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, model_dims
 from ..batches import Batch
-from ..config import TUNING_FITS
 from ..masks import LayerMasks
 from ..modeling_pruned import get_module, layer_list, prune_layer_
 from ..plan import PrunePlan
@@ -24,6 +23,8 @@ from .obs import NormalEquations, choose_heads, choose_neurons, with_bias
 
 
 M = TypeVar("M", bound=nn.Module)
+#: What mask tuning fits per layer (``PruningConfig.tuning_fit``; :func:`tune_masks`).
+TUNING_FITS = ("weights", "scales")
 
 
 @dataclass

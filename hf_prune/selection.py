@@ -1,5 +1,6 @@
-"""Stage 5: selection: compare candidate cut models on held-out calibration samples, by how far their outputs are
-from the dense model's (:func:`output_divergence`) or by their own task loss (:func:`held_out_loss`)."""
+"""Selection, a step every method can use: compare candidate cut models on held-out calibration samples, by how far
+their outputs are from the dense model's (:func:`output_divergence`) or by their own task loss
+(:func:`held_out_loss`); :func:`choose_depth` is ``depth_search`` (one candidate per layer count)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batches import Batch, batch_size, model_device, to_device
-from ..distributed import is_distributed
-from ..divergence import model_output, sample_divergence
-from ..plan import PrunePlan
-from ..surgery import apply_plan_
-from .tuning import MaskTuning, fold_tuning_
+from .batches import Batch, batch_size, model_device, to_device
+from .distributed import is_distributed
+from .divergence import model_output, sample_divergence
+from .plan import PrunePlan
+from .surgery import apply_plan_
+
+#: Prepares a candidate's copy of the model before its cut (e.g. folds a refit into the kept weights), in place.
+Prepare = Callable[[nn.Module], Any]
 
 
 @torch.no_grad()
@@ -94,26 +97,28 @@ def _rank_mean(totals: dict[str, float], device: torch.device) -> dict[str, floa
     return totals
 
 
-def cut_candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None) -> nn.Module:
-    """A copy of ``model`` with ``tuning``'s scales folded in (if any), cut to ``plan``."""
+def cut_candidate(model: nn.Module, plan: PrunePlan, prepare: Prepare | None = None) -> nn.Module:
+    """A copy of ``model``, prepared (``prepare(copy)``, e.g. a refit folded in) and cut to ``plan``."""
     copied = copy.deepcopy(model)
-    return apply_plan_(fold_tuning_(copied, tuning) if tuning is not None else copied, plan)
+    if prepare is not None:
+        prepare(copied)
+    return apply_plan_(copied, plan)
 
 
 def choose_depth(
     model: nn.Module, held_out: Sequence[Batch], config: Any, make_plan: Callable[[Any], PrunePlan],
-    dense_layers: int, tune: Callable[[PrunePlan], MaskTuning] | None = None,
+    dense_layers: int, tune: Callable[[PrunePlan], Prepare] | None = None,
 ) -> PrunePlan:
     """``config.depth_search``: one plan per number of layers kept (``make_plan(config with that layers_keep)``;
     counts whose width budget is unreachable are skipped), and the one whose cut model is closest to ``model``'s
     outputs on ``held_out`` (or, with ``config.selection_metric="task_loss"``, has the lowest loss there); its
     ``meta["depth_search"]`` records every candidate's score under ``divergence``.
 
-    ``tune``: fit each candidate before it is compared (retraining-free: the refit recovers far more of a width cut
+    ``tune(plan)``: fit each candidate before it is compared, returning what prepares its copy (retraining-free: the refit recovers far more of a width cut
     than of a depth cut, so untuned candidates would be judged on what the pipeline does not deliver; measured on
     MiniLM/SST-2 at a third of the FLOPs, the untuned comparison chose 3 layers, 77.5% dev accuracy after tuning,
     over 6 thinner layers, 86.7%)."""
-    from ..depth import depth_candidates
+    from .depth import depth_candidates
 
     keep = config.budget().get("flops_keep", config.budget().get("latency_keep"))
     plans: dict[str, PrunePlan] = {}

@@ -1,0 +1,58 @@
+"""``method="one_shot"``: score heads and neurons (and whole layers for a depth budget) with a criterion, then keep
+the highest-scoring units under the budget (:func:`hf_prune.budget.build_plan`), or, with ``depth_search``, the
+candidate layer count whose cut stays closest to the dense model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..batches import collect_batches
+from ..budget import build_plan
+from ..criteria import get_criterion
+from ..depth import layer_importance
+from ..importance import compute_importance
+from ..plan import PrunePlan
+from ..selection import choose_depth
+from .registry import Batches, MethodContext, PruningMethod
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
+
+#: calibration samples ``depth_search`` compares its one-shot candidates on (``retraining_free`` uses its own
+#: held-out selection samples)
+DEPTH_SEARCH_SAMPLES = 256
+
+
+def one_shot_plan(model: nn.Module, batches: Batches | None, config: PruningConfig,
+                  context: MethodContext) -> tuple[PrunePlan, Any]:
+    depth = config.layers_keep is not None or config.depth_search
+    if depth and batches is None:
+        raise ValueError(f"layers_keep and depth_search score whole layers on calibration data (layer_importance="
+                         f"{config.layer_importance!r}): pass a dataloader")
+    if depth:  # every stage sees the same samples, even from a one-shot iterator
+        batches = collect_batches(batches, config.max_calibration_samples)
+    progress = config.progress and context.main_process
+    if batches is None and get_criterion(config.importance).gradient and context.gradient_scores is not None:
+        scores = context.gradient_scores()  # the training steps' own mask gradients
+    else:
+        scores = compute_importance(model, batches, config.importance, max_samples=config.max_calibration_samples,
+                                    seed=config.seed + context.step, progress=progress)
+    if depth:
+        scores.layers = layer_importance(model, batches, config.layer_importance,
+                                         max_samples=config.max_calibration_samples, seed=config.seed + context.step,
+                                         progress=progress)
+    scores = context.restrict(scores)
+    if not config.depth_search:
+        return build_plan(scores, model, config), None
+    with context.unmasked():  # the candidates are cut copies of the model, without any mask hooks
+        held_out = collect_batches(batches, DEPTH_SEARCH_SAMPLES)
+        return choose_depth(model, held_out, config, lambda c: build_plan(scores, model, c),
+                            PrunePlan.of(model).num_layers), None
+
+
+ONE_SHOT = PruningMethod(
+    name="one_shot", plan=one_shot_plan, uses_criterion=True,
+    summary="score units with a criterion and keep the highest under the budget",
+)
