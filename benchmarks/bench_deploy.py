@@ -201,11 +201,16 @@ def _vllm_section(rows: list[dict], args: DeployArguments, out: Path) -> list[st
             f"\n![perplexity vs speedup]({plot.name})\n"]
 
 
+def _python(args: DeployArguments) -> str:
+    """The interpreter the command runs with: vLLM lives in a venv of its own (it pins transformers)."""
+    return ".venv-vllm/bin/python" if "vllm" in args.parts else ".venv/bin/python"
+
+
 def write(results: dict[str, Any], args: DeployArguments) -> None:
     out = HERE / "results"
     lines = ["# Serving runtimes: pruned models in llama.cpp, vLLM and onnxruntime\n",
              "> Written by `benchmarks/bench_deploy.py`; do not edit by hand.\n",
-             f"- command: `.venv/bin/python benchmarks/bench_deploy.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
+             f"- command: `{_python(args)} benchmarks/bench_deploy.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
              f"- environment: {json.dumps(report.environment())}\n",
              f"- runtimes: {json.dumps(runtime_versions())}\n"]
     if "llama" in results:
@@ -256,6 +261,9 @@ def main() -> None:
     unknown = sorted(set(args.parts) - {"llama", "onnx", "vllm"})
     if unknown:
         raise SystemExit(f"bench_deploy.py: unknown part {unknown[0]!r}; choose llama, onnx and/or vllm")
+    if "vllm" in args.parts and len(args.parts) > 1:
+        raise SystemExit("bench_deploy.py: run --parts vllm on its own, from .venv-vllm (vLLM pins transformers; the "
+                         "llama.cpp and onnxruntime parts run from .venv)")
     if args.llama_model not in ("smollm2", "gemma3"):
         raise SystemExit(f"bench_deploy.py: --llama_model is smollm2 or gemma3, not {args.llama_model!r}")
     results = {}

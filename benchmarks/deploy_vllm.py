@@ -88,8 +88,8 @@ def measure(models: dict[str, torch.nn.Module], tok: Any, dense_path: str, held_
             repeats: int, threads: int, out: Path) -> list[dict[str, Any]]:
     from hf_prune.lm import perplexity
 
-    # vLLM's CPU worker otherwise keeps one of the cores for the engine and computes on the rest (measured on 2
-    # cores: dense fp32 b16 36 tok/s that way, 150 with both cores bound to the worker)
+    # vLLM's CPU worker otherwise keeps one of the cores for the engine and computes on the rest (measured by hand on
+    # 2 cores: dense bf16 batch 16 at 24 tok/s that way, 43 with both cores bound to the worker)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
     blocks = [row.tolist() for b in held_out for row in b["input_ids"]]

@@ -11,8 +11,9 @@ from typing import Any
 
 def _groups() -> dict[str, list[type]]:
     from hf_prune import cli
+    from hf_prune.cli.export import ExportArgs
     from hf_prune.config import PruningConfig
-    from hf_prune.formats.command import ExportArgs, ExportOptions
+    from hf_prune.formats.settings import ExportOptions
     from hf_prune.recipes import clm, glue, image_classification
 
     def recipe(module: Any) -> list[type]:  # TrainingArguments is transformers' own (linked on the page)

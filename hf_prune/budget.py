@@ -1,157 +1,26 @@
-"""Budgets: the table of budget kinds (the one place config validation, schedules, recipes and the CLI read) and
-the allocation that chooses the units to keep under one.
-
-A budget says how much of the dense model a plan may keep. Built-in kinds are :class:`PruningConfig` fields
-(``heads_keep`` and ``neurons_keep`` form one budget, every other kind stands alone, except that ``layers_keep``,
-the depth budget, combines with any one width budget); a kind added with
-:func:`register_budget` is set by name with ``PruningConfig(custom_budget={name: value})``. A cost kind
-(``unit_costs`` + ``limit``) is allocated by :func:`build_plan` with no other change: units are ranked by score and
-kept while their summed cost fits the limit.
-"""
+"""Allocation: :func:`build_plan` chooses the units to keep under one budget (the kinds: :mod:`hf_prune.budget_kinds`,
+re-exported here). Units are ranked by score and kept while their count or summed cost fits; a layer keeps at least
+one head group and one neuron block unless ``allow_empty_layers``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from .adapters import model_dims
+from .budget_kinds import (BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS, BudgetKind, check_budget, register_budget,
+                           set_budget)
 from .depth import layers_to_keep
 from .plan import PlanMismatchError, PrunePlan
 from .units import Unit, kv_group_units, neuron_units, normalise_, query_head_units
 
 if TYPE_CHECKING:
     from .config import PruningConfig
-    from .costs import CostModel
     from .importance import ImportanceScores
 
-#: (per query head, per KV head, per FFN neuron) cost of a unit at a sequence length
-UnitCosts = Callable[["CostModel", int], tuple[float, float, float]]
-#: how much the kept layers may cost in total: (value, model, cost model, seq_len) -> limit
-Limit = Callable[[float, nn.Module, "CostModel", int], float]
-
-
-@dataclass(frozen=True)
-class BudgetKind:
-    """One kind of budget.
-
-    Args:
-        name: the config field or ``custom_budget`` key (and recipe key / CLI flag for built-ins).
-        group: kinds of one group are one budget and may be set together.
-        value: ``fraction`` of the dense model, in (0, 1]; ``count``, a positive number; or ``layers``, a
-            fraction in (0, 1] or a whole count above 1.
-        scheduled_from: what a gradual/iterative schedule moves the value from: ``one`` (keep everything),
-            ``dense_params`` (the dense model's parameter count) or ``layers`` (every layer: iterative schedules
-            remove layers round by round; gradual schedules choose them at the first event and fade them out).
-        help: one line for ``--help`` and errors.
-        method: the only pruning method that supports it (None: every method).
-        unit_costs: for a cost budget, each unit's cost; None for count budgets and kinds searched elsewhere.
-        limit: for a cost budget, the total the kept units may cost.
-        combines: may be set together with one budget of another group (the depth budget).
-    """
-
-    name: str
-    group: str
-    value: Literal["fraction", "count", "layers"]
-    scheduled_from: Literal["one", "dense_params", "layers"]
-    help: str
-    method: str | None = None
-    unit_costs: UnitCosts | None = None
-    limit: Limit | None = None
-    combines: bool = False
-
-    def check(self, value: Any) -> None:
-        if self.value == "layers" and not (0 < value <= 1 or (value > 1 and float(value).is_integer())):
-            raise ValueError(f"{self.name}={value} must be a fraction in (0, 1] of the layers or a whole count of "
-                             "layers above 1")
-        if self.value == "fraction" and not 0 < value <= 1:
-            raise ValueError(f"{self.name}={value} is outside (0, 1]: it is the fraction of the dense model to keep")
-        if self.value == "count" and value <= 0:
-            raise ValueError(f"{self.name}={value} must be positive")
-
-
-BUDGETS: dict[str, BudgetKind] = {}
-#: Kinds that are PruningConfig fields (the rest are set through ``custom_budget``).
-FIELD_BUDGETS = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep", "layers_keep")
-#: The budget a command line or recipe uses when none is given: half the layer FLOPs.
-DEFAULT_BUDGET = {"flops_keep": 0.5}
-
-
-def register_budget(kind: BudgetKind) -> BudgetKind:
-    """Make ``kind`` settable as ``PruningConfig(custom_budget={kind.name: value})`` and allocated by build_plan."""
-    if kind.name in BUDGETS:
-        raise ValueError(f"a budget kind named {kind.name!r} is already registered")
-    BUDGETS[kind.name] = kind
-    return kind
-
-
-def set_budget(config: Any) -> dict[str, Any]:
-    """Every budget ``config`` sets (fields that are not None, then ``custom_budget``), by kind name."""
-    out = {name: getattr(config, name) for name in FIELD_BUDGETS if getattr(config, name, None) is not None}
-    out.update(getattr(config, "custom_budget", None) or {})
-    return out
-
-
-def check_budget(config: Any) -> None:
-    """Exactly one budget group set, each value in range, and supported by ``config.method``."""
-    custom = getattr(config, "custom_budget", None) or {}
-    unknown = sorted(set(custom) - set(BUDGETS))
-    if unknown:
-        raise ValueError(f"unknown budget kinds {unknown} in custom_budget; registered: {', '.join(BUDGETS)}")
-    twice = sorted(k for k in custom if getattr(config, k, None) is not None)
-    if twice:
-        raise ValueError(f"{twice} set both as a field and in custom_budget: set each budget once")
-    given = set_budget(config)
-    for name, value in given.items():
-        BUDGETS[name].check(value)
-    groups = {BUDGETS[name].group for name in given if not BUDGETS[name].combines}
-    if len(groups) > 1 or not given:
-        listing = "; ".join(f"{b.name} ({b.help})" for b in BUDGETS.values())
-        raise ValueError(f"set exactly one budget (heads_keep and neurons_keep count as one; layers_keep may be "
-                         f"added to any): {listing}")
-    for name in given:
-        method = BUDGETS[name].method
-        if method is not None and config.method != method:
-            raise ValueError(f"{name} needs method={method!r} (got method={config.method!r})")
-
-
-def _flops_costs(cost: "CostModel", seq: int) -> tuple[float, float, float]:
-    return cost.head_flops(seq), cost.kv_flops(seq), cost.neuron_flops(seq)
-
-
-def _params_costs(cost: "CostModel", seq: int) -> tuple[float, float, float]:
-    return cost.head_params, cost.kv_params, cost.neuron_params
-
-
-def _flops_limit(value: float, model: nn.Module, cost: "CostModel", seq: int) -> float:
-    return value * cost.total(PrunePlan.dense(model).layer_sizes(), seq)["total"]
-
-
-def _params_limit(value: float, model: nn.Module, cost: "CostModel", seq: int) -> float:
-    from .costs import count_params, model_layer_sizes
-
-    fixed = count_params(model) - cost.total(model_layer_sizes(model))["total"]
-    if value - fixed < 0:
-        raise ValueError(f"target_params={value} is unreachable: the parts pruning cannot touch (embeddings, norms, "
-                         f"task head, output biases) already hold {fixed} parameters")
-    return value - fixed
-
-
-for _kind in (
-    BudgetKind("heads_keep", "units", "fraction", "one", "fraction of attention heads to keep"),
-    BudgetKind("neurons_keep", "units", "fraction", "one", "fraction of FFN neurons to keep"),
-    BudgetKind("flops_keep", "flops", "fraction", "one", "fraction of the layers' FLOPs to keep",
-               unit_costs=_flops_costs, limit=_flops_limit),
-    BudgetKind("target_params", "params", "count", "dense_params", "total parameter count of the pruned model",
-               unit_costs=_params_costs, limit=_params_limit),
-    BudgetKind("latency_keep", "latency", "fraction", "one", "fraction of the layers' measured latency to keep",
-               method="retraining_free"),
-    BudgetKind("layers_keep", "depth", "layers", "layers", "fraction (<= 1) or count (> 1) of the layers to keep",
-               combines=True),
-):
-    register_budget(_kind)
+__all__ = ["BUDGETS", "DEFAULT_BUDGET", "FIELD_BUDGETS", "BudgetKind", "build_plan", "check_budget",
+           "register_budget", "set_budget"]
 
 
 # -------------------------------------------------------------------------------------------- allocation
@@ -273,15 +142,7 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
 
     current = PrunePlan.of(model)
     d = model_dims(model)
-    L = d["num_layers"]
-    if tuple(scores.heads.shape) != (L, d["num_heads"]) or tuple(scores.neurons.shape) != (
-        L,
-        d["intermediate_size"],
-    ):
-        raise PlanMismatchError(
-            f"scores of shape heads {tuple(scores.heads.shape)} / neurons {tuple(scores.neurons.shape)} do not "
-            f"fit this model ({L} layers, {d['num_heads']} heads, {d['intermediate_size']} neurons)"
-        )
+    _check_scores_fit(scores, d)
     cost = CostModel.for_model(model)
     group = current.group_size
     floor = 0 if config.allow_empty_layers else 1
@@ -308,16 +169,7 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
     neurons = neuron_units(scores.neurons, config.round_to, per_neuron)
 
     if not costed:  # count budgets: so many heads / neurons
-        kh = heads
-        if config.heads_keep is not None:
-            units = d["num_heads"] if by_query else d["num_kv_heads"]  # per layer: query heads or KV groups
-            n = round(config.heads_keep * (L if config.allocation == "global" else 1) * units)
-            kh = _take_count(heads, n if by_query else n * group, config.allocation, floor, per_id=by_query)
-        kn = neurons
-        if config.neurons_keep is not None:
-            per = config.neurons_keep * d["intermediate_size"]
-            n = int(per * L) if config.allocation == "global" else int(per) // config.round_to * config.round_to
-            kn = _take_count(neurons, n, config.allocation, floor)
+        kh, kn = _take_counts(heads, neurons, config, d, group, by_query, floor)
     else:
         if not scores.comparable:
             normalise_(heads, head_cost)
@@ -326,25 +178,41 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
         limit = kind.limit(budget[kind.name], model, cost, seq)
         kh, kn = _take_budget(heads, neurons, limit, config.allocation, floor)
 
-    plan = PrunePlan(
-        model_type=current.model_type,
-        num_heads=current.num_heads,
-        num_kv_heads=current.num_kv_heads,
-        intermediate_size=current.intermediate_size,
-        hidden_size=current.hidden_size,
-        heads=[[h for u in x for h in u.ids] for x in kh],
-        neurons=[[n for u in x for n in u.ids] for x in kn],
-        layers=layers,
-        meta={
-            **current.meta,
-            "criterion": scores.criterion,
-            "calibration_samples": scores.num_samples,
-            "budget": budget,
-            "allocation": config.allocation,
-            "round_to": config.round_to,
-            "seq_len": config.seq_len,
-            **({"layer_importance": config.layer_importance} if layers is not None else {}),
-            **({"head_unit": config.head_unit} if by_query else {}),
-        },
+    meta = {
+        **current.meta, "criterion": scores.criterion, "calibration_samples": scores.num_samples, "budget": budget,
+        "allocation": config.allocation, "round_to": config.round_to, "seq_len": config.seq_len,
+        **({"layer_importance": config.layer_importance} if layers is not None else {}),
+        **({"head_unit": config.head_unit} if by_query else {}),
+    }
+    return PrunePlan(
+        model_type=current.model_type, num_heads=current.num_heads, num_kv_heads=current.num_kv_heads,
+        intermediate_size=current.intermediate_size, hidden_size=current.hidden_size,
+        heads=[[h for u in x for h in u.ids] for x in kh], neurons=[[n for u in x for n in u.ids] for x in kn],
+        layers=layers, meta=meta,
     )
-    return plan
+
+
+def _check_scores_fit(scores: "ImportanceScores", d: dict[str, int]) -> None:
+    L = d["num_layers"]
+    if tuple(scores.heads.shape) != (L, d["num_heads"]) or tuple(scores.neurons.shape) != (L, d["intermediate_size"]):
+        raise PlanMismatchError(
+            f"scores of shape heads {tuple(scores.heads.shape)} / neurons {tuple(scores.neurons.shape)} do not "
+            f"fit this model ({L} layers, {d['num_heads']} heads, {d['intermediate_size']} neurons)"
+        )
+
+
+def _take_counts(heads: list, neurons: list, config: "PruningConfig", d: dict[str, int], group: int, by_query: bool,
+                 floor: int) -> tuple[list, list]:
+    """``heads_keep`` / ``neurons_keep``: so many query heads (or KV groups) and neurons, globally or per layer."""
+    L = d["num_layers"]
+    kh = heads
+    if config.heads_keep is not None:
+        units = d["num_heads"] if by_query else d["num_kv_heads"]  # per layer: query heads or KV groups
+        n = round(config.heads_keep * (L if config.allocation == "global" else 1) * units)
+        kh = _take_count(heads, n if by_query else n * group, config.allocation, floor, per_id=by_query)
+    kn = neurons
+    if config.neurons_keep is not None:
+        per = config.neurons_keep * d["intermediate_size"]
+        n = int(per * L) if config.allocation == "global" else int(per) // config.round_to * config.round_to
+        kn = _take_count(neurons, n, config.allocation, floor)
+    return kh, kn

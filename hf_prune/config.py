@@ -8,7 +8,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .budget import check_budget, set_budget
+from .budget_kinds import BUDGETS, check_budget, set_budget
 from .criteria import CRITERIA
 from .depth import LAYER_CRITERIA
 from .methods.registry import check_method_settings, get_method
@@ -60,7 +60,7 @@ class PruningConfig:
         rearrange_scope: ``retraining_free``: ``layer`` (the paper's) swaps units inside each layer; ``model`` then
             also swaps heads for heads and neurons for neurons between layers (same budget), with the whole
             cross-layer Fisher of all masks (terms between layers and between heads and neurons included; ``N^2``
-            floats for ``N`` masks, 340 MB on MiniLM, refused above 20k masks). Needs ``allocation="global"``,
+            floats for ``N`` masks, refused above 20k masks). Needs ``allocation="global"``,
             ``round_to=1``, ``head_unit="kv_group"`` and a FLOPs, parameter or head/neuron budget. Measured in the
             README (retraining-free section).
         mask_tuning: ``retraining_free``: layer by layer, fit the cut layers to reconstruct the dense model's
@@ -157,7 +157,7 @@ class PruningConfig:
             if self.layers_keep is not None:
                 raise ValueError("depth_search chooses the number of layers itself: drop layers_keep (or keep "
                                  "layers_keep and drop depth_search)")
-            if not {"flops_keep", "latency_keep"} & set(self.budget()):
+            if not any(BUDGETS[k].trades_depth for k in self.budget()):
                 raise ValueError("depth_search trades layers against heads and neurons under one cost budget: set "
                                  "flops_keep (or latency_keep with method='retraining_free')")
         check_method_settings(self, defaults)  # another method's settings would be ignored: refused
@@ -169,7 +169,7 @@ class PruningConfig:
         if self.allocation not in ("global", "uniform"):
             raise ValueError(f"allocation must be 'global' or 'uniform', not {self.allocation!r}")
         if self.deployable:
-            width = [k for k in self.budget() if k != "layers_keep"]
+            width = [k for k in self.budget() if not BUDGETS[k].combines]
             if width and self.allocation != "uniform":
                 raise ValueError("deployable=True saves the stock architecture, which has one size for all layers: "
                                  "set allocation='uniform' (or prune depth only, with layers_keep alone)")

@@ -95,7 +95,7 @@ def test_exports_beside_a_checkpoint_are_timed_against_the_dense_models_export(t
     timed in onnxruntime; the card shows those rows."""
     require("onnxruntime")
     from hf_prune.formats.cards import serving_section
-    from hf_prune.formats.command import ServeArguments, export_beside
+    from hf_prune.formats.settings import ServeArguments, export_beside
 
     dense = BY_NAME["bert"].model().eval()
     model = _cut(BY_NAME["bert"].model().eval(), "uneven")

@@ -93,3 +93,15 @@ def test_architecture_md_lists_every_module():
         if row is None or (rel.name != "__init__.py" and f"`{rel.stem}`" not in row and f"`{rel.stem}." not in row):
             missing.append(str(rel))
     assert not missing, f"add these to ARCHITECTURE.md: {missing}"
+
+
+def test_no_function_body_is_over_80_lines():
+    """Long steps are split into named ones (the docstring does not count: explaining is not the problem)."""
+    long = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body
+                if (n := node.end_lineno - body[0].lineno + 1) > 80:
+                    long.append(f"{path.relative_to(PKG)}:{node.name} ({n} lines)")
+    assert not long, f"split these functions: {long}"

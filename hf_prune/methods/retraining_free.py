@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..budget_kinds import BUDGETS
 from ..plan import PrunePlan
 from ..retraining_free import fold_tuning_, retraining_free_plan
 from ..retraining_free.tuning import TUNING_FITS
@@ -63,7 +64,7 @@ def _validate(config: PruningConfig) -> None:
     if config.selection_metric != "divergence" and not (config.select_stages or config.depth_search):
         raise ValueError("selection_metric only applies when candidates are compared: set select_stages=True "
                          "(or depth_search=True), or drop selection_metric")
-    if config.deployable and [k for k in config.budget() if k != "layers_keep"]:
+    if config.deployable and [k for k in config.budget() if not BUDGETS[k].combines]:
         raise ValueError("deployable=True needs the same shape in every layer, and the retraining-free search sizes "
                          "each layer on its own: use method='one_shot' with allocation='uniform', or layers_keep "
                          "alone")

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..budget import BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS
+from ..budget_kinds import BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS
 from ..config import PruningConfig, flag_fields, from_flag
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
@@ -38,21 +38,25 @@ class _PruneArgumentsBase:
     """Methods of :class:`PruneArguments` (its fields are made from :class:`PruningConfig`'s)."""
 
     def budgets(self) -> list[dict[str, Any]]:
-        """One budget dict ``{kind: value}`` per run, e.g. ``[{"flops_keep": 0.75}, {"flops_keep": 0.5}]``; the depth
-        budget (``layers_keep``) goes with every one of them."""
-        others = {k: getattr(self, k) for k in FIELD_BUDGETS if k != "flops_keep" and getattr(self, k) is not None}
+        """One budget dict ``{kind: value}`` per run, e.g. ``[{"flops_keep": 0.75}, {"flops_keep": 0.5}]`` (a kind
+        with ``several_values`` may list values: one run each); the depth budget (``layers_keep``) goes with every
+        one of them."""
+        others = {k: getattr(self, k) for k in FIELD_BUDGETS
+                  if k not in LISTED_BUDGETS and getattr(self, k) is not None}
         others.update(from_flag("custom_budget", self.custom_budget) or {})
         depth = {k: v for k, v in others.items() if k in BUDGETS and BUDGETS[k].combines}
         others = {k: v for k, v in others.items() if k not in depth}
-        flops = getattr(self, "flops_keep")
-        if isinstance(flops, (int, float)):  # a YAML scalar instead of a list
-            flops = [float(flops)]
-        if flops and others:
-            raise ConfigError(f"set flops_keep or {sorted(others)}, not both")
+        listed = {k: getattr(self, k) for k in LISTED_BUDGETS if getattr(self, k)}
+        listed = {k: [float(v)] if isinstance(v, (int, float)) else [float(x) for x in v]  # YAML scalar or list
+                  for k, v in listed.items()}
+        if listed and (others or len(listed) > 1):
+            first, *rest = sorted(listed)
+            raise ConfigError(f"set {first} or {sorted(rest + list(others))}, not both")
         if others:
             return [{**others, **depth}]
-        if flops:
-            return [{"flops_keep": float(f), **depth} for f in flops]
+        if listed:
+            (kind, values), = listed.items()
+            return [{kind: v, **depth} for v in values]
         return [depth] if depth else [dict(DEFAULT_BUDGET)]
 
     def pruning_config(self, budget: Mapping[str, Any], seed: int) -> PruningConfig:
@@ -69,7 +73,9 @@ class _PruneArgumentsBase:
 
 #: What to prune and how much: exactly :class:`PruningConfig`'s fields under their own names (``seed`` is
 #: ``TrainingArguments.seed``); several ``flops_keep`` values run one prune + recover per budget.
-PruneArguments = make_dataclass("PruneArguments", flag_fields(lists=("flops_keep",), exclude=_SHARED_FIELDS),
+#: Budget fields a recipe may list several values of (one run each): the kinds with ``several_values``.
+LISTED_BUDGETS = tuple(k for k in FIELD_BUDGETS if BUDGETS[k].several_values)
+PruneArguments = make_dataclass("PruneArguments", flag_fields(lists=LISTED_BUDGETS, exclude=_SHARED_FIELDS),
                                 bases=(_PruneArgumentsBase,))
 PruneArguments.__module__ = __name__
 PruneArguments.__doc__ = (

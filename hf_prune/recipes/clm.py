@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 
 from ..lm import perplexity, text_block_rows
 from ..resources import EMBEDDED_DATA, embedded_glue_dir, read_tsv, resolve_model_path
-from ..formats.command import ServeArguments
+from ..formats.settings import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,

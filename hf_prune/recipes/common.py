@@ -20,6 +20,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from .. import costs, report
 from ..api import prune
+from ..budget_kinds import BUDGETS
 from ..distributed import barrier
 from ..plan import PrunePlan
 from ..trainer import DistillationConfig, PruningTrainer
@@ -129,15 +130,7 @@ class PruneResult:
 def run_name(budget: Mapping[str, Any]) -> str:
     """Folder name of a budget's run: ``flops50``, ``heads75_neurons50``, ``params20M``, ``flops40_layers4`` (a layer
     count), ``layers50pct`` (a fraction of the layers)."""
-    parts = []
-    for key, value in budget.items():
-        if key == "target_params":
-            parts.append(f"params{value / 1e6:.3g}M")
-        elif key == "layers_keep":
-            parts.append(f"layers{int(value)}" if value > 1 else f"layers{round(value * 100)}pct")
-        else:
-            parts.append(f"{key.split('_')[0]}{round(value * 100)}")
-    return "_".join(parts)
+    return "_".join(BUDGETS[key].run_label(value) for key, value in budget.items())
 
 
 def prune_and_recover(

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from ..resources import resolve_data_dir, resolve_model_path
-from ..formats.command import ServeArguments
+from ..formats.settings import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,

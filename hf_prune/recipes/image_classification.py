@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from ..adapters import get_adapter
-from ..formats.command import ServeArguments
+from ..formats.settings import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,

@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 
 from .. import report
 from ..distributed import barrier
-from ..formats.command import export_beside
+from ..formats.settings import export_beside
 from ..hub import check_can_push, check_repo_id
 from ..plan import PrunePlan
 from ..resources import base_model_id

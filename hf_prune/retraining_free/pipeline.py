@@ -80,6 +80,17 @@ def retraining_free_plan(
         stages["rearranged"] = plan
         times["rearrange_s"] = time.perf_counter() - t
     del fisher
+    plan, tuning = _tune_and_select(model, stages, plan, tune_batches, held_out, config, info, times)
+    plan.meta["retraining_free"] = info
+    info["times"] = {**times, "total_s": time.perf_counter() - start}
+    return plan, tuning
+
+
+def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: PrunePlan, tune_batches: list,
+                     held_out: list, config: "PruningConfig", info: dict[str, Any],
+                     times: dict[str, float]) -> tuple[PrunePlan, MaskTuning | None]:
+    """Stages 4 and 5: tune the candidates (the final plan, and with selection on its alternatives), then keep the
+    candidate closest to the dense model on the held-out samples. Records into ``info`` and ``times``."""
     selecting = config.select_stages and bool(held_out)
     # Tuned candidates (name -> plan, fit): the final plan; with selection on, also the search plan when
     # rearrangement changed it (which of the two tunes better differs by model and budget), and, for the weights
@@ -131,8 +142,6 @@ def retraining_free_plan(
         else:
             plan, tuning = stages[chosen], None
         times["selection_s"] = time.perf_counter() - t
-    plan.meta["retraining_free"] = info
-    info["times"] = {**times, "total_s": time.perf_counter() - start}
     return plan, tuning
 
 

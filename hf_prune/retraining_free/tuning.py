@@ -163,8 +163,7 @@ def tune_masks(
       (how much closer to the dense model it lands is measured in ``benchmarks/results/retraining_free.md``).
 
     ``damping`` is the ridge strength relative to the mean diagonal of the normal equations (default 0.1 for
-    weights, 0.01 for scales: on MiniLM, dev divergence from the dense model was lowest there, and within 20%
-    over 0.01-1 for weights).
+    weights, 0.01 for scales: chosen on MiniLM by the dev divergence from the dense model).
 
     Either way the result folds into an ordinary smaller model (:func:`fold_tuning_`, then
     :func:`hf_prune.apply_plan_`), and each fit never raises its layer's calibration error.

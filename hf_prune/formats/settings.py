@@ -1,11 +1,15 @@
-"""``hf-prune export CHECKPOINT --format {stock,gguf,onnx,vllm} --output_dir D``: a saved checkpoint written for a
-serving runtime. :class:`ExportOptions` is the one definition of the export settings (CLI flags and recipe keys)."""
+"""The export settings, one definition each for ``hf-prune export`` flags and recipe keys (:class:`ExportSettings`,
+:class:`ExportOptions`, :class:`ServeArguments`), and :func:`export_beside`, what a recipe's ``export_formats``
+writes into each checkpoint folder."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .registry import export_formats, export_model, get_export_format
 
 
 @dataclass
@@ -29,8 +33,6 @@ class ExportSettings:
     def options_for(self, formats: list[str]) -> dict[str, dict[str, Any]]:
         """``{format: its options}``; a setting changed from its default that none of ``formats`` takes is an
         error (it would be silently ignored)."""
-        from .registry import get_export_format
-
         chosen = [get_export_format(f) for f in formats]
         defaults = asdict(ExportSettings())
         mine = {k: v for k, v in asdict(self).items() if k in defaults}
@@ -42,8 +44,6 @@ class ExportSettings:
 
 
 def _formats_taking(option: str) -> list[str]:
-    from .registry import export_formats, get_export_format
-
     return [n for n in export_formats() if option in get_export_format(n).options]
 
 
@@ -74,8 +74,6 @@ class ServeArguments(ExportSettings):
     export_formats: list[str] = field(default_factory=list, metadata={"help": "Serving formats: gguf, onnx, vllm."})
 
     def __post_init__(self) -> None:
-        from .registry import export_formats, get_export_format
-
         beside = [n for n in export_formats() if get_export_format(n).beside is not None]
         bad = sorted(set(self.export_formats) - set(beside))
         if bad:
@@ -90,9 +88,6 @@ def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArgument
     vLLM in ``vllm/``), replacing earlier exports. With the ``dense`` model, each format that can be timed is also
     written for it (in a temporary folder) and the two are timed interleaved in the runtime: returns the files
     written and those rows ``{format, runtime, metric, dense, pruned, speedup}``."""
-    import tempfile
-
-    from .registry import export_model, get_export_format
 
     written, speed = [], []
     for name, options in serve.options_for(serve.export_formats).items():
@@ -105,62 +100,3 @@ def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArgument
             dense_out = export_model(dense, tokenizer, tmp, name, **options, overwrite=True)
             speed += [{"format": name, "runtime": fmt.runtime, **row} for row in fmt.speed(dense_out, out, model)]
     return written, speed
-
-
-@dataclass
-class ExportArgs:
-    """Arguments of ``hf-prune export`` besides :class:`ExportOptions`.
-
-    Args:
-        checkpoint: a (pruned) checkpoint folder or Hub id, saved with its tokenizer.
-        output_dir: where the export goes: the folder itself for ``stock``, ``onnx`` and ``vllm``, the folder that receives
-            ``model-<outtype>.gguf`` for ``gguf``.
-    """
-
-    checkpoint: str = field(metadata={"help": "Pruned checkpoint folder or Hub id."})
-    output_dir: str = field(default="", metadata={"help": "Output folder."})
-
-
-def _tokenizer(checkpoint: str, required: bool) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError) as e:
-        if required:
-            raise ValueError(f"{checkpoint} has no tokenizer ({type(e).__name__}); the export carries it: save the "
-                             "tokenizer beside the checkpoint (tokenizer.save_pretrained(folder))") from e
-        return None  # vision models, or a checkpoint saved without one
-
-
-def cmd_export(argv: list[str], parse: Any, usage_error: type[Exception]) -> int:
-    from transformers import HfArgumentParser
-
-    from ..checkpoint import load_pruned
-    from ..hub import write_model_card
-    from .registry import export_model, get_export_format
-
-    parser = HfArgumentParser((ExportArgs, ExportOptions), prog="hf-prune export")
-    parser.description = ("Write a checkpoint for a serving runtime: --format stock (plain from_pretrained, no "
-                          "trust_remote_code; uniform cuts), gguf (llama.cpp; uneven cuts too), onnx (onnxruntime) "
-                          "or vllm (vLLM's own DeciLM implementation; uneven cuts too).")
-    args, options = parse(parser, argv)
-    if not args.output_dir:
-        raise usage_error("pass --output_dir FOLDER for the export")
-    fmt = get_export_format(options.format)
-    settings = {**options.options_for([fmt.name])[fmt.name], "overwrite": options.overwrite}
-    target = Path(args.output_dir) / fmt.file_name(**settings)
-    if not options.overwrite and target.exists() and (target.is_file() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists: pass --overwrite to replace it")  # before loading anything
-    tokenizer = _tokenizer(args.checkpoint, required=fmt.needs_tokenizer)
-    model = load_pruned(args.checkpoint)
-    out = export_model(model, tokenizer, args.output_dir, fmt.name, **settings)
-    if fmt.name == "stock":
-        write_model_card(out)  # sizes, provenance and the no-custom-code loading snippet
-        name = type(model).__name__.removeprefix("Pruned")
-        print(f"wrote {out}: the stock {name} architecture; load it with {name}.from_pretrained({str(out)!r}), "
-              "no trust_remote_code")
-    else:
-        size = sum(p.stat().st_size for p in ([out] if out.is_file() else Path(out).rglob("*")) if p.is_file())
-        print(f"wrote {out} ({size / 2**20:.1f} MiB) for {fmt.runtime}")
-    return 0
