@@ -168,6 +168,15 @@ def test_push_without_token_fails_before_work(tiny_bert, glue_dir, tmp_path, mon
 # --------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("fmt, match", [("gguf", "llama.cpp has no architecture.*'bert'"),
+                                         ("vllm", "DeciLM runs Llama-shaped decoders.*not bert")])
+def test_an_export_format_the_family_cannot_take_fails_before_the_dense_training(tiny_bert, glue_dir, tmp_path,
+                                                                                  fmt, match):
+    with pytest.raises(ValueError, match=match):
+        main(_flags(tiny_bert, glue_dir, tmp_path / "out", export_formats=[fmt]))
+    assert not (tmp_path / "out" / "dense").exists()  # refused before the dense fine-tune, the first long step
+
+
 def test_sst2_recipe_end_to_end(tiny_bert, glue_dir, tmp_path, capsys):
     out = tmp_path / "run"
     results = main(_flags(tiny_bert, glue_dir, out, flops_keep=[0.6, 0.4]))

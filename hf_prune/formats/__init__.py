@@ -10,10 +10,10 @@ from typing import Any
 from torch import nn
 
 from ..export import save_stock
-from .decilm import save_decilm
+from .decilm import decilm_accepts, save_decilm
 from .gguf import OUTTYPES, gguf_file_name, save_gguf
-from .gguf_families import GgufFamily, register_gguf_family
-from .onnx import example_inputs, save_onnx
+from .gguf_families import GgufFamily, gguf_family, register_gguf_family
+from .onnx import example_inputs, onnx_accepts, save_onnx
 from .runtimes import gguf_speed, onnx_speed
 from .registry import ExportFormat, export_formats, export_model, get_export_format, register_export_format
 
@@ -25,6 +25,10 @@ def _write_stock(model: nn.Module, tokenizer: Any, path: Path, *, overwrite: boo
     return folder
 
 
+def _gguf_accepts(config: Any) -> None:
+    gguf_family(config.model_type)  # a family llama.cpp has no architecture for: the one-line error
+
+
 def _onnx_speed(dense: Path, pruned: Path, model: nn.Module) -> list[dict[str, Any]]:
     seq = min(128, getattr(model.config, "max_position_embeddings", 128))  # a text model's usual input length
     return onnx_speed(dense, pruned, example_inputs(model, batch_size=1, seq_len=seq))
@@ -33,11 +37,12 @@ def _onnx_speed(dense: Path, pruned: Path, model: nn.Module) -> list[dict[str, A
 for _fmt in (
     ExportFormat("gguf", "llama.cpp (llama-cpp-python, ollama, LM Studio)", save_gguf, gguf_file_name,
                  ("outtype", "pad_ffn_to", "pre_tokenizer", "overwrite"), beside="", needs_tokenizer=True,
-                 speed=lambda dense, pruned, _: gguf_speed(dense, pruned)),
+                 speed=lambda dense, pruned, _: gguf_speed(dense, pruned),
+                 accepts=_gguf_accepts),
     ExportFormat("onnx", "onnxruntime", save_onnx, lambda **_: "", ("quantize", "optimize", "overwrite"),
-                 beside="onnx", speed=_onnx_speed),
+                 beside="onnx", speed=_onnx_speed, accepts=onnx_accepts),
     ExportFormat("vllm", "vLLM (its own DeciLM / Nemotron-NAS implementation; uneven layers)", save_decilm,
-                 lambda **_: "", ("overwrite",), beside="vllm", needs_tokenizer=True),
+                 lambda **_: "", ("overwrite",), beside="vllm", needs_tokenizer=True, accepts=decilm_accepts),
     ExportFormat("stock", "transformers without remote code (vLLM, TGI)", _write_stock, lambda **_: "",
                  ("overwrite",)),
 ):

@@ -63,21 +63,26 @@ class DeciLMConfig(LlamaConfig):
 '''
 
 
-def _check(model: nn.Module, tokenizer: Any) -> list[dict[str, int]]:
-    if is_peft(model):
-        get_adapter(model)  # raises the one-line peft error (merge_and_unload first)
-    config = model.config
+def decilm_accepts(config: Any) -> None:
+    """Refuse a family or attention vLLM's DeciLM cannot run, before anything is done."""
     if config.model_type not in FAMILIES:
         raise ValueError(f"vLLM's DeciLM runs Llama-shaped decoders ({', '.join(FAMILIES)}), not "
                          f"{config.model_type}: export a uniform cut with --format stock, which vLLM loads as its own "
                          "architecture")
-    if tokenizer is None:
-        raise ValueError("the vLLM export needs the tokenizer: save it beside the checkpoint "
-                         "(tokenizer.save_pretrained(folder))")
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         raise ValueError(f"the model uses a sliding attention window ({window}), which vLLM's DeciLM does not; set "
                          "config.sliding_window = None if the model does not rely on it")
+
+
+def _check(model: nn.Module, tokenizer: Any) -> list[dict[str, int]]:
+    if is_peft(model):
+        get_adapter(model)  # raises the one-line peft error (merge_and_unload first)
+    config = model.config
+    decilm_accepts(config)
+    if tokenizer is None:
+        raise ValueError("the vLLM export needs the tokenizer: save it beside the checkpoint "
+                         "(tokenizer.save_pretrained(folder))")
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
         raise ValueError("vLLM's DeciLM runs a SiLU-gated FFN without biases; this model's FFN differs")
     sizes = model_layer_sizes(model)

@@ -111,6 +111,13 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
             model.set_attn_implementation(old)
 
 
+def onnx_accepts(config: Any) -> None:
+    """Refuse a decoder LLM (those go to GGUF or vLLM), before anything is done."""
+    if getattr(config, "is_decoder", False) or config.model_type in gguf_model_types():
+        raise ValueError(f"ONNX export covers encoders and vision models; export the {config.model_type} "
+                         "decoder with format='gguf' for llama.cpp")
+
+
 def _check(model: nn.Module, path: Path, overwrite: bool, quantize: str | None) -> None:
     get_adapter(model)  # peft-wrapped or unknown family: the one-line errors
     for package in ("onnx", "onnxruntime"):
@@ -118,9 +125,7 @@ def _check(model: nn.Module, path: Path, overwrite: bool, quantize: str | None) 
             raise ImportError(f"ONNX export needs {package}: {ONNX_INSTALL}")
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be 'int8' or None, got {quantize!r}")
-    if getattr(model.config, "is_decoder", False) or model.config.model_type in gguf_model_types():
-        raise ValueError(f"ONNX export covers encoders and vision models; export the {model.config.model_type} "
-                         "decoder with format='gguf' for llama.cpp")
+    onnx_accepts(model.config)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True (--overwrite) to replace it")
 

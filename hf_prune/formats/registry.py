@@ -28,6 +28,8 @@ class ExportFormat:
         beside: where a recipe's ``export_formats`` writes it inside a saved checkpoint folder (``""``: the folder
             itself, a file at its root; ``"onnx"``: that subfolder), or None when it is not written beside one.
         needs_tokenizer: the export carries the tokenizer, so a checkpoint without one is refused up front.
+        accepts: ``accepts(config)`` raises ``ValueError`` with the reason when a model of this config cannot be
+            exported (its family); a recipe calls it before its long work.
         speed: ``speed(dense_output, pruned_output, pruned_model) -> rows``: the two exports timed interleaved in
             the runtime, rows ``{metric, dense, pruned, speedup}`` (what a recipe's model card shows), or None.
     """
@@ -40,6 +42,7 @@ class ExportFormat:
     beside: str | None = None
     needs_tokenizer: bool = False
     speed: Callable[[Path, Path, nn.Module], list[dict[str, Any]]] | None = None
+    accepts: Callable[[Any], None] | None = None
 
 
 _REGISTRY: dict[str, ExportFormat] = {}

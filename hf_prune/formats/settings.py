@@ -82,6 +82,15 @@ class ServeArguments(ExportSettings):
         self.options_for(self.export_formats)  # a setting no chosen format takes fails now, not after the run
 
 
+def check_exportable(config: Any, serve: ServeArguments) -> None:
+    """Every one of ``serve.export_formats`` can export a model of ``config`` (its family), or the one-line reason:
+    what a recipe checks before its long work."""
+    for name in serve.export_formats:
+        fmt = get_export_format(name)
+        if fmt.accepts is not None:
+            fmt.accepts(config)
+
+
 def export_beside(model: Any, tokenizer: Any, folder: Path, serve: ServeArguments,
                   dense: Any = None) -> tuple[list[Path], list[dict[str, Any]]]:
     """Write ``serve.export_formats`` into a saved checkpoint ``folder`` (GGUF file at its root, ONNX in ``onnx/``,

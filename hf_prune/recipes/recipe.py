@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import AutoConfig, TrainingArguments
 
 from .. import report
 from ..distributed import barrier
-from ..formats.settings import export_beside
+from ..formats.settings import check_exportable, export_beside
 from ..hub import check_can_push, check_repo_id
 from ..plan import PrunePlan
 from ..resources import base_model_id
@@ -148,6 +148,7 @@ class Recipe:
             check_repo_id(args.hub_model_id, "hub_model_id")
         self.base_model = base_model_id(self.model_args.model_name_or_path)
         self.load_data()
+        self._check_exports()
         dense = self.dense_model().eval()
         dense_metrics = self.evaluate(dense)
         self.log(f"dense: {dense_metrics}")
@@ -166,6 +167,13 @@ class Recipe:
             print(f"\n{text}\n\nwrote {self.out / 'results.json'}, {self.out / 'results.md'} and plots; checkpoints: "
                   + ", ".join(r["checkpoint"] for r in results.runs))
         return results.to_dict()
+
+    def _check_exports(self) -> None:
+        """``export_formats`` that cannot take this model's family are refused now, not after the training."""
+        path = getattr(self, "path", None)  # None: a model built from its config (ViT from scratch)
+        if self.serve_args.export_formats and path:
+            remote = bool(getattr(self.model_args, "trust_remote_code", False))
+            check_exportable(AutoConfig.from_pretrained(path, trust_remote_code=remote), self.serve_args)
 
     def _run_budget(self, dense: nn.Module, budget: Mapping[str, Any], calibration: list, results: RecipeResults,
                     several: bool) -> dict[str, Any]:
