@@ -20,7 +20,7 @@ from common import CACHE
 
 import hf_prune as hp
 from hf_prune.formats import save_gguf
-from hf_prune.formats.runtimes import llama_perplexity, load_llama
+from hf_prune.formats.runtimes import llama_perplexity, llama_timing, load_llama
 from hf_prune.lm import perplexity
 from hf_prune.resources import embedded_model_path
 
@@ -49,15 +49,8 @@ def cut_model(name: str, dense: torch.nn.Module, method: str, budget: float, cal
 
 def _pp_and_decode(llm: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """(prompt seconds, decode seconds per token) of one run from an empty cache."""
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    pp = time.perf_counter() - start
-    token = prompt[-1]
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        llm.eval([token])
-    return pp, (time.perf_counter() - start) / new_tokens
+    prompt_s, decode_s = llama_timing(llm, prompt, new_tokens)
+    return prompt_s, decode_s / new_tokens
 
 
 def measure(models: dict[str, torch.nn.Module], tok: Any, held_out: list[dict], outtypes: list[str],

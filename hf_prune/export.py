@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from .adapters import get_adapter, model_dims
 from .costs import model_layer_sizes
-from .io import chmod_like_new_
+from .io import staged_folder
 from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, stock_class
 
 #: ``prune_plan.json``'s ``meta["format"]`` for a stock export (the plan still records the dense ids kept).
@@ -109,9 +107,7 @@ def save_stock(model: nn.Module, save_directory: str | Path, *, overwrite: bool 
         raise FileExistsError(f"{target} exists and is a file: choose a folder for the export")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not an empty folder: choose a new folder for the export")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    with staged_folder(target, overwrite=True) as stage:  # refused above unless it may be replaced
         stock.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
         if getattr(config, "tie_word_embeddings", False):
             stock.tie_weights()
@@ -121,17 +117,6 @@ def save_stock(model: nn.Module, save_directory: str | Path, *, overwrite: bool 
             data = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
             data = {**data, "meta": {**data.get("meta", {}), "format": STOCK_FORMAT}}
             (stage / PLAN_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
-        chmod_like_new_(stage)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{stage.name}")
-            target.rename(old)
-        stage.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return target
 
 

