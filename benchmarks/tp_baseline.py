@@ -49,7 +49,7 @@ import hf_prune as hp
 from hf_prune.adapters import get_adapter, model_dims
 from hf_prune.costs import dummy_inputs
 from hf_prune.masks import LayerMasks, mask_hooks
-from hf_prune.modeling_pruned import get_module, layer_list
+from hf_prune.shapes import get_module, layer_list
 
 
 def _tp():

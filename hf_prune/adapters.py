@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .modeling_pruned import ArchSpec, dense_dims, layer_list
+from .shapes import ArchSpec, dense_dims, layer_list
 
 #: Public name of the declarative adapter (the same dataclass is embedded in checkpoints).
 ArchAdapter = ArchSpec

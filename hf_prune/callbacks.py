@@ -8,19 +8,22 @@ that :func:`hf_prune.apply_plan_` turns into a physically smaller model with the
                                                    PruningSchedule("gradual", start_step=100, end_step=600))])
     trainer.train()
     hf_prune.apply_plan_(trainer.model, trainer.callback_handler.callbacks[-1].plan)  # or callback.prune_model_()
+
+The pruning statistics (``prune/flops_kept``, ...) join every log. Trainer runs its reporting callbacks
+(TensorBoard, W&B, ...) before the ones passed in ``callbacks=``, so for them to log the statistics too, add the
+callback with ``PruningCallback(...).add_to(trainer)``, which puts it first; ``PruningTrainer`` does that itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.trainer_callback import ExportableState
 
 from .config import PruningConfig
 from .costs import CostModel, count_params
@@ -119,12 +122,23 @@ class PruningCallback(TrainerCallback, ExportableState):
                 if len(values) == t.numel():
                     t.copy_(torch.tensor(values))
 
-    # events --------------------------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):
-        self._move_to_front()
+    def add_to(self, trainer: Any) -> PruningCallback:
+        """Add this callback to ``trainer`` ahead of its other callbacks, so that the reporting ones (TensorBoard,
+        W&B, ...) see the pruning statistics in each log. Returns the callback."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
 
+    @property
+    def stats(self) -> dict[str, float]:
+        """What is kept now (``prune/heads_kept``, ``prune/neurons_kept``, ``prune/layers_kept``, ``prune/flops_kept``);
+        empty before training starts."""
+        return dict(self._stats)
+
+    # events --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._move_to_front()
         self.schedule.check_fits(state.max_steps)
         model = _unwrap(model)
         self.controller = MaskController(model, self.config.importance)
@@ -231,18 +245,6 @@ class PruningCallback(TrainerCallback, ExportableState):
         if self.controller is not None:
             self.controller.remove()
         return apply_plan_(_unwrap(model), self.plan)
-
-    def _move_to_front(self) -> None:
-        """Run before the reporting callbacks (TensorBoard, W&B, ...) so they see the pruning stats in on_log.
-
-        Trainer appends user callbacks after its reporting ones and gives callbacks no handle on the list, so
-        the handler is read from the calling frame; if that ever fails, stats still reach later callbacks.
-        """
-        frame = sys._getframe(2)
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

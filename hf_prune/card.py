@@ -18,8 +18,8 @@ import yaml
 from .checkpoint import FLOPS_SEQ_LEN, checkpoint_stats
 from .formats.cards import serving_section
 from .io import write_text_atomic
-from .modeling_pruned import MODELING_FILE, PLAN_FILE
 from .report import markdown_table
+from .shapes import MODELING_FILE, PLAN_FILE, SHAPES_FILE
 
 CARD_FILE = "README.md"
 # Hub pipeline tags by class-name suffix; other heads get none (the Hub then guesses from the config).
@@ -251,8 +251,8 @@ def usage_section(s: Mapping[str, Any], repo_id: str) -> list[str]:
                  "llama.cpp's converter) load it, no custom code:")
         call = f'model = {auto}.from_pretrained("{repo_id}")'
     else:
-        intro = (f"Without hf_prune (`{MODELING_FILE}` in this repo rebuilds the per-layer shapes; it needs only torch "
-                 "and transformers):")
+        intro = (f"Without hf_prune (`{MODELING_FILE}` and `{SHAPES_FILE}` in this repo rebuild the per-layer shapes; "
+                 "they need only torch and transformers):")
         call = f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)'
     return out + [intro, "", "```python", f"from transformers import {auto}", "", call, "```", ""]
 

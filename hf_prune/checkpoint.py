@@ -22,15 +22,9 @@ from .adapters import get_adapter
 from .costs import count_flops, count_params, layer_fixed_params, model_layer_sizes, plan_flops, plan_params
 from .export import is_stock_export
 from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
-from .modeling_pruned import (
-    CONFIG_KEY,
-    PLAN_FILE,
-    config_get,
-    layer_sizes,
-    pruned_class,
-    stock_class,
-)
+from .modeling_pruned import pruned_class, stock_class
 from .plan import PlanMismatchError, PrunePlan
+from .shapes import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes
 
 #: sequence length the checkpoint statistics (and model cards) count FLOPs at
 FLOPS_SEQ_LEN = 128

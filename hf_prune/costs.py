@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
-from .modeling_pruned import current_layer_sizes, get_module, layer_list
+from .shapes import current_layer_sizes, get_module, layer_list
 
 if TYPE_CHECKING:
     from .plan import PrunePlan

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
-from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan
+from .shapes import get_module, layer_list
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from torch import nn
 from .adapters import get_adapter, model_dims
 from .costs import model_layer_sizes
 from .io import staged_folder
-from .modeling_pruned import CONFIG_KEY, PLAN_FILE, config_get, stock_class
+from .modeling_pruned import stock_class
+from .shapes import CONFIG_KEY, PLAN_FILE, config_get
 
 #: ``prune_plan.json``'s ``meta["format"]`` for a stock export (the plan still records the dense ids kept).
 STOCK_FORMAT = "stock"

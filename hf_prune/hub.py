@@ -13,8 +13,8 @@ from .card import CARD_FILE, check_repo_id, model_card, write_model_card
 from .checkpoint import CorruptCheckpointError
 from .export import is_stock_export
 from .io import WEIGHTS_INDEX_FILE, weight_file_names
-from .modeling_pruned import CONFIG_KEY, MODELING_FILE, PLAN_FILE
 from .plan import PrunePlan
+from .shapes import CONFIG_KEY, MODELING_FILE, PLAN_FILE, SHAPES_FILE
 
 __all__ = ["CARD_FILE", "check_can_push", "check_repo_id", "missing_files", "model_card", "push_pruned",
            "resolve_token", "write_model_card"]
@@ -41,9 +41,9 @@ def _is_stock_folder(folder: Path) -> bool:
 
 def missing_files(checkpoint_dir: str | Path) -> list[str]:
     """Files a complete pruned checkpoint needs that ``checkpoint_dir`` lacks (empty list: complete); a stock export
-    (:func:`hf_prune.save_stock`) needs no ``modeling_pruned.py``."""
+    (:func:`hf_prune.save_stock`) needs no remote code (``modeling_pruned.py`` and the ``shapes.py`` it imports)."""
     folder = Path(checkpoint_dir)
-    wanted = ["config.json", PLAN_FILE] + ([] if _is_stock_folder(folder) else [MODELING_FILE])
+    wanted = ["config.json", PLAN_FILE] + ([] if _is_stock_folder(folder) else [MODELING_FILE, SHAPES_FILE])
     return [n for n in wanted if not (folder / n).is_file()] + [
         f.name for f in _weight_files(folder) if not f.is_file()
     ]

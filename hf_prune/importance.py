@@ -34,9 +34,8 @@ from .batches import CalibrationPass, batch_size
 from .criteria import CRITERIA, Criterion, get_criterion
 from .distributed import all_reduce_sum_
 from .masks import LayerMasks, mask_hooks
-from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan
-
+from .shapes import get_module, layer_list
 
 
 @dataclass

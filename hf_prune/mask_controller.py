@@ -14,8 +14,8 @@ from .criteria import get_criterion
 from .distributed import all_reduce_sum_
 from .importance import ImportanceScores
 from .masks import LayerMasks, mask_hooks
-from .modeling_pruned import get_module, layer_list
 from .plan import PrunePlan
+from .shapes import get_module, layer_list
 
 
 class MaskController:
@@ -113,10 +113,13 @@ class MaskController:
     # scores --------------------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate_(self) -> None:
-        """Add this step's mask gradients to the running Fisher/Taylor statistics, then clear them."""
+        """Add this step's mask gradients to the running Fisher/Taylor statistics, then clear them (a criterion
+        that reads no gradients, e.g. ``magnitude``, only has them cleared)."""
+        reduce = get_criterion(self.criterion).reduce
         for acc, m in zip(self.acc_heads + self.acc_neurons, self.masks.heads + self.masks.neurons):
             if m.grad is not None:
-                acc += get_criterion(self.criterion).reduce(m.grad[None])  # one "sample": this step's batch
+                if reduce is not None:
+                    acc += reduce(m.grad[None])  # one "sample": this step's batch
                 m.grad = None
 
     def gradient_scores(self) -> ImportanceScores:

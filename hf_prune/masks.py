@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
-from .modeling_pruned import get_module, layer_list
+from .shapes import get_module, layer_list
 
 
 class LayerMasks:

@@ -7,7 +7,9 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .adapters import get_adapter
-from .modeling_pruned import (
+from .modeling_pruned import pruned_class
+from .plan import PlanMismatchError, PrunePlan
+from .shapes import (
     CONFIG_KEY,
     FORMAT_VERSION,
     ArchSpec,
@@ -16,10 +18,8 @@ from .modeling_pruned import (
     get_module,
     layer_list,
     prune_layer_,
-    pruned_class,
     set_layer_sizes,
 )
-from .plan import PlanMismatchError, PrunePlan
 
 M = TypeVar("M", bound=nn.Module)
 

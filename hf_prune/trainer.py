@@ -147,8 +147,8 @@ class PruningTrainer(Trainer):
         self.plan: PrunePlan | None = None  # the plan of the cut, once made
         self._pruner: _TrainerPruning | None = None
         if not one_shot_at_start:
-            self._pruner = _TrainerPruning(self, pruning_config, self.schedule, calibration_dataloader)
-            self.add_callback(self._pruner)
+            # first: the reporting callbacks (TensorBoard, W&B, ...) then log the pruning statistics
+            self._pruner = _TrainerPruning(self, pruning_config, self.schedule, calibration_dataloader).add_to(self)
 
     # ------------------------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):

@@ -22,7 +22,7 @@ from hf_prune.checkpoint import CorruptCheckpointError
 from hf_prune.hub import resolve_token
 
 REPO = "someone/tiny-pruned"
-REQUIRED = {"config.json", "model.safetensors", "prune_plan.json", "modeling_pruned.py", "README.md"}
+REQUIRED = {"config.json", "model.safetensors", "prune_plan.json", "modeling_pruned.py", "shapes.py", "README.md"}
 
 
 # ----------------------------------------------------------------------------------------------- fake Hub
@@ -353,7 +353,7 @@ def test_a_stock_export_with_removed_layers_is_pushed_and_its_card_says_so(fake_
     folder = hp.save_pruned(model, tmp_path / "stock", deployable=True)
     hp.push_pruned(folder, REPO, token="hf_fake")
     assert {"config.json", "model.safetensors", "prune_plan.json", "README.md"} <= set(fake_hub.files)
-    assert "modeling_pruned.py" not in fake_hub.files
+    assert "modeling_pruned.py" not in fake_hub.files and "shapes.py" not in fake_hub.files
     card = fake_hub.files["README.md"].decode()
     assert "layers kept 2/3" in card and "stock architecture" in card and "trust_remote_code" not in card
     removed = [i for i in range(3) if i not in model.prune_plan.kept_layers]

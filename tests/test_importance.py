@@ -4,7 +4,7 @@ from helpers import random_plan
 from tiny import BY_NAME
 
 import hf_prune as hp
-from hf_prune.modeling_pruned import get_module, layer_list
+from hf_prune.shapes import get_module, layer_list
 
 
 @pytest.mark.parametrize("criterion", hp.CRITERIA)

@@ -14,7 +14,7 @@ from helpers import generate_cached_uncached_masked, masked_output, random_plan
 from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
-from hf_prune.modeling_pruned import get_module, layer_list
+from hf_prune.shapes import get_module, layer_list
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
@@ -155,7 +155,7 @@ def test_bad_head_unit_settings_are_refused(kwargs, match):
 
 
 def test_a_plan_with_uneven_groups_is_refused_by_the_surgery_too():
-    from hf_prune.modeling_pruned import prune_layer_
+    from hf_prune.shapes import prune_layer_
 
     model = _gqa("llama")
     adapter = hp.get_adapter(model)

@@ -10,8 +10,8 @@ from tiny import BY_NAME
 
 import hf_prune as hp
 from hf_prune.callbacks import PruningCallback
-from hf_prune.modeling_pruned import get_module, layer_list
 from hf_prune.schedule import PruningSchedule
+from hf_prune.shapes import get_module, layer_list
 from hf_prune.trainer import DistillationConfig, PruningTrainer
 
 TINY = BY_NAME["bert"]
@@ -86,6 +86,34 @@ def test_callback_masks_the_scheduled_fraction_and_the_cut_matches(tmp_path):
         pruned = model(**_probe()).logits
     torch.testing.assert_close(pruned, masked, atol=1e-5, rtol=1e-5)
     assert hp.count_params(model) < hp.count_params(TINY.model())
+
+
+class _Reporter(T.TrainerCallback):
+    """Stands for TensorBoard / W&B: logs what each on_log hands it."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.keys |= set(logs or {})
+
+
+def test_reporting_callbacks_see_the_pruning_statistics(tmp_path):
+    cfg = hp.PruningConfig(flops_keep=0.5, importance="magnitude", progress=False)
+    reporter = _Reporter()  # a callback Trainer runs before the pruning one, as it does its report_to callbacks
+    trainer = T.Trainer(model=TINY.model(), args=_args(tmp_path, max_steps=3), train_dataset=_dataset(),
+                        callbacks=[reporter])
+    cb = PruningCallback(cfg).add_to(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    trainer.train()
+    assert {"prune/flops_kept", "prune/heads_kept"} <= reporter.keys and cb.stats["prune/flops_kept"] <= 0.5
+
+    reporter = _Reporter()
+    trainer = PruningTrainer(model=TINY.model(), args=_args(tmp_path, max_steps=3), train_dataset=_dataset(),
+                             pruning_config=cfg, schedule=PruningSchedule("one_shot", start_step=1),
+                             callbacks=[reporter])
+    trainer.train()
+    assert "prune/flops_kept" in reporter.keys
 
 
 def test_trainer_one_shot_with_distillation(tmp_path):

@@ -12,8 +12,8 @@ from tiny import BY_NAME, inputs_only, output_tensor
 
 import hf_prune as hp
 from hf_prune.adapters import layers_of
-from hf_prune.modeling_pruned import get_module, layer_list
 from hf_prune.retraining_free import quadratic_loss, retraining_free_plan, swap_descent
+from hf_prune.shapes import get_module, layer_list
 
 FAMILIES = ["bert", "distilbert", "vit", "llama"]
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "hf_prune"
-#: modeling_pruned.py is also every checkpoint's remote code and must stand alone in one file
-MAX_LINES = {"modeling_pruned.py": 480}
+MAX_LINES = 400
+#: every pruned checkpoint carries these files as its remote code: they must load without hf_prune
+REMOTE_CODE = ("modeling_pruned.py", "shapes.py")
 
 
 def _modules():
@@ -31,7 +33,7 @@ def _resolve(path: Path, node: ast.ImportFrom) -> str:
 
 def test_no_module_is_over_about_400_lines():
     long = {p.relative_to(PKG).as_posix(): n for p in _modules()
-            if (n := len(p.read_text().splitlines())) > MAX_LINES.get(p.name, 420)}
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these modules: {long}"
 
 
@@ -105,3 +107,16 @@ def test_no_function_body_is_over_80_lines():
                 if (n := node.end_lineno - body[0].lineno + 1) > 80:
                     long.append(f"{path.relative_to(PKG)}:{node.name} ({n} lines)")
     assert not long, f"split these functions: {long}"
+
+
+def test_remote_code_imports_only_torch_transformers_and_itself():
+    allowed = {"torch", "transformers", "__future__"}
+    for name in REMOTE_CODE:
+        tree = ast.parse((PKG / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: only the other remote-code file
+                assert f"{node.module}.py" in REMOTE_CODE, f"{name} imports .{node.module}: not in a checkpoint"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                roots = {a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) else {
+                    (node.module or "").split(".")[0]}
+                assert all(r in allowed or r in sys.stdlib_module_names for r in roots), (name, roots)

@@ -6,7 +6,7 @@ from helpers import masked_output, random_plan
 from tiny import inputs_only, output_tensor
 
 import hf_prune as hp
-from hf_prune.modeling_pruned import get_module, layer_list
+from hf_prune.shapes import get_module, layer_list
 
 
 def _cut_and_compare(tiny, plan_seed, empty_layer=None):

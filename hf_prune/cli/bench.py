@@ -14,7 +14,8 @@ from transformers import HfArgumentParser
 from .. import costs, report
 from ..adapters import tokens_per_input
 from ..checkpoint import load_pruned
-from ..modeling_pruned import homogeneous, stock_class
+from ..modeling_pruned import stock_class
+from ..shapes import homogeneous
 from .common import parse
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..adapters import get_adapter, is_peft, layers_of, model_dims
 from ..costs import model_layer_sizes
 from ..io import staged_folder
-from ..modeling_pruned import get_module
+from ..shapes import get_module
 
 FAMILIES = ("llama", "mistral", "qwen2")
 CONFIG_FILE = "configuration_decilm.py"

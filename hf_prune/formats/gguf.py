@@ -28,7 +28,7 @@ from torch import nn
 from ..adapters import get_adapter, is_peft, layers_of, model_dims
 from ..costs import model_layer_sizes
 from ..io import default_mode
-from ..modeling_pruned import get_module
+from ..shapes import get_module
 from .gguf_families import INTERLEAVED_ROPE, GgufFamily, gguf_family, rope_theta
 from .gguf_vocab import add_vocab, tokenizer_files
 

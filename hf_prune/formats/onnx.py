@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters import get_adapter, model_dims
 from ..io import staged_folder
-from ..modeling_pruned import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
+from ..shapes import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
 from .gguf_families import gguf_model_types
 
 ONNX_INSTALL = "pip install 'hf_prune[serve]'   (onnx, onnxruntime)"

@@ -43,13 +43,13 @@ One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the laten
 """
 
 from ..batches import by_length, collect_batches, split_batches
+from ..selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
 from .fisher import FisherInfo, fisher_information
 from .latency import LatencyTable, measure_latency_table, search_latency, search_masks
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
 from .obs import backward_eliminate
 from .pipeline import prune_retraining_free, retraining_free_plan
 from .rearrange import quadratic_loss, rearrange_across_layers, rearrange_masks, swap_descent
-from ..selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
 __all__ = [

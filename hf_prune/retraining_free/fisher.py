@@ -13,8 +13,8 @@ from ..adapters import get_adapter, model_dims
 from ..batches import Batch, batch_size, model_device, to_device
 from ..distributed import all_reduce_sum_
 from ..importance import ImportanceScores, per_sample_mask_grads
-from ..modeling_pruned import get_module, layer_list
 from ..plan import PrunePlan
+from ..shapes import get_module, layer_list
 
 #: Most masks (heads plus neurons, all layers) a cross-layer Fisher may hold: 20k is 1.5 GiB in float32 (MiniLM has
 #: 9,288; SmolLM2-135M 46,350, 8 GiB, refused).

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, model_dims
 from ..batches import model_device
+from ..budget import build_plan
 from ..costs import dummy_inputs, time_once
 from ..depth import layers_to_keep
 from ..importance import ImportanceScores
-from ..modeling_pruned import layer_list, prune_layer_
-from ..budget import build_plan
 from ..plan import PrunePlan
+from ..shapes import layer_list, prune_layer_
 from .fisher import FisherInfo
 from .layer_io import capture_layer_call
 

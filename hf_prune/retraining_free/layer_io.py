@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache
 
 from ..batches import Batch, model_device, to_device
 from ..divergence import model_output
-from ..modeling_pruned import get_module
+from ..shapes import get_module
 
 
 class Stop(Exception):

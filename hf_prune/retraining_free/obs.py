@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from ..modeling_pruned import get_module
+from ..shapes import get_module
 from .layer_io import LayerInput, real_tokens, run_until
 
 

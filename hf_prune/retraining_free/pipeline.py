@@ -13,11 +13,11 @@ from torch import nn
 from ..batches import batch_size, by_length, collect_batches, split_batches
 from ..depth import layer_importance
 from ..plan import PrunePlan
+from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from ..surgery import apply_plan_
 from .fisher import fisher_information
 from .latency import LatencyTable, search_masks
 from .rearrange import rearrange_across_layers, rearrange_masks
-from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
 if TYPE_CHECKING:

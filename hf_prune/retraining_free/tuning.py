@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -16,11 +15,11 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter, model_dims
 from ..batches import Batch
 from ..masks import LayerMasks
-from ..modeling_pruned import get_module, layer_list, prune_layer_
 from ..plan import PrunePlan
+from ..shapes import get_module, layer_list, prune_layer_
 from .layer_io import LayerInput, capture_projections, layer_inputs, read_positions, real_tokens, run_layer, run_until
 from .obs import NormalEquations, choose_heads, choose_neurons, with_bias
-
+from .refit import refit_, solve_scales
 
 M = TypeVar("M", bound=nn.Module)
 #: What mask tuning fits per layer (``PruningConfig.tuning_fit``; :func:`tune_masks`).
@@ -58,80 +57,6 @@ class MaskTuning:
         masks = LayerMasks(len(self.heads))
         masks.heads, masks.neurons = list(self.heads), list(self.neurons)
         return masks
-
-
-def _solve_scales(
-    G: torch.Tensor, rhs: torch.Tensor, rr: float, damping: float, scale_range: tuple[float, float]
-) -> tuple[torch.Tensor, float, float]:
-    """Minimise ``err(s) = s^T G s - 2 s^T rhs + rr`` (the summed squared reconstruction error).
-
-    Damping: the contributions of kept units are often nearly collinear (G ill-conditioned), and the exact
-    solution then has huge opposite-signed scales that fit the calibration set but not new data. So solve
-    ``(G + lam I) s = rhs + lam 1``, a ridge pulled towards the plain mask ``s = 1`` rather than 0, which keeps
-    ``err(s) <= err(1)``. Range: if a scale still leaves ``scale_range``, move back along the segment from
-    1 to the solution until all are inside; err is convex in that step and not above err(1) at either end,
-    so the guarantee holds, unlike clamping each scale on its own.
-
-    Returns the scales, err(1) and err(s).
-    """
-    k = G.shape[0]
-    ones = torch.ones(k, dtype=G.dtype)
-    if k == 0:  # an emptied block: nothing to scale
-        return ones, rr, rr
-
-    def err(s: torch.Tensor) -> float:
-        return float(s @ G @ s - 2 * s @ rhs + rr)
-
-    lam = damping * float(G.diagonal().mean()) + 1e-12
-    s = torch.linalg.solve(G + lam * torch.eye(k, dtype=G.dtype), rhs + lam * ones)
-    lo, hi = scale_range
-    step = s - 1
-    with torch.no_grad():
-        t_hi = torch.where(step > 0, (hi - 1) / step.clamp_min(1e-30), torch.full_like(step, math.inf))
-        t_lo = torch.where(step < 0, (lo - 1) / step.clamp_max(-1e-30), torch.full_like(step, math.inf))
-    t = min(1.0, float(torch.minimum(t_hi, t_lo).min())) if k else 1.0
-    s = ones + t * step
-    before, after = err(ones), err(s)
-    if after > before:  # only rounding can get here; the plain mask is then the answer
-        s, after = ones, before
-    return s, before, after
-
-
-def _solve_weights(
-    XtX: torch.Tensor, XtR: torch.Tensor, rr: float, W0: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, float, float]:
-    """Minimise ``err(W) = || X W - R ||^2`` over a projection's weights ``W`` ``(k, D)`` (transposed, a bias
-    row last where there is one), from ``XtX = X^T X``, ``XtR = X^T R`` and ``rr = ||R||^2``.
-
-    Ridge pulled towards the current weights ``W0`` (the plain cut), ``(XtX + lam I) W = XtR + lam W0``: in
-    the last layer of a classifier only the read positions are fitted (a few hundred rows for up to ``I``
-    unknowns), and the pull keeps what the data does not determine where it was. Minimising
-    ``err(W) + lam ||W - W0||^2`` gives ``err(W) <= err(W0)``.
-
-    Returns ``W``, err(W0) and err(W).
-    """
-
-    def err(W: torch.Tensor) -> float:
-        return float((W * (XtX @ W)).sum() - 2 * (W * XtR).sum() + rr)
-
-    lam = damping * float(XtX.diagonal().mean()) + 1e-12
-    W = torch.linalg.solve(XtX + lam * torch.eye(XtX.shape[0], dtype=XtX.dtype), XtR + lam * W0)
-    before, after = err(W0), err(W)
-    if after > before:  # only rounding can get here; the plain cut is then the answer
-        W, after = W0, before
-    return W, before, after
-
-
-@torch.no_grad()
-def _refit_(linear: nn.Linear, normal: NormalEquations, damping: float) -> tuple[float, float]:
-    """Replace ``linear``'s weight (and bias) by the ridge least-squares fit; returns err before and after."""
-    W0 = linear.weight.T if linear.bias is None else torch.cat([linear.weight.T, linear.bias[None]], 0)
-    W, before, after = _solve_weights(normal.XtX, normal.XtR, normal.rr, W0.double().cpu(), damping)
-    W = W.to(linear.weight.device, linear.weight.dtype)
-    linear.weight.copy_(W[: linear.in_features].T)
-    if linear.bias is not None:
-        linear.bias.copy_(W[-1])
-    return before, after
 
 
 def tune_masks(
@@ -323,10 +248,10 @@ def _tune_heads_(cut, adapter, head_dim, inputs, pruned_x, targets, fit, damping
             C = torch.einsum("nkd,Dkd->nDk", ctx.view(ctx.shape[0], k, head_dim), W)  # (N, D, k) per-head outputs
             normal.add(C.reshape(-1, k), (r - bias).reshape(-1, 1))
     if fit == "weights":
-        before, after = _refit_(o, normal, damping)
+        before, after = refit_(o, normal, damping)
         s = torch.ones(k)
     else:
-        s, before, after = _solve_scales(normal.XtX, normal.XtR[:, 0], normal.rr, damping, scale_range)
+        s, before, after = solve_scales(normal.XtX, normal.XtR[:, 0], normal.rr, damping, scale_range)
         _scale_columns_(o, s.repeat_interleave(head_dim))
     tokens = max(tokens, 1)
     return s, {"attention_before": before / tokens, "attention_after": after / tokens}
@@ -358,11 +283,11 @@ def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, dampi
         rhs += ((r @ W) * A).sum(0).double().cpu()  # sum_n a_nk (w_k . r_n)
         rr += float(r.double().pow(2).sum())
     if fit == "weights":
-        before, after = _refit_(down, normal, damping)
+        before, after = refit_(down, normal, damping)
         s = torch.ones(k)
     else:
         G = AtA * (W.T @ W).double().cpu()  # (k, k): <a_j w_j, a_k w_k> summed over tokens
-        s, before, after = _solve_scales(G, rhs, rr, damping, scale_range)
+        s, before, after = solve_scales(G, rhs, rr, damping, scale_range)
         _scale_columns_(down, s)
     tokens = max(tokens, 1)
     return s, {"ffn_before": before / tokens, "ffn_after": after / tokens}
