@@ -23,8 +23,30 @@ def _groups() -> dict[str, list[type]]:
             "image": recipe(image_classification), "prune": [cli.PruneArgs], "export": [ExportArgs, ExportOptions]}
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the ``Args:`` section of a dataclass's docstring (the long text; ``--help`` shows each field's short ``metadata["help"]``)."""
+    docs: dict[str, str] = {}
+    name = None
+    in_args = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if not in_args or not stripped:
+            continue
+        m = re.match(r"^(\w+): (.*)$", stripped)
+        if m and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            name = m.group(1)
+            docs[name] = m.group(2)
+        elif name:
+            docs[name] += " " + stripped
+    return docs
+
+
+
 def _docs(cls: type) -> dict[str, str]:
-    from hf_prune.config import PruningConfig, field_docs
+    from hf_prune.config import PruningConfig
 
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # a subclass's own text wins

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .budget_kinds import BUDGETS, check_budget, set_budget
-from .criteria import CRITERIA
-from .depth import LAYER_CRITERIA
-from .methods.registry import check_method_settings, get_method
-#: What one attention unit is under grouped-query attention (``head_unit``).
-HEAD_UNITS = ("kv_group", "query_head")
+from .budget_kinds import set_budget
+from .config_rules import check_config
 
 
 @dataclass
@@ -109,85 +104,82 @@ class PruningConfig:
         progress: show progress bars.
     """
 
-    method: str = "one_shot"
-    importance: str = "fisher"
-    heads_keep: float | None = None
-    neurons_keep: float | None = None
-    flops_keep: float | None = None
-    target_params: int | None = None
-    latency_keep: float | None = None
-    layers_keep: float | None = None
-    layer_importance: str = "block_influence"
-    depth_search: bool = False
-    custom_budget: dict[str, float] | None = None
-    seq_len: int = 128
-    latency_batch_size: int = 1
-    rearrange: bool = True
-    rearrange_scope: Literal["layer", "model"] = "layer"
-    mask_tuning: bool = True
-    tuning_fit: Literal["weights", "scales"] = "weights"
-    obs_reselection: bool = False
-    tuning_samples: int | None = 256
-    select_stages: bool = True
-    selection_samples: int = 256
-    selection_metric: Literal["divergence", "task_loss"] = "divergence"
-    allocation: Literal["global", "uniform"] = "global"
-    round_to: int = 1
-    head_unit: Literal["kv_group", "query_head"] = "kv_group"
-    allow_empty_layers: bool = False
-    deployable: bool = False
-    max_calibration_samples: int | None = 2048
-    seed: int = 0
-    progress: bool = True
+    method: str = field(
+        default="one_shot", metadata={"help": "Registered pruning method: one_shot, retraining_free, or your own."}
+    )
+    importance: str = field(
+        default="fisher",
+        metadata={"help": "Unit criterion: magnitude, taylor, fisher, activation, random, or a registered one."},
+    )
+    heads_keep: float | None = field(default=None, metadata={"help": "Fraction of attention heads to keep, in (0, 1]."})
+    neurons_keep: float | None = field(default=None, metadata={"help": "Fraction of FFN neurons to keep, in (0, 1]."})
+    flops_keep: float | None = field(default=None, metadata={"help": "Fraction of the layer FLOPs to keep, in (0, 1]."})
+    target_params: int | None = field(default=None, metadata={"help": "Total parameter count of the pruned model."})
+    latency_keep: float | None = field(
+        default=None, metadata={"help": "Fraction of measured layer latency to keep (retraining_free)."}
+    )
+    layers_keep: float | None = field(
+        default=None, metadata={"help": "Layers to keep: a fraction in (0, 1] or a count above 1."}
+    )
+    layer_importance: str = field(
+        default="block_influence", metadata={"help": "Whole-layer criterion: block_influence, fisher, skip_divergence."}
+    )
+    depth_search: bool = field(
+        default=False, metadata={"help": "Let a flops/latency budget trade layers against heads and neurons."}
+    )
+    custom_budget: dict[str, float] | None = field(
+        default=None, metadata={"help": "A registered budget kind and its value, e.g. {\"my_kind\": 0.5}."}
+    )
+    seq_len: int = field(default=128, metadata={"help": "Tokens at which FLOPs are counted and latency measured."})
+    latency_batch_size: int = field(default=1, metadata={"help": "Batch size of the latency table (latency_keep)."})
+    rearrange: bool = field(
+        default=True, metadata={"help": "retraining_free: re-choose kept units with each layer's Fisher matrix."}
+    )
+    rearrange_scope: Literal["layer", "model"] = field(
+        default="layer", metadata={"help": "retraining_free: swap units inside a layer, or also between layers."}
+    )
+    mask_tuning: bool = field(
+        default=True, metadata={"help": "retraining_free: least-squares fit of each cut layer, folded in."}
+    )
+    tuning_fit: Literal["weights", "scales"] = field(
+        default="weights", metadata={"help": "retraining_free: fit whole output projections or per-unit scales."}
+    )
+    obs_reselection: bool = field(
+        default=False, metadata={"help": "retraining_free: also try units re-chosen by OBS elimination."}
+    )
+    tuning_samples: int | None = field(
+        default=256, metadata={"help": "retraining_free: calibration samples the tuning fits on (None = all)."}
+    )
+    select_stages: bool = field(
+        default=True, metadata={"help": "retraining_free: keep the stage closest to dense on held-out data."}
+    )
+    selection_samples: int = field(
+        default=256, metadata={"help": "retraining_free: held-out samples for select_stages."}
+    )
+    selection_metric: Literal["divergence", "task_loss"] = field(
+        default="divergence", metadata={"help": "Selection minimises divergence from dense outputs, or task_loss."}
+    )
+    allocation: Literal["global", "uniform"] = field(
+        default="global", metadata={"help": "Rank units across layers (global) or keep the same count per layer."}
+    )
+    round_to: int = field(default=1, metadata={"help": "Keep FFN neurons per layer in multiples of this."})
+    head_unit: Literal["kv_group", "query_head"] = field(
+        default="kv_group", metadata={"help": "Under GQA, remove whole KV groups or single query heads."}
+    )
+    allow_empty_layers: bool = field(
+        default=False, metadata={"help": "Allow a layer to lose its whole attention or FFN block."}
+    )
+    deployable: bool = field(
+        default=False, metadata={"help": "Same shape in every layer: save the stock architecture (no custom code)."}
+    )
+    max_calibration_samples: int | None = field(
+        default=2048, metadata={"help": "Calibration samples scored (data criteria)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random criterion and label-free projections."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
-        get_method(self.method)  # unknown: the one-line error naming the registered methods, before anything else
-        if self.importance not in CRITERIA:
-            raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(CRITERIA)}")
-        check_budget(self)
-        defaults = {f.name: f.default for f in fields(self)}
-        if self.layer_importance not in LAYER_CRITERIA:
-            raise ValueError(f"unknown layer_importance {self.layer_importance!r}; choose one of "
-                             f"{', '.join(LAYER_CRITERIA)}")
-        if self.layers_keep is None and not self.depth_search and \
-                self.layer_importance != defaults["layer_importance"]:
-            raise ValueError("layer_importance only applies to a layers_keep budget or depth_search (it scores whole "
-                             "layers): set one of them or drop layer_importance")
-        if self.depth_search:
-            if self.layers_keep is not None:
-                raise ValueError("depth_search chooses the number of layers itself: drop layers_keep (or keep "
-                                 "layers_keep and drop depth_search)")
-            if not any(BUDGETS[k].trades_depth for k in self.budget()):
-                raise ValueError("depth_search trades layers against heads and neurons under one cost budget: set "
-                                 "flops_keep (or latency_keep with method='retraining_free')")
-        check_method_settings(self, defaults)  # another method's settings would be ignored: refused
-        if self.latency_keep is None and self.latency_batch_size != defaults["latency_batch_size"]:
-            raise ValueError("latency_batch_size only applies to a latency_keep budget (it sizes the latency "
-                             "table): set latency_keep or drop latency_batch_size")
-        if self.latency_batch_size < 1:
-            raise ValueError(f"latency_batch_size must be >= 1, got {self.latency_batch_size}")
-        if self.allocation not in ("global", "uniform"):
-            raise ValueError(f"allocation must be 'global' or 'uniform', not {self.allocation!r}")
-        if self.deployable:
-            width = [k for k in self.budget() if not BUDGETS[k].combines]
-            if width and self.allocation != "uniform":
-                raise ValueError("deployable=True saves the stock architecture, which has one size for all layers: "
-                                 "set allocation='uniform' (or prune depth only, with layers_keep alone)")
-            if self.allow_empty_layers:
-                raise ValueError("deployable=True cannot keep empty attention/FFN blocks (stock code builds every "
-                                 "block): drop allow_empty_layers")
-        if self.head_unit not in HEAD_UNITS:
-            raise ValueError(f"head_unit must be one of {', '.join(HEAD_UNITS)}, not {self.head_unit!r}")
-        if self.head_unit == "query_head" and self.latency_keep is not None:
-            raise ValueError("head_unit='query_head' is allocated by flops_keep, target_params or heads_keep; the "
-                             "latency search keeps whole key/value groups: use head_unit='kv_group' with latency_keep")
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
-        if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
-        method = get_method(self.method)
-        if method.validate is not None:
-            method.validate(self)  # the method's own rules
+        check_config(self)  # the table in config_rules.py
 
     def budget(self) -> dict[str, Any]:
         """The budget fields that are set."""
@@ -205,42 +197,21 @@ class PruningConfig:
         return cls(**data)
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field: text}`` from the ``Args:`` section of a dataclass's docstring (for ``--help``)."""
-    docs: dict[str, str] = {}
-    name = None
-    in_args = False
-    for line in (cls.__doc__ or "").splitlines():
-        stripped = line.strip()
-        if stripped == "Args:":
-            in_args = True
-            continue
-        if not in_args or not stripped:
-            continue
-        m = re.match(r"^(\w+): (.*)$", stripped)
-        if m and line.startswith(" " * 8) and not line.startswith(" " * 12):
-            name = m.group(1)
-            docs[name] = m.group(2)
-        elif name:
-            docs[name] += " " + stripped
-    return docs
-
-
 #: Fields a command line takes as JSON text (argparse has no dict type).
 JSON_FIELDS = ("custom_budget",)
 
 
 def flag_fields(*, lists: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """PruningConfig's fields as ``make_dataclass`` entries for ``HfArgumentParser``: same names, types and
-    defaults, help from the docstring; ``lists`` take several values (one run each), dict fields JSON text.
-    The recipes' and the CLI's arguments are made from this, so every field is a recipe key and a flag."""
-    docs = field_docs(PruningConfig)
+    defaults and ``--help`` text (each field's ``metadata["help"]``); ``lists`` take several values (one run each),
+    dict fields JSON text. The recipes' and the CLI's arguments are made from this, so every field is a recipe key
+    and a flag."""
     types = typing.get_type_hints(PruningConfig)
     out = []
     for f in fields(PruningConfig):
         if f.name in exclude:
             continue
-        help_text = docs.get(f.name, "").split(". ")[0]
+        help_text = f.metadata["help"]
         if f.name in lists:
             out.append((f.name, list[types[f.name].__args__[0]] | None,  # type: ignore[index]
                         field(default=None, metadata={"help": help_text + " (several values: one run each)"})))

@@ -257,14 +257,14 @@ def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
 
 
 def test_scale_solver_damps_and_keeps_the_range_without_losing_the_guarantee():
-    from hf_prune.retraining_free.tuning import _solve_scales
+    from hf_prune.retraining_free.refit import solve_scales
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(50, 6, generator=g, dtype=torch.float64)
     A[:, 5] = A[:, 4] + 1e-7 * torch.randn(50, generator=g, dtype=torch.float64)  # collinear: ill-conditioned
     y = A @ torch.tensor([1.0, 2.0, 0.5, 1.0, 30.0, -28.0], dtype=torch.float64)
     G, rhs, rr = A.T @ A, A.T @ y, float(y @ y)
-    s, before, after = _solve_scales(G, rhs, rr, damping=1e-2, scale_range=(-1.0, 3.0))
+    s, before, after = solve_scales(G, rhs, rr, damping=1e-2, scale_range=(-1.0, 3.0))
     assert float(s.min()) >= -1.0 - 1e-9 and float(s.max()) <= 3.0 + 1e-9
     assert after <= before
     assert after == pytest.approx(float((A @ s - y).pow(2).sum()), rel=1e-6)

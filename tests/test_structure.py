@@ -120,3 +120,11 @@ def test_remote_code_imports_only_torch_transformers_and_itself():
                 roots = {a.name.split(".")[0] for a in node.names} if isinstance(node, ast.Import) else {
                     (node.module or "").split(".")[0]}
                 assert all(r in allowed or r in sys.stdlib_module_names for r in roots), (name, roots)
+
+
+def test_every_pruning_setting_has_its_help_text_in_its_metadata():
+    from dataclasses import fields
+
+    from hf_prune.config import PruningConfig
+
+    assert [f.name for f in fields(PruningConfig) if not f.metadata.get("help")] == []
