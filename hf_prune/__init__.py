@@ -2,12 +2,14 @@
 
 from .adapters import ArchAdapter, get_adapter, register_adapter, supported_model_types
 from .api import prune
+from .budget import build_plan
+from .callbacks import PruningCallback  # noqa: E402  (after the engine: it builds on it)
 from .checkpoint import CorruptCheckpointError, load_plan, load_pruned
 from .config import PruningConfig
 from .costs import (
     CostModel,
-    Latency,
     DecodeLatency,
+    Latency,
     benchmark_latency,
     compare_decode,
     compare_latency,
@@ -16,16 +18,15 @@ from .costs import (
     plan_flops,
     plan_params,
 )
+from .criteria import CRITERIA, Criterion, register_criterion
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
 from .export import NotStockExpressible, save_pruned, save_stock
 from .formats import ExportFormat, export_model, register_export_format, save_decilm, save_gguf, save_onnx
 from .hub import check_can_push, model_card, push_pruned, write_model_card
-from .criteria import CRITERIA, Criterion, register_criterion
 from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .methods import PruningMethod, register_method
 from .modeling_pruned import pruned_class
-from .budget import build_plan
 from .plan import PlanMismatchError, PrunePlan
 from .retraining_free import (
     FisherInfo,
@@ -43,7 +44,6 @@ from .retraining_free import (
 )
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
-from .callbacks import PruningCallback  # noqa: E402  (after the engine: it builds on it)
 from .trainer import DistillationConfig, PruningTrainer  # noqa: E402
 
 __version__ = "0.1.0"

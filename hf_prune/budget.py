@@ -4,13 +4,14 @@ one head group and one neuron block unless ``allow_empty_layers``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .adapters import model_dims
-from .budget_kinds import (BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS, BudgetKind, check_budget, register_budget,
-                           set_budget)
+from .budget_kinds import BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS, BudgetKind, check_budget, register_budget, set_budget
+from .costs import CostModel
 from .depth import layers_to_keep
 from .plan import PlanMismatchError, PrunePlan
 from .units import Unit, kv_group_units, neuron_units, normalise_, query_head_units
@@ -130,16 +131,20 @@ def _take_budget(
     return best[1], best[2]
 
 
-def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningConfig") -> PrunePlan:
+def build_plan(
+    scores: "ImportanceScores", model: nn.Module, config: "PruningConfig", context: Mapping[str, Any] | None = None
+) -> PrunePlan:
     """Choose the heads and neurons to keep from ``scores`` under ``config``'s budget.
+
+    The depth budget (a kind of ``value="layers"``) is applied first, here only: its lowest-scored layers go and the
+    width budget is spent on the rest. A width kind with a ``search`` of its own allocates with it (``context`` is
+    passed on: what the caller measured for it, e.g. ``latency_table``); every other kind ranks units by score.
 
     Heads of a grouped-query-attention model are chosen a whole key/value group at a time, or with
     ``config.head_unit="query_head"`` one query head at a time with the same number per kept KV head; neurons in
     blocks of ``config.round_to``. Unless ``config.allow_empty_layers``, each layer keeps at least one
     head group and one neuron block. Never exceeds the budget; raises ``ValueError`` if it cannot be met.
     """
-    from .costs import CostModel
-
     current = PrunePlan.of(model)
     d = model_dims(model)
     _check_scores_fit(scores, d)
@@ -148,13 +153,18 @@ def build_plan(scores: "ImportanceScores", model: nn.Module, config: "PruningCon
     floor = 0 if config.allow_empty_layers else 1
     budget = config.budget()  # {kind: value}: one width group, and/or the depth budget
     layers = None
-    if "layers_keep" in budget:
+    for name in (n for n in budget if BUDGETS[n].value == "layers"):  # the depth budget
         if scores.layers is None:
-            raise ValueError("layers_keep needs whole-layer scores: pass ImportanceScores(layers=hf_prune."
+            raise ValueError(f"{name} needs whole-layer scores: pass ImportanceScores(layers=hf_prune."
                              "layer_importance(model, data)) (hf_prune.prune computes them)")
-        layers = layers_to_keep(scores.layers, budget["layers_keep"], current)
+        layers = layers_to_keep(scores.layers, budget[name], current)
         scores = scores.only_layers(layers)  # the width budget is spent on the layers that stay
     kinds = [BUDGETS[name] for name in budget if not BUDGETS[name].combines]
+    searched = [k for k in kinds if k.search is not None]
+    if searched:
+        plan = searched[0].search(scores, model, config, layers, context or {})
+        plan.meta.update({"budget": budget, **({"layer_importance": config.layer_importance} if layers is not None else {})})
+        return plan
     costed = [k for k in kinds if k.unit_costs is not None]
     if kinds and not costed and kinds[0].group != "units":
         raise ValueError(f"{kinds[0].name} is not allocated by build_plan: it needs method={kinds[0].method!r}")

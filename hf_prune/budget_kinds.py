@@ -11,21 +11,26 @@ kept while their summed cost fits the limit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
+from .costs import count_params, model_layer_sizes
 from .plan import PrunePlan
 
 if TYPE_CHECKING:
     from .costs import CostModel
+    from .importance import ImportanceScores
 
 #: (per query head, per KV head, per FFN neuron) cost of a unit at a sequence length
 UnitCosts = Callable[["CostModel", int], tuple[float, float, float]]
 #: how much the kept layers may cost in total: (value, model, cost model, seq_len) -> limit
 Limit = Callable[[float, nn.Module, "CostModel", int], float]
+#: a kind's own allocation: (scores, model, config, kept dense layers or None, context) -> plan; the scores are those
+#: of the kept layers (the depth budget is applied before), context holds what the caller measured (latency_table)
+Search = Callable[["ImportanceScores", nn.Module, Any, "list[int] | None", Mapping[str, Any]], PrunePlan]
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,11 @@ class BudgetKind:
             remove layers round by round; gradual schedules choose them at the first event and fade them out).
         help: one line for ``--help`` and errors.
         method: the only pruning method that supports it (None: every method).
-        unit_costs: for a cost budget, each unit's cost; None for count budgets and kinds searched elsewhere.
+        unit_costs: for a cost budget, each unit's cost; None for count budgets and kinds with their own ``search``.
         limit: for a cost budget, the total the kept units may cost.
+        search: an allocation of its own, which :func:`hf_prune.build_plan` calls instead of ranking units by cost
+            (``latency_keep``: a knapsack over a measured latency table, registered in
+            :mod:`hf_prune.retraining_free.latency`).
         combines: may be set together with one budget of another group (the depth budget).
         trades_depth: ``depth_search`` may spend it on fewer, wider layers (a cost budget that depth changes).
         several_values: a recipe (and its flag) may list several values of it: one run each.
@@ -58,6 +66,7 @@ class BudgetKind:
     method: str | None = None
     unit_costs: UnitCosts | None = None
     limit: Limit | None = None
+    search: Search | None = None
     combines: bool = False
     trades_depth: bool = False
     several_values: bool = False
@@ -78,7 +87,8 @@ class BudgetKind:
 
 
 BUDGETS: dict[str, BudgetKind] = {}
-#: Kinds that are PruningConfig fields (the rest are set through ``custom_budget``).
+#: Kinds that are PruningConfig fields (the rest are set through ``custom_budget``); ``latency_keep`` is registered
+#: with its search (:mod:`hf_prune.retraining_free.latency`).
 FIELD_BUDGETS = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep", "layers_keep")
 #: The budget a command line or recipe uses when none is given: half the layer FLOPs.
 DEFAULT_BUDGET = {"flops_keep": 0.5}
@@ -135,8 +145,6 @@ def _flops_limit(value: float, model: nn.Module, cost: "CostModel", seq: int) ->
 
 
 def _params_limit(value: float, model: nn.Module, cost: "CostModel", seq: int) -> float:
-    from .costs import count_params, model_layer_sizes
-
     fixed = count_params(model) - cost.total(model_layer_sizes(model))["total"]
     if value - fixed < 0:
         raise ValueError(f"target_params={value} is unreachable: the parts pruning cannot touch (embeddings, norms, "
@@ -151,8 +159,6 @@ for _kind in (
                unit_costs=_flops_costs, limit=_flops_limit, trades_depth=True, several_values=True),
     BudgetKind("target_params", "params", "count", "dense_params", "total parameter count of the pruned model",
                unit_costs=_params_costs, limit=_params_limit, label=lambda v: f"params{v / 1e6:.3g}M"),
-    BudgetKind("latency_keep", "latency", "fraction", "one", "fraction of the layers' measured latency to keep",
-               method="retraining_free", trades_depth=True),
     BudgetKind("layers_keep", "depth", "layers", "layers", "fraction (<= 1) or count (> 1) of the layers to keep",
                combines=True, label=lambda v: f"layers{int(v)}" if v > 1 else f"layers{round(v * 100)}pct"),
 ):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .checkpoint import FLOPS_SEQ_LEN, checkpoint_stats
 from .formats.cards import serving_section
@@ -35,8 +36,6 @@ PIPELINE_TAGS = {
 
 def check_repo_id(repo_id: str, what: str = "repo id") -> None:
     """Refuse a string the Hub would not accept as a repo id, naming the setting and the fix."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:

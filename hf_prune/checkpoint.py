@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import cached_file
@@ -25,6 +26,10 @@ from .io import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, weight_file_names
 from .modeling_pruned import pruned_class, stock_class
 from .plan import PlanMismatchError, PrunePlan
 from .shapes import CONFIG_KEY, PLAN_FILE, config_get, layer_sizes
+
+#: the names save_pretrained writes (transformers 5 renames e.g. ViT's q_proj back to attention.query); releases
+#: without it compare the names both sides share
+_REVERT_NAMES = getattr(transformers.modeling_utils, "revert_weight_conversion", None)
 
 #: sequence length the checkpoint statistics (and model cards) count FLOPs at
 FLOPS_SEQ_LEN = 128
@@ -64,12 +69,11 @@ def _check_weights(model_cls: type, config: Any, files: list[str]) -> None:
     with torch.device("meta"):
         model = model_cls(config)
         state = model.state_dict()
-        try:  # the names save_pretrained writes (transformers 5 renames e.g. ViT's q_proj back to attention.query)
-            from transformers.modeling_utils import revert_weight_conversion
-
-            state = revert_weight_conversion(model, state)
-        except Exception:  # older/newer transformers without it: compare the names both sides share
-            pass
+        if _REVERT_NAMES is not None:
+            try:
+                state = _REVERT_NAMES(model, state)
+            except Exception:  # a model it cannot map: compare the names both sides share
+                pass
         expected = {k: tuple(v.shape) for k, v in state.items()}
     stored = _stored_shapes(files)
     bad = [
@@ -134,8 +138,6 @@ def load_pruned(pretrained: str | Path, auto_class: type | None = None, **kwargs
 
 
 def resolve_class(config: Any, auto_class: type | None) -> type:
-    import transformers
-
     if auto_class is None:
         names = config.architectures or []
         stock = None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
+from .plan import PrunePlan
 from .shapes import current_layer_sizes, get_module, layer_list
 
 if TYPE_CHECKING:
@@ -136,8 +137,6 @@ def layer_fixed_params(model: nn.Module) -> int:
 
 def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
     """Total parameter count the model will have once ``plan`` is applied (analytic)."""
-    from .plan import PrunePlan
-
     cost = CostModel.for_model(model)
     now = cost.total(model_layer_sizes(model))["total"]
     kept = set(plan.kept_layers)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import HfApi, constants, get_token
+
 from .card import CARD_FILE, check_repo_id, model_card, write_model_card
 from .checkpoint import CorruptCheckpointError
 from .export import is_stock_export
@@ -58,8 +60,6 @@ def resolve_token(token: str | None = None) -> str:
     Args:
         token: an explicit Hub token (wins over the environment and the stored login).
     """
-    from huggingface_hub import get_token
-
     token = token or get_token()
     if not token:
         raise PermissionError(
@@ -77,8 +77,6 @@ def check_can_push(repo_id: str | None, token: str | None = None) -> str:
         repo_id: target repo, ``"name"`` or ``"namespace/name"``.
         token: explicit Hub token; default: ``HF_TOKEN`` or the stored ``hf auth login`` token.
     """
-    from huggingface_hub import constants
-
     if not repo_id:
         raise ValueError("pushing needs a repo id: pass repo_id='your-username/model-name'")
     check_repo_id(repo_id)
@@ -109,8 +107,6 @@ def push_pruned(
         commit_message: default: ``"Upload pruned model (hf_prune)"``.
         card_kwargs: keyword arguments of :func:`model_card` (``base_model``, ``metrics``, ...).
     """
-    from huggingface_hub import HfApi
-
     folder = Path(checkpoint_dir)
     token = check_can_push(repo_id, token)
     if not folder.is_dir():

@@ -19,7 +19,6 @@ from torch import nn
 from .adapters import get_adapter, model_dims
 
 
-
 class PlanMismatchError(ValueError):
     """A plan does not fit the model (or checkpoint) it is applied to."""
 

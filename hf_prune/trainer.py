@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
-from transformers.utils import logging
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 from .adapters import get_adapter, is_peft
 from .api import prune
 from .callbacks import PruningCallback
 from .checkpoint import load_plan
 from .config import PruningConfig
-from .export import save_pruned
 from .distributed import broadcast_parameters_, is_distributed, is_main
+from .export import save_pruned
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_

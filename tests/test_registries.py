@@ -82,6 +82,31 @@ def test_a_registered_budget_kind_is_allocated_by_build_plan():
         hp.PruningConfig(custom_budget={"layer_params_keep": 0.5})
 
 
+def test_a_budget_kind_with_its_own_search_is_one_registration_and_gets_the_depth_cut_first():
+    seen = {}
+
+    def first_heads(scores, model, config, layers, context):  # keeps the first ``value`` of each layer's heads
+        seen.update(layers=layers, rows=scores.heads.shape[0], context=dict(context))
+        plan = hp.PrunePlan.of(model)
+        n = round(config.custom_budget["first_heads"] * plan.num_heads)
+        kept = set(layers if layers is not None else range(plan.num_layers))
+        return dataclasses.replace(plan, layers=layers, heads=[h[:n] if i in kept else [] for i, h in enumerate(plan.heads)],
+                       neurons=[x if i in kept else [] for i, x in enumerate(plan.neurons)])
+
+    register_budget(BudgetKind("first_heads", "first", "fraction", "one", "fraction of heads kept, first ones",
+                               search=first_heads))
+    try:
+        tiny = BY_NAME["bert"]
+        model, plan = hp.prune(tiny.model(), [tiny.batch()], hp.PruningConfig(custom_budget={"first_heads": 0.5},
+                                                                            layers_keep=2, importance="magnitude"))
+        assert seen["layers"] is not None and len(seen["layers"]) == 2 and seen["rows"] == 3
+        assert plan.layers == seen["layers"] and plan.meta["budget"] == {"first_heads": 0.5, "layers_keep": 2}
+        assert all(h == [0, 1] for i, h in enumerate(plan.heads) if i in plan.layers)
+        assert len(model.bert.encoder.layer) == 2  # the cut follows the plan
+    finally:
+        BUDGETS.pop("first_heads")
+
+
 def test_a_registered_adapter_prunes_a_new_family():
     from hf_prune.adapters import _REGISTRY, BERT
 

@@ -128,3 +128,28 @@ def test_every_pruning_setting_has_its_help_text_in_its_metadata():
     from hf_prune.config import PruningConfig
 
     assert [f.name for f in fields(PruningConfig) if not f.metadata.get("help")] == []
+
+
+#: the only modules imported inside functions: optional extras (serving runtimes) and heavy imports kept off
+#: ``import hf_prune`` (plots, LoRA, metrics); everything else is imported at the top of its module
+LOCAL_IMPORTS = {"gguf", "llama_cpp", "onnx", "onnxruntime", "vllm", "matplotlib", "peft", "sklearn", "scipy",
+                 "evaluate", "pandas"}
+
+
+def test_function_local_imports_are_only_optional_or_heavy_dependencies():
+    found = []
+    for path in _modules():
+        if path.name in REMOTE_CODE:  # stands alone in a checkpoint
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    roots = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    roots = {"." * node.level + (node.module or "")} if node.level else {node.module.split(".")[0]}
+                else:
+                    continue
+                found += [f"{path.relative_to(PKG)}:{node.lineno} {r}" for r in roots if r not in LOCAL_IMPORTS]
+    assert not found, f"import these at module level: {found}"

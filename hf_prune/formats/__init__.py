@@ -14,8 +14,8 @@ from .decilm import decilm_accepts, save_decilm
 from .gguf import OUTTYPES, gguf_file_name, save_gguf
 from .gguf_families import GgufFamily, gguf_family, register_gguf_family
 from .onnx import example_inputs, onnx_accepts, save_onnx
-from .runtimes import gguf_speed, onnx_speed
 from .registry import ExportFormat, export_formats, export_model, get_export_format, register_export_format
+from .runtimes import gguf_speed, onnx_speed
 
 
 def _write_stock(model: nn.Module, tokenizer: Any, path: Path, *, overwrite: bool = False) -> Path:

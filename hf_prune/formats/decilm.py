@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import get_adapter, is_peft, layers_of, model_dims
@@ -174,8 +175,6 @@ def save_decilm(model: nn.Module, tokenizer: Any, path: str | Path, *, overwrite
         path: the folder to write (atomically: a temporary sibling renamed into place).
         overwrite: replace an existing folder.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     sizes = _check(model, tokenizer)
     dims, spec = model_dims(model), get_adapter(model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import inspect
 import io
 import logging
 import warnings
@@ -25,6 +26,7 @@ from ..adapters import get_adapter, model_dims
 from ..io import staged_folder
 from ..shapes import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
 from .gguf_families import gguf_model_types
+from .runtimes import ort_run, ort_session
 
 ONNX_INSTALL = "pip install 'hf_prune[serve]'   (onnx, onnxruntime)"
 #: onnxruntime's output may differ from PyTorch's by float reordering only; more than this is a wrong graph.
@@ -93,8 +95,6 @@ def _zero_head_in_empty_layers(model: nn.Module) -> nn.Module:
 
 
 def _forward_args(model: nn.Module) -> set[str]:
-    import inspect
-
     return set(inspect.signature(model.forward).parameters)
 
 
@@ -219,8 +219,6 @@ def _quantize_int8(source: Path, target: Path) -> None:
 
 def _verify(file: Path, cases: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:
     """onnxruntime must give PyTorch's output on every case (the trace inputs and other batch/sequence sizes)."""
-    from .runtimes import ort_run, ort_session
-
     session = ort_session(file)
     for inputs, expected in cases:
         got = torch.from_numpy(ort_run(session, inputs)[0])

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..budget_kinds import BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS
@@ -175,8 +177,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".json":
         data = json.loads(text)
     else:
-        import yaml
-
         data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe config is a mapping of argument names to values")
@@ -191,8 +191,6 @@ def parse_recipe_args(
     The config file gives defaults, command-line flags override them. Unknown keys in either place are an
     error that lists the valid keys (a typo must never be silently ignored).
     """
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(tuple(types), prog=prog, description=description)
     valid = sorted({f.name for t in types for f in fields(t)})

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
 
+from ..formats.settings import ServeArguments
 from ..lm import perplexity, text_block_rows
 from ..resources import EMBEDDED_DATA, embedded_glue_dir, read_tsv, resolve_model_path
-from ..formats.settings import ServeArguments
 from .arguments import (
     BenchArguments,
     ConfigError,
@@ -100,8 +101,6 @@ def _read_texts(path: Path, column: str) -> list[str]:
             raise ConfigError(f"{path} has no column {column!r} (columns: {rows[0]}): set text_column")
         j = rows[0].index(column)
         return [r[j] for r in rows[1:] if len(r) > j]
-    import datasets
-
     ds = datasets.load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
     if column not in ds.column_names:
         raise ConfigError(f"{path} has no column {column!r} (columns: {ds.column_names}): set text_column")
@@ -119,8 +118,6 @@ def load_texts(d: TextDataArguments, cache_dir: str | None = None) -> tuple[list
             raise ConfigError(f"data_dir {d.data_dir!r} is not a folder (or 'embedded', or '' for the Hub)")
         return (_read_texts(_split_file(folder, ["train"]), d.text_column),
                 _read_texts(_split_file(folder, ["validation", "dev"]), d.text_column))
-    import datasets
-
     data = datasets.load_dataset(d.dataset_name, d.dataset_config_name, cache_dir=cache_dir)
     split = next((s for s in ("validation", "test") if s in data), None)
     if "train" not in data or split is None or d.text_column not in data["train"].column_names:

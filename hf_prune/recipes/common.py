@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from ..api import prune
 from ..budget_kinds import BUDGETS
 from ..distributed import barrier
 from ..plan import PrunePlan
-from ..trainer import DistillationConfig, PruningTrainer
+from ..trainer import DistillationConfig, PruningTrainer, default_lora_config
 from .arguments import (  # noqa: F401  (re-exported: recipes and users import them from here)
     CONFIG_SUFFIXES,
     DEPRECATED_KEYS,
@@ -44,8 +45,6 @@ from .arguments import (  # noqa: F401  (re-exported: recipes and users import t
 def quiet_expected_warnings() -> None:
     """Silence transformers' per-layer-config warning, which every load of a pruned model triggers by design
     (hf_prune's model classes read the per-layer sizes themselves); entry points call this, the library does not."""
-    import logging
-
     logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").setLevel(logging.ERROR)
 
 
@@ -53,8 +52,6 @@ def quiet_expected_warnings() -> None:
 def new_head_expected() -> Iterator[None]:
     """Loading a pretrained encoder into a task class: transformers' load report says the head is newly initialised,
     which is what the recipe expects (it reads ``output_loading_info`` and fine-tunes or warns itself)."""
-    import logging
-
     log = logging.getLogger("transformers.modeling_utils")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -169,8 +166,6 @@ def prune_and_recover(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recovery_args.early_stopping_patience))
     lora_config = None
     if recovery_args.recovery == "lora":
-        from ..trainer import default_lora_config
-
         lora_config = default_lora_config(model, r=recovery_args.lora_r)
     args = training_args_for(training_args, Path(training_args.output_dir) / "trainer" / name)
     trainer = PruningTrainer(

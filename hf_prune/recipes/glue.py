@@ -25,8 +25,8 @@ from transformers import (
     set_seed,
 )
 
-from ..resources import resolve_data_dir, resolve_model_path
 from ..formats.settings import ServeArguments
+from ..resources import resolve_data_dir, resolve_model_path
 from .arguments import (
     BenchArguments,
     ConfigError,

@@ -27,11 +27,13 @@ from transformers import (
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
+    ViTImageProcessorPil,  # the torchvision-free processor, saved with the model
     default_data_collator,
     set_seed,
 )
 
 from ..adapters import get_adapter
+from ..costs import dummy_inputs
 from ..formats.settings import ServeArguments
 from .arguments import (
     BenchArguments,
@@ -175,8 +177,6 @@ class ImageRecipe(Recipe):
         return self.prune_args.seq_len
 
     def latency_inputs(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
-        from ..costs import dummy_inputs
-
         return dummy_inputs(model, batch_size, self.prune_args.seq_len)
 
     def load_data(self) -> None:
@@ -209,8 +209,6 @@ class ImageRecipe(Recipe):
             mean = list(processor.image_mean)[:channels] if normalise else [0.0] * channels
             std = list(processor.image_std)[:channels] if normalise else [1.0] * channels
         else:
-            from transformers import ViTImageProcessorPil  # the torchvision-free processor, saved with the model
-
             mean, std = data_stats(data["train"], channels, size)
             processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=mean, image_std=std)
         self.tf = {"size": size, "channels": channels, "mean": mean, "std": std}

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import tokens_per_input
-from .metrics import hub_offline
 from .arguments import ConfigError
+from .metrics import hub_offline
+
 
 def _read_mnist_csv(path: str) -> datasets.Dataset:
     if not Path(path).is_file():

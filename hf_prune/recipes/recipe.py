@@ -19,8 +19,9 @@ from transformers import AutoConfig, TrainingArguments
 
 from .. import report
 from ..distributed import barrier
+from ..export import save_pruned
 from ..formats.settings import check_exportable, export_beside
-from ..hub import check_can_push, check_repo_id
+from ..hub import check_can_push, check_repo_id, push_pruned, write_model_card
 from ..plan import PrunePlan
 from ..resources import base_model_id
 from .arguments import args_dict
@@ -178,9 +179,6 @@ class Recipe:
     def _run_budget(self, dense: nn.Module, budget: Mapping[str, Any], calibration: list, results: RecipeResults,
                     several: bool) -> dict[str, Any]:
         """Prune → recover → measure → save (+ card, heatmap, push) for one budget; the main process writes."""
-        from ..export import save_pruned
-        from ..hub import push_pruned, write_model_card
-
         args, seq = self.training_args, self.prune_args.seq_len
         trainer_kwargs = {"data_collator": self.collator, "processing_class": self.processing_class,
                           "eval_dataset": next(iter(self.evals.values())), "compute_metrics": self.compute_metrics}

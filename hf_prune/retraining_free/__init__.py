@@ -36,7 +36,8 @@ and the width budget is spent on the rest; the tuning skips them in the cut stre
 (its targets are the dense stream's) also makes up for what they added. ``depth_search`` tries every layer count
 the budget allows, tunes each candidate and keeps the one closest to the dense outputs (:func:`choose_depth`).
 
-One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the latency table for ``latency_keep``),
+One module per stage: :mod:`.fisher` (the scores and the search), :mod:`.latency` (the latency table and knapsack of
+``latency_keep``, the budget kind with a search of its own),
 :mod:`.rearrange`, :mod:`.tuning` (with :mod:`.obs`); selection is the library's own step
 (:mod:`hf_prune.selection`, which every method can use); :mod:`.layer_io` records and replays layer calls;
 :mod:`.pipeline` chains them.
@@ -44,8 +45,8 @@ One module per stage: :mod:`.fisher`, :mod:`.latency` (the search, and the laten
 
 from ..batches import by_length, collect_batches, split_batches
 from ..selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
-from .fisher import FisherInfo, fisher_information
-from .latency import LatencyTable, measure_latency_table, search_latency, search_masks
+from .fisher import FisherInfo, fisher_information, search_masks
+from .latency import LatencyTable, measure_latency_table, search_latency
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions
 from .obs import backward_eliminate
 from .pipeline import prune_retraining_free, retraining_free_plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,10 +12,14 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, model_dims
 from ..batches import Batch, batch_size, model_device, to_device
+from ..budget import build_plan
 from ..distributed import all_reduce_sum_
 from ..importance import ImportanceScores, per_sample_mask_grads
 from ..plan import PrunePlan
 from ..shapes import get_module, layer_list
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 #: Most masks (heads plus neurons, all layers) a cross-layer Fisher may hold: 20k is 1.5 GiB in float32 (MiniLM has
 #: 9,288; SmolLM2-135M 46,350, 8 GiB, refused).
@@ -100,3 +105,21 @@ def fisher_information(
     all_reduce_sum_(([joint] if joint is not None else blocks) + [counts])
     seen = int(counts.item())
     return FisherInfo(f_heads, f_neurons, PrunePlan.of(model), seen, joint)
+
+
+def search_masks(
+    fisher: FisherInfo, model: nn.Module, config: PruningConfig, latency_table: Any = None,
+    layer_scores: torch.Tensor | None = None,
+) -> PrunePlan:
+    """Stage 2: kept heads and neurons per layer maximising the kept diagonal Fisher under ``config``'s budget
+    (:func:`hf_prune.build_plan` on the diagonal Fisher; a ``latency_keep`` budget searches its own way, with
+    ``latency_table`` if given). With ``config.layers_keep``, the layers with the lowest ``layer_scores`` (``(L,)``,
+    :func:`hf_prune.layer_importance`) are removed first and the width budget is spent on the rest.
+    """
+    scores = fisher.scores()
+    scores.layers = layer_scores
+    if config.layers_keep is not None and layer_scores is None:
+        raise ValueError("layers_keep needs layer_scores (hf_prune.layer_importance) for the search")
+    plan = build_plan(scores, model, config, {"latency_table": latency_table})
+    plan.meta["search"] = "fisher"
+    return plan

@@ -1,5 +1,5 @@
-"""Stage 2: the search for how many heads/neurons each layer keeps under a budget; for ``latency_keep`` a per-layer
-latency lookup table measured on the device and an exact knapsack over it."""
+"""The ``latency_keep`` budget: a per-layer latency lookup table measured on the device, and an exact knapsack over
+it (the kind's own search, registered at the bottom; :func:`hf_prune.build_plan` calls it)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, model_dims
 from ..batches import model_device
-from ..budget import build_plan
+from ..budget_kinds import BudgetKind, register_budget
 from ..costs import dummy_inputs, time_once
-from ..depth import layers_to_keep
 from ..importance import ImportanceScores
 from ..plan import PrunePlan
 from ..shapes import layer_list, prune_layer_
-from .fisher import FisherInfo
 from .layer_io import capture_layer_call
 
 if TYPE_CHECKING:
@@ -168,38 +166,20 @@ def _monotone(ms: list[float]) -> list[float]:
     return np.maximum.accumulate(np.maximum(0.0, np.asarray(ms))).tolist()
 
 
-def search_masks(
-    fisher: FisherInfo, model: nn.Module, config: "PruningConfig", latency_table: LatencyTable | None = None,
-    layer_scores: torch.Tensor | None = None,
+def _search(
+    scores: ImportanceScores, model: nn.Module, config: PruningConfig, layers: list[int] | None,
+    context: Mapping[str, Any],
 ) -> PrunePlan:
-    """Kept heads and neurons per layer maximising the kept diagonal Fisher under ``config``'s budget.
-
-    ``config.latency_keep`` uses ``latency_table`` (measured on ``model`` if None); every other budget is
-    :func:`hf_prune.build_plan` on the diagonal Fisher. With ``config.layers_keep``, the layers with the lowest
-    ``layer_scores`` (``(L,)``, :func:`hf_prune.layer_importance`) are removed first and the width budget is
-    spent on the rest.
-    """
-    scores = fisher.scores()
-    scores.layers = layer_scores
-    if config.layers_keep is not None and layer_scores is None:
-        raise ValueError("layers_keep needs layer_scores (hf_prune.layer_importance) for the search")
-    if getattr(config, "latency_keep", None) is None:
-        plan = build_plan(scores, model, config)
-    else:
-        keep = None
-        if config.layers_keep is not None:
-            keep = layers_to_keep(layer_scores, config.layers_keep, PrunePlan.of(model))
-            scores = scores.only_layers(keep)
-        if latency_table is None:
-            latency_table = measure_latency_table(
-                model, config.latency_batch_size, config.seq_len, round_to=config.round_to, progress=config.progress
-            )
-        plan = search_latency(
-            scores, model, latency_table, config.latency_keep,
-            round_to=config.round_to, allow_empty_layers=config.allow_empty_layers, layers=keep,
+    """``latency_keep``'s own allocation (:attr:`BudgetKind.search`): the table passed in ``context`` (or measured on
+    ``model`` now), then the knapsack over it, on the ``layers`` the depth budget kept."""
+    table = context.get("latency_table")
+    if table is None:
+        table = measure_latency_table(
+            model, config.latency_batch_size, config.seq_len, round_to=config.round_to, progress=config.progress
         )
-        plan.meta.update({"budget": config.budget(), "latency_table": latency_table.to_dict()})
-    plan.meta["search"] = "fisher"
+    plan = search_latency(scores, model, table, config.latency_keep, round_to=config.round_to,
+                          allow_empty_layers=config.allow_empty_layers, layers=layers)
+    plan.meta["latency_table"] = table.to_dict()
     return plan
 
 
@@ -314,3 +294,7 @@ def search_latency(
         neurons=neurons, layers=layers,
         meta={**current.meta, "criterion": "fisher", "calibration_samples": scores.num_samples},
     )
+
+
+register_budget(BudgetKind("latency_keep", "latency", "fraction", "one", "fraction of the layers' measured latency to keep",
+                           method="retraining_free", search=_search, trades_depth=True))

@@ -15,8 +15,8 @@ from ..depth import layer_importance
 from ..plan import PrunePlan
 from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from ..surgery import apply_plan_
-from .fisher import fisher_information
-from .latency import LatencyTable, search_masks
+from .fisher import fisher_information, search_masks
+from .latency import LatencyTable
 from .rearrange import rearrange_across_layers, rearrange_masks
 from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
 
