@@ -20,12 +20,14 @@ from .costs import (
 )
 from .criteria import CRITERIA, Criterion, register_criterion
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
+from .embeddings import save_sentence_transformer, sentence_batches
 from .export import NotStockExpressible, save_pruned, save_stock
 from .formats import ExportFormat, export_model, register_export_format, save_decilm, save_gguf, save_onnx
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks
 from .methods import PruningMethod, register_method
+from .model_kinds import ModelKind, register_model_kind
 from .modeling_pruned import pruned_class
 from .plan import PlanMismatchError, PrunePlan
 from .retraining_free import (
@@ -54,6 +56,10 @@ __all__ = [
     "register_export_format",
     "PruningMethod",
     "register_method",
+    "ModelKind",
+    "register_model_kind",
+    "save_sentence_transformer",
+    "sentence_batches",
     "save_decilm",
     "save_gguf",
     "save_onnx",

@@ -11,6 +11,7 @@ from torch import nn
 from .config import PruningConfig
 from .export import stock_config
 from .methods import DEPTH_SEARCH_SAMPLES, MethodContext, get_method
+from .model_kinds import pruning_view
 from .plan import PrunePlan
 from .retraining_free import LatencyTable
 from .surgery import apply_plan_
@@ -30,6 +31,10 @@ def prune(
     and layer scores on ``dataloader`` under ``config``'s budget for ``one_shot``; the retraining-free pipeline for
     ``retraining_free``), fold any refit into the kept weights and cut, in place.
 
+    A ``SentenceTransformer`` is pruned through its encoder, scored on the sentence embedding it outputs;
+    ``dataloader`` may then be a list of unlabeled sentences (:mod:`hf_prune.embeddings`; other such kinds:
+    :func:`hf_prune.model_kinds.register_model_kind`).
+
     Returns the (same, now physically smaller) model and the plan. ``dataloader`` may be None for the
     data-free criteria ``magnitude`` and ``random`` of ``method="one_shot"``. ``latency_table``: reuse a table
     measured earlier for a ``latency_keep`` budget instead of timing the model again. With ``config.deployable``, a
@@ -39,15 +44,18 @@ def prune(
     method = get_method(config.method)
     if method.needs_data and dataloader is None:
         raise ValueError(f"method={method.name!r} needs calibration data: pass a dataloader")
+    # a model pruned through the transformers model inside it (a SentenceTransformer): the steps run on its real
+    # output, the cut on the inner model; a plain model is all three
+    scored, inner, dataloader = pruning_view(model, dataloader, config)
     start = time.perf_counter()
-    plan, tuning = method.plan(model, dataloader, config, MethodContext(latency_table=latency_table))
+    plan, tuning = method.plan(scored, dataloader, config, MethodContext(latency_table=latency_table))
     if tuning is not None and method.fold is not None:
-        method.fold(model, tuning)
+        method.fold(scored, tuning)
     t = time.perf_counter()
-    apply_plan_(model, plan)
+    apply_plan_(inner, plan)
     info = plan.meta.get(method.name)
     if isinstance(info, dict) and "times" in info:  # a method reporting its stage times gets the cut's added
         info["times"].update(cut_s=time.perf_counter() - t, total_s=time.perf_counter() - start)
     if config.deployable:  # a shape the stock config cannot hold fails now, not after recovery
-        stock_config(model)
+        stock_config(inner)
     return model, plan

@@ -31,6 +31,7 @@ from .criteria import get_criterion
 from .distributed import broadcast_parameters_, is_main
 from .mask_controller import MaskController
 from .methods import MethodContext, get_method
+from .model_kinds import pruning_view
 from .plan import PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
@@ -94,6 +95,8 @@ class PruningCallback(TrainerCallback, ExportableState):
         self.done_events: list[int] = []
         self._restored: dict[str, Any] | None = None
         self._stats: dict[str, float] = {}
+        self._scored: nn.Module | None = None  # what the steps run (set at train begin)
+        self._calibration: Any = calibration_dataloader  # as batches (a list of sentences is tokenized then)
 
     # state for resume (stored in trainer_state.json with every checkpoint) -----------------------
     def state(self) -> dict[str, Any]:
@@ -140,7 +143,9 @@ class PruningCallback(TrainerCallback, ExportableState):
     # events --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.schedule.check_fits(state.max_steps)
-        model = _unwrap(model)
+        # a SentenceTransformer is masked in its encoder and scored on its embedding; a plain model is itself
+        model, _, self._calibration = pruning_view(_unwrap(model), self.calibration_dataloader, self.config)
+        self._scored = model
         self.controller = MaskController(model, self.config.importance)
         self.controller.install()
         self._dense_params = count_params(model)
@@ -170,7 +175,7 @@ class PruningCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step in self.schedule.events() and step not in self.done_events:
-            self._prune_event(_unwrap(model), step)
+            self._prune_event(self._scored, step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self._stats:
@@ -204,7 +209,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         method = get_method(cfg.method)
         context = MethodContext(step=step, main_process=is_main(), gradient_scores=self.controller.gradient_scores,
                                 restrict=self.controller.restrict, unmasked=self._unmasked)
-        plan, tuning = method.plan(model, self.calibration_dataloader, cfg, context)
+        plan, tuning = method.plan(model, self._calibration, cfg, context)
         if tuning is not None and method.fold is not None:
             with torch.no_grad():
                 method.fold(model, tuning)
@@ -244,7 +249,9 @@ class PruningCallback(TrainerCallback, ExportableState):
             raise RuntimeError("no plan yet: the callback has not run a pruning event")
         if self.controller is not None:
             self.controller.remove()
-        return apply_plan_(_unwrap(model), self.plan)
+        model = _unwrap(model)
+        apply_plan_(pruning_view(model, None, self.config)[1], self.plan)  # a SentenceTransformer: its encoder
+        return model
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

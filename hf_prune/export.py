@@ -25,6 +25,7 @@ from torch import nn
 from .adapters import get_adapter, model_dims
 from .costs import model_layer_sizes
 from .io import staged_folder
+from .model_kinds import model_kind
 from .modeling_pruned import stock_class
 from .shapes import CONFIG_KEY, PLAN_FILE, config_get
 
@@ -97,33 +98,52 @@ def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: boo
     return probe
 
 
+def stock_model(model: nn.Module) -> nn.Module:
+    """``model`` as an instance of its stock class with the stock config of its pruned shape, sharing its tensors
+    (no copy); raises :class:`NotStockExpressible` when the shape cannot be expressed. Its ``prune_plan`` is the
+    plan marked as a stock export."""
+    config, stock = _stock_probe(model)
+    stock.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
+    if getattr(config, "tie_word_embeddings", False):
+        stock.tie_weights()
+    plan = getattr(model, "prune_plan", None)
+    if plan is not None:
+        data = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
+        stock.prune_plan = {**data, "meta": {**data.get("meta", {}), "format": STOCK_FORMAT}}
+    return stock.eval()
+
+
+def write_stock_plan(model: nn.Module, folder: Path) -> None:
+    """``prune_plan.json`` of a :func:`stock_model` (provenance: the dense ids kept), if it has one."""
+    plan = getattr(model, "prune_plan", None)
+    if plan is not None:
+        (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1), encoding="utf-8")
+
+
 def save_stock(model: nn.Module, save_directory: str | Path, *, overwrite: bool = False) -> Path:
     """Save a homogeneous pruned ``model`` as its stock architecture, atomically (a temporary sibling folder renamed
     into place), with ``prune_plan.json`` beside it for provenance. Raises :class:`NotStockExpressible` (before
     anything is written) when the shape cannot be expressed. ``overwrite``: replace an existing folder (its files
     are kept until the new one is complete). Returns the folder."""
-    config, stock = _stock_probe(model)
+    stock = stock_model(model)
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is a file: choose a folder for the export")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not an empty folder: choose a new folder for the export")
     with staged_folder(target, overwrite=True) as stage:  # refused above unless it may be replaced
-        stock.load_state_dict(model.state_dict(), assign=True)  # the same tensors, no copy
-        if getattr(config, "tie_word_embeddings", False):
-            stock.tie_weights()
-        stock.eval().save_pretrained(stage)
-        plan = getattr(model, "prune_plan", None)
-        if plan is not None:
-            data = plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
-            data = {**data, "meta": {**data.get("meta", {}), "format": STOCK_FORMAT}}
-            (stage / PLAN_FILE).write_text(json.dumps(data, indent=1), encoding="utf-8")
+        stock.save_pretrained(stage)
+        write_stock_plan(stock, stage)
     return target
 
 
 def save_pruned(model: nn.Module, save_directory: str | Path, *, deployable: bool = False) -> Path:
     """Save a pruned model the way ``PruningConfig(deployable=...)`` asks: the stock architecture
-    (:func:`save_stock`, replacing the folder) or the per-layer format (``save_pretrained``)."""
+    (:func:`save_stock`, replacing the folder) or the per-layer format (``save_pretrained``). A model of a registered
+    kind (a ``SentenceTransformer``) is saved in its own format, replacing the folder."""
+    kind = model_kind(model)
+    if kind is not None and kind.save is not None:
+        return kind.save(model, Path(save_directory), deployable, True)
     if deployable:
         return save_stock(model, save_directory, overwrite=True)
     model.save_pretrained(save_directory)

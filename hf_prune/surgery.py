@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from .adapters import get_adapter
 from .modeling_pruned import pruned_class
@@ -64,8 +65,11 @@ def apply_plan_(model: M, plan: PrunePlan) -> M:
         section.update(num_layers=plan.num_layers, layers=plan.kept_layers)
     setattr(config, CONFIG_KEY, section)
     set_layer_sizes(config, adapter, plan.physical_sizes())
-    model.__class__ = pruned_class(type(model))
-    model.prune_plan = plan
+    # the transformers model becomes Pruned<Class>: the model itself, or the one a wrapper (a SentenceTransformer's
+    # SentenceEmbedder) reads its config and layers from
+    owner = model if isinstance(model, PreTrainedModel) else model.base_model
+    owner.__class__ = pruned_class(type(owner))
+    owner.prune_plan = plan
     return model
 
 
