@@ -98,6 +98,19 @@ BERT = ArchAdapter(
     down="output.dense",
     attrs=_BERT_ATTRS,
 )
+MPNET = ArchAdapter(
+    model_type="mpnet",
+    layers="encoder.layer",
+    q="attention.attn.q",
+    k="attention.attn.k",
+    v="attention.attn.v",
+    o="attention.attn.o",
+    up="intermediate.dense",
+    down="output.dense",
+    attrs=(("attention.attn.num_attention_heads", "num_heads"), ("attention.attn.all_head_size", "all_head_size")),
+    # the relative-position bias (B, H, T, T) is computed once by the encoder and handed to every layer
+    head_inputs=(("attention.attn", "position_bias", 2),),
+)
 DISTILBERT = ArchAdapter(
     model_type="distilbert",
     layers="transformer.layer",
@@ -145,6 +158,7 @@ for _adapter in (
     replace(BERT, model_type="roberta"),
     replace(BERT, model_type="xlm-roberta"),
     replace(BERT, model_type="electra"),
+    MPNET,
     DISTILBERT,
     VIT,
     replace(VIT, model_type="deit", special_tokens=2),  # CLS and the distillation token

@@ -43,6 +43,10 @@ class ArchSpec:
             distillation token); None for text, where the sequence length is the token count.
         layer_lists: config fields holding one entry per layer (Gemma/Qwen's ``layer_types``); removing layers
             keeps the entries of the layers that stay. Fields a config lacks are skipped.
+        head_inputs: per-head tensors a layer's attention is handed from outside the layer, ``(module path inside
+            a layer, argument name, positional index)``; heads on dim 1. MPNet computes its relative-position bias
+            ``(B, H, T, T)`` once for all layers: a layer that lost heads keeps the dense ids of the heads it has
+            (a buffer saved with the weights) and a pre-hook hands its attention only their rows.
     """
 
     model_type: str
@@ -63,11 +67,13 @@ class ArchSpec:
     attrs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     special_tokens: int | None = None
     layer_lists: tuple[str, ...] = ("layer_types",)
+    head_inputs: tuple[tuple[str, str, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["attrs"] = [list(a) for a in self.attrs]
         d["layer_lists"] = list(self.layer_lists)
+        d["head_inputs"] = [list(h) for h in self.head_inputs]
         return d
 
     @classmethod
@@ -75,6 +81,7 @@ class ArchSpec:
         d = dict(d)
         d["attrs"] = tuple(tuple(a) for a in d.get("attrs", ()))
         d["layer_lists"] = tuple(d.get("layer_lists", ("layer_types",)))
+        d["head_inputs"] = tuple(tuple(h) for h in d.get("head_inputs", ()))
         return cls(**d)
 
 
@@ -217,6 +224,8 @@ def prune_layer_(
         slice_linear_(get_module(layer, spec.k), kv_rows, 0)
         slice_linear_(get_module(layer, spec.v), kv_rows, 0)
         slice_linear_(get_module(layer, spec.o), q_rows, 1)
+        for path, name, index in spec.head_inputs:
+            _keep_head_ids_(get_module(layer, path), heads, name, index)
     if neurons is not None:
         idx = torch.tensor(sorted(int(n) for n in neurons), dtype=torch.long)
         slice_linear_(get_module(layer, spec.up), idx, 0)
@@ -224,6 +233,32 @@ def prune_layer_(
             slice_linear_(get_module(layer, spec.gate), idx, 0)
         slice_linear_(get_module(layer, spec.down), idx, 1)
     sync_layer_attrs_(layer, spec, head_dim)
+
+
+#: buffer of a layer's attention module: the dense ids of the heads it keeps (``ArchSpec.head_inputs``)
+HEAD_IDS = "hf_prune_head_ids"
+
+
+def _keep_head_ids_(module: nn.Module, positions: list[int], name: str, index: int) -> None:
+    """Record which of its current heads ``module`` keeps, as dense ids, and slice its per-head inputs to them."""
+    ids = torch.tensor(positions, dtype=torch.long)
+    old = getattr(module, HEAD_IDS, None)
+    if old is not None:
+        ids = old.cpu()[ids]  # positions in the already cut layer -> dense ids
+    else:
+        module.hf_prune_head_input = (name, index)
+        module.register_forward_pre_hook(_slice_head_inputs, with_kwargs=True)
+    module.register_buffer(HEAD_IDS, ids, persistent=True)  # saved with the weights: reloads with the checkpoint
+
+
+def _slice_head_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    ids = getattr(module, HEAD_IDS)
+    name, index = module.hf_prune_head_input
+    if kwargs.get(name) is not None:
+        kwargs = {**kwargs, name: kwargs[name].index_select(1, ids.to(kwargs[name].device))}
+    elif len(args) > index and args[index] is not None:
+        args = (*args[:index], args[index].index_select(1, ids.to(args[index].device)), *args[index + 1 :])
+    return args, kwargs
 
 
 def current_layer_sizes(layer: nn.Module, spec: ArchSpec, head_dim: int) -> dict[str, int]:

@@ -42,7 +42,7 @@ def test_save_load_gives_identical_outputs(tiny, tmp_path):
     torch.testing.assert_close(_out(hp.load_pruned(tmp_path / "ckpt"), inputs), _out(model, inputs))
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "vit", "llama", "qwen3"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "distilbert", "vit", "llama", "qwen3"])
 def test_trust_remote_code_loads_without_hf_prune(name, tmp_path):
     tiny = BY_NAME[name]
     model = _pruned(tiny)

@@ -15,7 +15,7 @@ from hf_prune.adapters import layers_of
 from hf_prune.retraining_free import quadratic_loss, retraining_free_plan, swap_descent
 from hf_prune.shapes import get_module, layer_list
 
-FAMILIES = ["bert", "distilbert", "vit", "llama"]
+FAMILIES = ["bert", "mpnet", "distilbert", "vit", "llama"]
 
 
 def _batches(name, n=4, batch_size=4, seq_len=9, labels=True):

@@ -66,6 +66,8 @@ TINY = [
     Tiny("xlm-roberta", _text(T.XLMRobertaConfig, pad_token_id=1), T.XLMRobertaModel, T.AutoModel, labels="none"),
     Tiny("electra", _text(T.ElectraConfig, embedding_size=16), T.ElectraForSequenceClassification,
          T.AutoModelForSequenceClassification),
+    Tiny("mpnet", _text(T.MPNetConfig, pad_token_id=1), T.MPNetForSequenceClassification,
+         T.AutoModelForSequenceClassification),
     Tiny("distilbert", lambda: T.DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN,
                                                   vocab_size=VOCAB, num_labels=3, max_position_embeddings=64),
          T.DistilBertForSequenceClassification, T.AutoModelForSequenceClassification),
