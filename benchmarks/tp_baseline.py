@@ -93,9 +93,10 @@ def _pruner(model: nn.Module, example: Mapping[str, torch.Tensor], importance: A
         model, dict(example), importance=importance, global_pruning=scope == "global",
         pruning_ratio=ffn_ratio, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
         head_pruning_ratio=head_ratio, ignored_layers=ignored,
-        # the logits themselves, not a scalar of them: TP reads the width of the graph's output node as
-        # shape[1], and a 0-d output fails MetaPruner's constructor (IndexError, torch 2.13 + TP 1.6.0)
-        output_transform=lambda out: out.logits,
+        # the logits themselves (a headless encoder: its token states), not a scalar of them: TP reads the width
+        # of the graph's output node as shape[1], and a 0-d output fails MetaPruner's constructor (IndexError,
+        # torch 2.13 + TP 1.6.0)
+        output_transform=lambda out: out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state,
     )
 
 
@@ -128,6 +129,7 @@ def tp_prune(
     *,
     scope: str = "local",
     seq_len: int = 128,
+    loss_fn: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune ``model`` in place with Torch-Pruning to ``flops_keep`` of its layer FLOPs.
 
@@ -136,6 +138,8 @@ def tp_prune(
             (L2 norm of the weights).
         calib: labelled batches, for ``taylor``.
         scope: ``local`` (same counts in every layer) or ``global`` (TP ranks units across layers).
+        loss_fn: ``(model, batch) -> loss`` whose gradients Taylor reads (default: the model's own task loss); an
+            embedding model passes the objective hf_prune scores it with.
     Returns:
         the model and what was set (ratios, counts).
     """
@@ -147,7 +151,7 @@ def tp_prune(
         model.eval().zero_grad(set_to_none=True)
         example = None
         for batch in calib:
-            model(**batch).loss.backward()
+            (loss_fn(model, batch) if loss_fn is not None else model(**batch).loss).backward()
             example = example or {k: v[:2] for k, v in batch.items() if k != "labels"}
         imp = tp.importance.TaylorImportance()
     elif importance == "magnitude":
@@ -313,7 +317,7 @@ def tp_prune_decoder(model: nn.Module, flops_keep: float, importance: str,
             raise ValueError("Taylor importance needs calibration batches")
         model.eval()
         for batch in calib:
-            model(**batch).loss.backward()
+            (loss_fn(model, batch) if loss_fn is not None else model(**batch).loss).backward()
         imp = tp.importance.TaylorImportance()
     elif importance == "magnitude":
         imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")

@@ -92,11 +92,16 @@ def _front_matter(
     dataset: str | None,
     metrics: Mapping[str, Mapping[str, float]] | None,
     extra_tags: Sequence[str],
+    sentence_transformers: bool = False,
 ) -> dict[str, Any]:
     arch = (config.get("architectures") or [""])[0]
     pipeline_tag = next((t for suffix, t in PIPELINE_TAGS.items() if arch.endswith(suffix)), None)
+    library = "transformers"
+    if sentence_transformers:  # a sentence-transformers folder: what the Hub lists embedders under
+        library, pipeline_tag = "sentence-transformers", "sentence-similarity"
+        extra_tags = ["sentence-transformers", "feature-extraction", *extra_tags]
     meta: dict[str, Any] = {
-        "library_name": "transformers",
+        "library_name": library,
         "tags": list(dict.fromkeys(["hf_prune", "pruned", "structured-pruning", *extra_tags])),
     }
     if base_model:
@@ -156,12 +161,13 @@ def model_card(
         check_repo_id(repo_id, "repo_id")
     s = checkpoint_stats(folder, seq_len)
     repo_id = repo_id or folder.resolve().name
-    meta = _front_matter(s["config"], repo_id, base_model, task, dataset, metrics, extra_tags)
+    st = (folder / "modules.json").is_file()  # a sentence-transformers folder (its module 0 is this checkpoint)
+    meta = _front_matter(s["config"], repo_id, base_model, task, dataset, metrics, extra_tags, st)
     out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {repo_id}", ""]
     out += summary_section(s, base_model, task, seq_len)
     out += shapes_section(s)
     out += results_section(metrics) + speedup_section(speedup)
-    out += usage_section(s, repo_id)
+    out += sentence_transformers_usage(s, repo_id) if st else usage_section(s, repo_id)
     out += serving_section(folder, repo_id, runtime_speed)  # GGUF / ONNX / vLLM files exported beside it
     out += recipe_section(s, recipe)
     return "\n".join(out)
@@ -254,6 +260,18 @@ def usage_section(s: Mapping[str, Any], repo_id: str) -> list[str]:
                  "they need only torch and transformers):")
         call = f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)'
     return out + [intro, "", "```python", f"from transformers import {auto}", "", call, "```", ""]
+
+
+def sentence_transformers_usage(s: Mapping[str, Any], repo_id: str) -> list[str]:
+    """Loading snippet of a sentence-transformers folder (a stock encoder needs no remote code)."""
+    remote = "" if s["stock"] else ", trust_remote_code=True"
+    why = ("the encoder is the stock architecture with smaller sizes: no custom code" if s["stock"] else
+           f"`{MODELING_FILE}` and `{SHAPES_FILE}` in this repo rebuild the encoder's per-layer shapes; they need only "
+           "torch and transformers, not hf_prune")
+    return ["## Usage", "", f"With sentence-transformers ({why}):", "", "```python",
+            "from sentence_transformers import SentenceTransformer", "",
+            f'model = SentenceTransformer("{repo_id}"{remote})',
+            'embeddings = model.encode(["A pruned sentence encoder.", "It embeds sentences faster."])', "```", ""]
 
 
 def recipe_section(s: Mapping[str, Any], recipe: Mapping[str, Any] | str | None) -> list[str]:

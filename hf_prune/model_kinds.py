@@ -60,6 +60,12 @@ def model_kind(model: Any) -> ModelKind | None:
     return next((k for k in MODEL_KINDS.values() if k.matches(model)), None)
 
 
+def scored_view(model: Any) -> nn.Module:
+    """The module the pruning steps and cost counts read: ``kind.scored(model)``, or the model itself."""
+    kind = model_kind(model)
+    return kind.scored(model) if kind is not None else model
+
+
 def pruning_view(model: Any, data: Any, config: Any) -> tuple[nn.Module, nn.Module, Any]:
     """``(scored, inner, batches)`` for ``model``: for a plain model all three are what was passed."""
     kind = model_kind(model)

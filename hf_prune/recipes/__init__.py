@@ -17,6 +17,7 @@ RECIPES: dict[str, str] = {
     "glue": "hf_prune.recipes.glue",
     "clm": "hf_prune.recipes.clm",
     "image_classification": "hf_prune.recipes.image_classification",
+    "embeddings": "hf_prune.recipes.embeddings",
 }
 
 

@@ -23,6 +23,7 @@ from .. import costs, report
 from ..api import prune
 from ..budget_kinds import BUDGETS
 from ..distributed import barrier
+from ..model_kinds import scored_view
 from ..plan import PrunePlan
 from ..trainer import DistillationConfig, PruningTrainer, default_lora_config
 from .arguments import (  # noqa: F401  (re-exported: recipes and users import them from here)
@@ -180,8 +181,8 @@ def prune_and_recover(
     start = time.perf_counter()
     trainer.train()
     result.recovery_seconds = time.perf_counter() - start
-    result.model = trainer.model
-    if PrunePlan.of(result.model) != plan:
+    result.model = trainer.outer_model or trainer.model  # a SentenceTransformer trains through its view
+    if PrunePlan.of(scored_view(result.model)) != plan:
         raise RuntimeError(f"[{name}] recovery changed the pruned structure; this is a bug in hf_prune")
     result.metrics_recovered = evaluate_fn(result.model)
     log(f"[{name}] recovered in {result.recovery_seconds:.0f}s: {result.metrics_recovered}")
@@ -225,7 +226,9 @@ def measure_latency(
     dense: nn.Module, pruned: nn.Module, bench: BenchArguments, seq_len: int,
     inputs_fn: Callable[[nn.Module, int], Mapping[str, Any]] | None = None, flops_seq_len: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Latency of dense vs pruned (interleaved), per batch size, with the FLOPs-ideal speedup beside it."""
+    """Latency of dense vs pruned (interleaved), per batch size, with the FLOPs-ideal speedup beside it (a
+    sentence-transformers model is timed as its whole pipeline: encoder, pooling, normalisation)."""
+    dense, pruned = scored_view(dense), scored_view(pruned)
     fd = costs.count_flops(dense, flops_seq_len or seq_len)["total"]
     fp = costs.count_flops(pruned, flops_seq_len or seq_len)["total"]
     rows = []
@@ -240,4 +243,5 @@ def measure_latency(
 
 
 def model_stats(model: nn.Module, seq_len: int) -> dict[str, Any]:
+    model = scored_view(model)
     return {"params": costs.count_params(model), "layer_flops": costs.count_flops(model, seq_len)["total"]}

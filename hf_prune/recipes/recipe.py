@@ -19,6 +19,7 @@ from transformers import AutoConfig, TrainingArguments
 
 from .. import report
 from ..distributed import barrier
+from ..model_kinds import scored_view
 from ..export import save_pruned
 from ..formats.settings import check_exportable, export_beside
 from ..hub import check_can_push, check_repo_id, push_pruned, write_model_card
@@ -91,6 +92,7 @@ class Recipe:
         self.processing_class: Any = None
         self.compute_metrics: Any = None
         self.main_metric = ""
+        self.extra_args: tuple[Any, ...] = ()  # a recipe's own argument groups, recorded in results.json
 
     def log(self, message: str) -> None:
         if self.main_process:
@@ -155,8 +157,8 @@ class Recipe:
         self.log(f"dense: {dense_metrics}")
         results = RecipeResults(
             self.name, self.task_name, self.model_name, self.main_metric, self.latency_seq_len,
-            args_dict(self.model_args, self.data_args, self.prune_args, self.recovery_args, self.dense_args,
-                      self.bench_args, self.serve_args, args),
+            args_dict(self.model_args, self.data_args, *self.extra_args, self.prune_args, self.recovery_args,
+                      self.dense_args, self.bench_args, self.serve_args, args),
             {"metrics": dense_metrics, **model_stats(dense, self.prune_args.seq_len)},
         )
         calibration = self.calibration()
@@ -204,7 +206,7 @@ class Recipe:
         exports, run["runtime_speed"] = export_beside(model, self.processing_class, folder, self.serve_args,
                                                       dense=dense if self.bench_args.bench_latency else None)
         run["exports"] = [str(p) for p in exports]
-        report.plot_layer_heatmap(res.plan, PrunePlan.dense(dense), self.out / f"layers_{res.name}.png",
+        report.plot_layer_heatmap(res.plan, PrunePlan.dense(scored_view(dense)), self.out / f"layers_{res.name}.png",
                                   title=f"{self.task_name} {res.name}: kept heads and FFN neurons")
         metrics = {"dense": results.dense["metrics"], "pruned": res.metrics_pruned}
         if res.metrics_recovered is not None:
