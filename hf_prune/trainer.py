@@ -125,8 +125,6 @@ class PruningTrainer(Trainer):
         self.outer_model = model if model_kind(model) is not None else None
         if self.outer_model is not None:
             kind = model_kind(model)
-            if recovery == "lora":
-                raise ValueError(f"LoRA recovery of a {kind.name} model is not supported yet: use recovery='full'")
             model = kind.scored(model)
             if teacher_model is not None and model_kind(teacher_model) is not None:
                 teacher_model = model_kind(teacher_model).scored(teacher_model)
@@ -295,7 +293,7 @@ class PruningTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
-        if is_peft(self.model):
+        if is_peft(self.model) and self.outer_model is None:
             # The adapter (saved above) lets training resume; the merged model next to it is the reloadable
             # pruned checkpoint.
             merged = copy.deepcopy(self.model).merge_and_unload()
@@ -380,9 +378,10 @@ def default_lora_config(model: nn.Module, r: int = 8) -> Any:
     a = get_adapter(model)
     targets = [p for p in (a.q, a.k, a.v, a.o, a.up, a.gate, a.down) if p]
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = getattr(model, "base_model_prefix", None)  # None: a wrapper (a SentenceTransformer's view), no head
     heads = [
         name for name, child in model.named_children()
-        if name != model.base_model_prefix and child is not out_emb and any(True for _ in child.parameters())
+        if prefix is not None and name != prefix and child is not out_emb and any(True for _ in child.parameters())
     ]
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, modules_to_save=heads or None)
 

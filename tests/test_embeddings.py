@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import sentence_transformers as st  # the dev extra installs it
 import torch
+import transformers as T
 from helpers import plan_masks
 from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
 
@@ -237,9 +238,35 @@ def test_pruning_trainer_distils_the_embedding_and_saves_a_sentence_transformer_
     trainer.save_model(str(tmp_path / "final"))
     reloaded = SentenceTransformer(str(tmp_path / "final"), trust_remote_code=True, device="cpu")
     torch.testing.assert_close(_embed(reloaded, probe), _embed(student, probe), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="LoRA recovery of a sentence-transformers model"):
-        hp.PruningTrainer(copy.deepcopy(tiny_st), args, pruning_config=hp.PruningConfig(flops_keep=0.5),
-                          recovery="lora")
+
+
+def test_lora_recovery_of_a_sentence_transformer_merges_into_the_pruned_encoder(tiny_st, sentences, tmp_path):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    calib, probe = sentences
+    student = copy.deepcopy(tiny_st)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=16,
+                             learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    trainer = hp.PruningTrainer(student, args, pruning_config=hp.PruningConfig(flops_keep=0.5, progress=False),
+                                distillation=hp.DistillationConfig(alpha=1.0), teacher_model=copy.deepcopy(tiny_st),
+                                recovery="lora", train_dataset=_token_rows(student, calib),
+                                data_collator=DataCollatorWithPadding(student.tokenizer))
+    pruned_before = None
+
+    class Snapshot(T.TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            nonlocal pruned_before
+            pruned_before = _embed(student, probe)  # after the cut, before any LoRA step
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    enc = encoder(student)
+    assert type(enc).__name__.startswith("Pruned") and not any("lora" in n for n, _ in enc.named_parameters())
+    assert not torch.allclose(_embed(student, probe), pruned_before)  # the merged adapters changed the weights
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = SentenceTransformer(str(tmp_path / "final"), trust_remote_code=True, device="cpu")
+    torch.testing.assert_close(_embed(reloaded, probe), _embed(student, probe), atol=1e-6, rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

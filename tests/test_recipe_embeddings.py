@@ -50,9 +50,12 @@ def _flags(model, eval_dir, out, **extra):
     return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
-def test_recipe_prunes_distils_evaluates_and_writes_a_sentence_transformers_folder(tiny_folder, eval_dir, tmp_path):
+@pytest.mark.parametrize("recovery", ["full", "lora"])
+def test_recipe_prunes_distils_evaluates_and_writes_a_sentence_transformers_folder(tiny_folder, eval_dir, tmp_path,
+                                                                                   recovery):
     out = tmp_path / "out"
-    results = run_recipe("recipes/embeddings/minilm.yaml", _flags(tiny_folder, eval_dir, out, obs_reselection="false"))
+    results = run_recipe("recipes/embeddings/minilm.yaml", _flags(tiny_folder, eval_dir, out, obs_reselection="false",
+                                                                  recovery=recovery))
     run = results["runs"][0]
     for metrics in (results["dense"]["metrics"], run["metrics_pruned"], run["metrics_recovered"]):
         assert set(metrics) == {"sts_spearman", "mrr@10", "recall@10"}

@@ -167,7 +167,7 @@ def prune_and_recover(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recovery_args.early_stopping_patience))
     lora_config = None
     if recovery_args.recovery == "lora":
-        lora_config = default_lora_config(model, r=recovery_args.lora_r)
+        lora_config = default_lora_config(scored_view(model), r=recovery_args.lora_r)
     args = training_args_for(training_args, Path(training_args.output_dir) / "trainer" / name)
     trainer = PruningTrainer(
         model, args, pruning_config=cfg, distillation=distill, teacher_model=dense if distill else None,

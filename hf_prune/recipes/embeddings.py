@@ -146,8 +146,6 @@ class EmbeddingsRecipe(Recipe):
         if self.serve_args.export_formats:
             raise ConfigError("export_formats are not written for sentence-transformers folders yet: the folder "
                               "itself is what SentenceTransformer(...) loads; drop export_formats")
-        if self.recovery_args.recovery == "lora":
-            raise ConfigError("recovery=lora is not supported for sentence-transformers models yet: use full")
         if self.recovery_args.recovery == "full" and self.recovery_args.distill_alpha != 1.0:
             raise ConfigError("the embeddings recipe recovers by distilling the dense model's embeddings only (the "
                               "text has no labels): set distill_alpha to 1.0")
