@@ -54,7 +54,7 @@ class EmbeddingBenchArguments:
     models: embedded models to prune.
     keeps: fractions of the layer FLOPs kept.
     mpnet_keeps: MPNet's fractions (its throughput-matched point against dense MiniLM lies far below MiniLM's).
-    draws: calibration draws (sentence subsets) per cut.
+    draws: calibration draws (sentence subsets) per cut (MPNet: mpnet_draws).
     calibration: calibration sentences per draw (MiniLM; MPNet: mpnet_calibration), 3/4 fitted by the tuning and
         1/4 held out for selection; MiniLM's cuts also try OBS reselection (``obs_reselection``).
     kd_steps: distillation steps (batch 32) per recovered variant.
@@ -66,6 +66,7 @@ class EmbeddingBenchArguments:
     keeps: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.4, 0.25], metadata={"help": "FLOPs kept."})
     mpnet_keeps: list[float] = field(default_factory=lambda: [0.25, 0.125], metadata={"help": "MPNet's."})
     draws: int = field(default=2, metadata={"help": "Calibration draws."})
+    mpnet_draws: int = field(default=1, metadata={"help": "MPNet's calibration draws."})
     calibration: int = field(default=1024, metadata={"help": "Calibration sentences (3/4 tune, 1/4 select)."})
     mpnet_calibration: int = field(default=256, metadata={"help": "MPNet's (its cuts are ~8x slower)."})
     kd_steps: int = field(default=150, metadata={"help": "Distillation steps (batch 32)."})
@@ -142,7 +143,7 @@ def _cell(name: str, variant: str, keep: float, draw: int, a: EmbeddingBenchArgu
         base = variant.removesuffix("+kd")
         start = time.perf_counter()
         saved = CACHE / "embeddings" / "models" / f"{name}-{base}-{keep}"  # the draw-0 cut, saved by its own cell
-        if variant.endswith("+kd") and draw == 0 and (saved / "modules.json").is_file():
+        if variant == "rf+kd" and draw == 0 and (saved / "modules.json").is_file():
             model = SentenceTransformer(str(saved), trust_remote_code=True, device="cpu")
             model.max_seq_length = dense.max_seq_length
         else:
@@ -153,7 +154,7 @@ def _cell(name: str, variant: str, keep: float, draw: int, a: EmbeddingBenchArgu
         if variant.endswith("+kd"):
             out["kd_s"] = _distil(model, copy.deepcopy(dense), pool, a.kd_steps)
         out.update(_evaluate(model, sts, ret))
-        if draw == 0 and not variant.endswith("+kd"):
+        if draw == 0 and variant == "rf":  # TP's cut is not a pruned checkpoint (TP slices the stock modules)
             hp.save_pruned(model, saved)
         return out
 
@@ -173,7 +174,7 @@ def quality(a: EmbeddingBenchArguments) -> list[dict[str, Any]]:
         variants = ["rf", "tp"] if name == "minilm" else ["rf"]
         for keep in keeps:
             for variant in variants:
-                for draw in range(a.draws):
+                for draw in range(a.draws if name == "minilm" else a.mpnet_draws):
                     rows.append(_cell(name, variant, keep, draw, a, dense, pool, sts, ret))
                 if name == "minilm" or keep == min(keeps):
                     rows.append(_cell(name, f"{variant}+kd", keep, 0, a, dense, pool, sts, ret))
@@ -183,9 +184,9 @@ def quality(a: EmbeddingBenchArguments) -> list[dict[str, Any]]:
 def throughput(a: EmbeddingBenchArguments, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     sentences = read_sts(GLUE / "stsb" / "dev.tsv").first[:256]
     models = {f"{m}-dense": _load(m) for m in a.models}
-    for r in rows:
+    for r in (r for r in rows if r["variant"] == "rf"):
         path = CACHE / "embeddings" / "models" / f"{r['model']}-{r['variant']}-{r['keep']}"
-        if r["variant"] in ("rf", "tp") and path.is_dir():
+        if path.is_dir():
             models[f"{r['model']}-{r['variant']}-{r['keep']}"] = SentenceTransformer(
                 str(path), trust_remote_code=True, device="cpu").eval()
     out = []
@@ -264,7 +265,9 @@ def main() -> None:
     if "throughput" in a.parts:
         speed = throughput(a, rows)
         result["throughput"] = speed
-        text += "\n## Encode throughput (sentences/s, PyTorch, interleaved)\n\n" + report.markdown_table(
+        text += ("\n## Encode throughput\n\nSentences/s encoding 256 STS-B dev sentences (64 at batch 1), every model "
+                 "interleaved, median of 3; pytorch: the whole SentenceTransformer; onnxruntime: the encoder exported "
+                 "by save_onnx, mean pooling and normalisation in numpy.\n\n") + report.markdown_table(
             speed, formats={"sentences_per_s": ".1f"}) + "\n"
         _plot(summary, speed)
     report.write_json(OUT / "embeddings.json", result)
