@@ -31,7 +31,7 @@ from .criteria import get_criterion
 from .distributed import broadcast_parameters_, is_main
 from .mask_controller import MaskController
 from .methods import MethodContext, get_method
-from .model_kinds import pruning_view
+from .model_kinds import inner_model, pruning_view
 from .plan import PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
@@ -250,7 +250,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         if self.controller is not None:
             self.controller.remove()
         model = _unwrap(model)
-        apply_plan_(pruning_view(model, None, self.config)[1], self.plan)  # a SentenceTransformer: its encoder
+        apply_plan_(inner_model(model), self.plan)  # a SentenceTransformer: its encoder
         return model
 
 

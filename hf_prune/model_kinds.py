@@ -66,6 +66,12 @@ def scored_view(model: Any) -> nn.Module:
     return kind.scored(model) if kind is not None else model
 
 
+def inner_model(model: Any) -> nn.Module:
+    """The transformers model surgery cuts: ``kind.inner(model)``, or the model itself."""
+    kind = model_kind(model)
+    return kind.inner(model) if kind is not None else model
+
+
 def pruning_view(model: Any, data: Any, config: Any) -> tuple[nn.Module, nn.Module, Any]:
     """``(scored, inner, batches)`` for ``model``: for a plain model all three are what was passed."""
     kind = model_kind(model)

@@ -25,7 +25,7 @@ from .checkpoint import load_plan
 from .config import PruningConfig
 from .distributed import broadcast_parameters_, is_distributed, is_main
 from .export import save_pruned
-from .model_kinds import model_kind
+from .model_kinds import model_kind, scored_view
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
@@ -124,10 +124,8 @@ class PruningTrainer(Trainer):
         # a SentenceTransformer trains as its embedding view (shared parameters): the loss reads the embedding
         self.outer_model = model if model_kind(model) is not None else None
         if self.outer_model is not None:
-            kind = model_kind(model)
-            model = kind.scored(model)
-            if teacher_model is not None and model_kind(teacher_model) is not None:
-                teacher_model = model_kind(teacher_model).scored(teacher_model)
+            model = scored_view(model)
+            teacher_model = scored_view(teacher_model) if teacher_model is not None else None
         get_adapter(model)  # unsupported architectures and peft-wrapped models fail here, before any work
         if distillation is not None and teacher_model is None:
             if PrunePlan.of(model) != PrunePlan.dense(model):

@@ -10,13 +10,14 @@ QNLI dev sentence is the corpus, and the query's own sentence is the one relevan
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..formats.runtimes import interleaved
 from ..resources import read_tsv
 
 
@@ -58,8 +59,17 @@ def read_qnli_retrieval(path: str | Path, limit: int | None = None, corpus_size:
         raise ValueError(f"{path} is not a QNLI file: it needs question, sentence and label columns (has {head})")
     q, s, lab = (head.index(c) for c in ("question", "sentence", "label"))
     body = [r for r in rows[1:] if len(r) > max(q, s, lab)]
-    pairs = [(r[q], r[s]) for r in body if r[lab] == "entailment"][:limit]
-    corpus = list(dict.fromkeys([a for _, a in pairs] + [r[s] for r in body]))  # distinct, relevant ones first
+    return retrieval_set([r[q] for r in body], [r[s] for r in body], [r[lab] == "entailment" for r in body], limit,
+                         corpus_size)
+
+
+def retrieval_set(questions: Sequence[str], sentences: Sequence[str], answers: Sequence[bool],
+                  limit: int | None = None, corpus_size: int | None = None) -> RetrievalSet:
+    """QNLI rows (question, sentence, whether the sentence answers it) as question -> answer retrieval: the first
+    ``limit`` answered questions are the queries; the corpus is their sentences, then the other distinct sentences in
+    row order, up to ``corpus_size``."""
+    pairs = [(q, s) for q, s, yes in zip(questions, sentences, answers) if yes][:limit]
+    corpus = list(dict.fromkeys([a for _, a in pairs] + list(sentences)))  # distinct, relevant ones first
     corpus = corpus[: max(corpus_size or len(corpus), len({a for _, a in pairs}))]
     where = {text: i for i, text in enumerate(corpus)}
     return RetrievalSet([p[0] for p in pairs], corpus, [where[a] for _, a in pairs])
@@ -96,11 +106,12 @@ def encode_throughput(models: dict[str, Any], sentences: Sequence[str], batch_si
                       repeats: int = 3) -> dict[str, float]:
     """Sentences per second of each model encoding ``sentences`` at ``batch_size`` (PyTorch, this process's
     threads), the models interleaved repeat by repeat; the median of ``repeats`` timed passes after one warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for rep in range(repeats + 1):
-        for name, model in models.items():
+    def timed(model: Any) -> Callable[[], float]:
+        def run() -> float:
             start = time.perf_counter()
             model.encode(list(sentences), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-            if rep:  # the first pass warms up
-                times[name].append(time.perf_counter() - start)
+            return time.perf_counter() - start
+        return run
+
+    times = interleaved({name: timed(model) for name, model in models.items()}, repeats)
     return {name: len(sentences) / sorted(t)[len(t) // 2] for name, t in times.items()}

@@ -151,7 +151,7 @@ def ort_run(session: Any, inputs: dict[str, Any]) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------ speed, dense vs cut
 
 
-def _interleaved(runs: dict[str, Any], repeats: int) -> dict[str, list]:
+def interleaved(runs: dict[str, Any], repeats: int) -> dict[str, list]:
     """Each of ``runs`` (name -> zero-argument timing function returning a tuple of seconds) called once per
     repeat, in turn, after one warm-up round: dense and cut see the same machine state."""
     times: dict[str, list] = {k: [] for k in runs}
@@ -178,7 +178,7 @@ def gguf_speed(dense: Path, pruned: Path, *, threads: int | None = None, repeats
                 return llama_timing(llm, prompt, new_tokens)
         return run
 
-    times = _interleaved({k: timed(v) for k, v in llms.items()}, repeats)
+    times = interleaved({k: timed(v) for k, v in llms.items()}, repeats)
     rows = []
     for i, (metric, tokens) in enumerate(((f"prompt tokens/s ({prompt_tokens}-token prompt)", prompt_tokens),
                                           ("decode tokens/s (batch 1)", new_tokens))):
@@ -202,7 +202,7 @@ def onnx_speed(dense: Path, pruned: Path, inputs: dict[str, Any], *, threads: in
             return time.perf_counter() - start
         return run
 
-    times = _interleaved({k: timed(v) for k, v in sessions.items()}, repeats)
+    times = interleaved({k: timed(v) for k, v in sessions.items()}, repeats)
     shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
     dense_s, pruned_s = (statistics.median(times[k]) for k in ("dense", "pruned"))
     return [{"metric": f"latency ms ({shape} inputs)", "dense": dense_s * 1000, "pruned": pruned_s * 1000,

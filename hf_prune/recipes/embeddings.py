@@ -27,6 +27,7 @@ from ..embeddings.evaluation import (
     read_qnli_retrieval,
     read_sts,
     retrieval_scores,
+    retrieval_set,
     sts_spearman,
 )
 from ..formats.settings import ServeArguments
@@ -121,12 +122,8 @@ def load_eval_sets(e: EmbeddingEvalArguments, cache_dir: str | None = None) -> t
     sts = datasets.load_dataset(*HUB_STS, split="validation", cache_dir=cache_dir)
     qnli = datasets.load_dataset(*HUB_QNLI, split="validation", cache_dir=cache_dir)
     pairs = StsPairs(list(sts["sentence1"]), list(sts["sentence2"]), [float(x) for x in sts["score"]])
-    answered = [(q, s) for q, s, y in zip(qnli["question"], qnli["sentence"], qnli["label"]) if y == 0][
-        : e.retrieval_queries]  # label 0: entailment (the sentence answers the question)
-    corpus = list(dict.fromkeys([s for _, s in answered] + list(qnli["sentence"])))
-    corpus = corpus[: max(e.retrieval_corpus or len(corpus), len({s for _, s in answered}))]
-    where = {s: i for i, s in enumerate(corpus)}
-    return pairs, RetrievalSet([q for q, _ in answered], corpus, [where[s] for _, s in answered])
+    answers = [y == 0 for y in qnli["label"]]  # label 0: entailment (the sentence answers the question)
+    return pairs, retrieval_set(qnli["question"], qnli["sentence"], answers, e.retrieval_queries, e.retrieval_corpus)
 
 
 class EmbeddingsRecipe(Recipe):

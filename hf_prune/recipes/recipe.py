@@ -19,10 +19,10 @@ from transformers import AutoConfig, TrainingArguments
 
 from .. import report
 from ..distributed import barrier
-from ..model_kinds import scored_view
 from ..export import save_pruned
 from ..formats.settings import check_exportable, export_beside
 from ..hub import check_can_push, check_repo_id, push_pruned, write_model_card
+from ..model_kinds import scored_view
 from ..plan import PrunePlan
 from ..resources import base_model_id
 from .arguments import args_dict
