@@ -16,7 +16,7 @@ from hf_prune.formats import save_onnx
 from hf_prune.formats.onnx import example_inputs
 from hf_prune.formats.runtimes import ort_run, ort_session
 
-ENCODERS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "vit", "deit"]
+ENCODERS = ["bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert", "vit", "deit"]
 
 
 def _cut(model, how: str):

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapters import get_adapter, model_dims
 from ..io import staged_folder
-from ..shapes import current_layer_sizes, get_module, layer_list, sync_layer_attrs_
+from ..shapes import HEAD_IDS, current_layer_sizes, get_module, layer_list, sync_layer_attrs_
 from .gguf_families import gguf_model_types
 from .runtimes import ort_run, ort_session
 
@@ -90,6 +90,8 @@ def _zero_head_in_empty_layers(model: nn.Module) -> nn.Module:
                 linear.out_features = head_dim
             else:
                 linear.in_features = head_dim
+        for path, _, _ in spec.head_inputs:  # its per-head inputs (MPNet's position bias): any row, the head adds 0
+            get_module(layer, path).register_buffer(HEAD_IDS, torch.zeros(1, dtype=torch.long), persistent=True)
         sync_layer_attrs_(layer, spec, head_dim)
     return model
 
