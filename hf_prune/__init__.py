@@ -20,6 +20,7 @@ from .costs import (
 )
 from .criteria import CRITERIA, Criterion, register_criterion
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
+from .hidden import HIDDEN_CRITERIA, HiddenCriterion, hidden_importance, register_hidden_criterion
 from .embeddings import save_sentence_transformer, sentence_batches
 from .export import NotStockExpressible, save_pruned, save_stock
 from .formats import ExportFormat, export_model, register_export_format, save_decilm, save_gguf, save_onnx
@@ -98,6 +99,10 @@ __all__ = [
     "fold_tuning_",
     "get_adapter",
     "layer_importance",
+    "hidden_importance",
+    "HIDDEN_CRITERIA",
+    "HiddenCriterion",
+    "register_hidden_criterion",
     "load_plan",
     "load_pruned",
     "mask_hooks",

@@ -13,6 +13,7 @@ from .adapters import model_dims
 from .budget_kinds import BUDGETS, DEFAULT_BUDGET, FIELD_BUDGETS, BudgetKind, check_budget, register_budget, set_budget
 from .costs import CostModel
 from .depth import layers_to_keep
+from .hidden import channels_to_keep
 from .plan import PlanMismatchError, PrunePlan
 from .units import Unit, kv_group_units, neuron_units, normalise_, query_head_units
 
@@ -137,7 +138,8 @@ def build_plan(
     """Choose the heads and neurons to keep from ``scores`` under ``config``'s budget.
 
     The depth budget (a kind of ``value="layers"``) is applied first, here only: its lowest-scored layers go and the
-    width budget is spent on the rest. A width kind with a ``search`` of its own allocates with it (``context`` is
+    width budget is spent on the rest. The hidden-width budget (``value="channels"``) comes next: the best-scored
+    channels stay, and every unit is costed at the kept width. A width kind with a ``search`` of its own allocates with it (``context`` is
     passed on: what the caller measured for it, e.g. ``latency_table``); every other kind ranks units by score.
 
     Heads of a grouped-query-attention model are chosen a whole key/value group at a time, or with
@@ -159,6 +161,13 @@ def build_plan(
                              "layer_importance(model, data)) (hf_prune.prune computes them)")
         layers = layers_to_keep(scores.layers, budget[name], current)
         scores = scores.only_layers(layers)  # the width budget is spent on the layers that stay
+    hidden = None
+    for name in (n for n in budget if BUDGETS[n].value == "channels"):  # the hidden-width budget
+        if scores.hidden is None:
+            raise ValueError(f"{name} needs hidden-channel scores: pass ImportanceScores(hidden=hf_prune."
+                             "hidden_importance(model, data)) (hf_prune.prune computes them)")
+        hidden = channels_to_keep(scores.hidden, budget[name], current)
+        cost = cost.with_hidden(len(hidden))  # every unit costs less at the kept width
     kinds = [BUDGETS[name] for name in budget if not BUDGETS[name].combines]
     searched = [k for k in kinds if k.search is not None]
     if searched:
@@ -192,13 +201,14 @@ def build_plan(
         **current.meta, "criterion": scores.criterion, "calibration_samples": scores.num_samples, "budget": budget,
         "allocation": config.allocation, "round_to": config.round_to, "seq_len": config.seq_len,
         **({"layer_importance": config.layer_importance} if layers is not None else {}),
+        **({"hidden_importance": config.hidden_importance} if hidden is not None else {}),
         **({"head_unit": config.head_unit} if by_query else {}),
     }
     return PrunePlan(
         model_type=current.model_type, num_heads=current.num_heads, num_kv_heads=current.num_kv_heads,
         intermediate_size=current.intermediate_size, hidden_size=current.hidden_size,
         heads=[[h for u in x for h in u.ids] for x in kh], neurons=[[n for u in x for n in u.ids] for x in kn],
-        layers=layers, meta=meta,
+        layers=layers, meta=meta, hidden=hidden if hidden is not None else current.hidden,
     )
 
 

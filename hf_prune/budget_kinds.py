@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
-from .costs import count_params, model_layer_sizes
+from .adapters import model_dims
+from .costs import fixed_params
 from .plan import PrunePlan
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ class BudgetKind:
     Args:
         name: the config field or ``custom_budget`` key (and recipe key / CLI flag for built-ins).
         group: kinds of one group are one budget and may be set together.
-        value: ``fraction`` of the dense model, in (0, 1]; ``count``, a positive number; or ``layers``, a
-            fraction in (0, 1] or a whole count above 1.
+        value: ``fraction`` of the dense model, in (0, 1]; ``count``, a positive number; ``layers`` (the depth
+            budget) or ``channels`` (the hidden-width budget), a fraction in (0, 1] or a whole count above 1.
         scheduled_from: what a gradual/iterative schedule moves the value from: ``one`` (keep everything),
             ``dense_params`` (the dense model's parameter count) or ``layers`` (every layer: iterative schedules
             remove layers round by round; gradual schedules choose them at the first event and fade them out).
@@ -60,7 +61,7 @@ class BudgetKind:
 
     name: str
     group: str
-    value: Literal["fraction", "count", "layers"]
+    value: Literal["fraction", "count", "layers", "channels"]
     scheduled_from: Literal["one", "dense_params", "layers"]
     help: str
     method: str | None = None
@@ -77,9 +78,9 @@ class BudgetKind:
         return self.label(value) if self.label is not None else f"{self.name.split('_')[0]}{round(value * 100)}"
 
     def check(self, value: Any) -> None:
-        if self.value == "layers" and not (0 < value <= 1 or (value > 1 and float(value).is_integer())):
-            raise ValueError(f"{self.name}={value} must be a fraction in (0, 1] of the layers or a whole count of "
-                             "layers above 1")
+        if self.value in ("layers", "channels") and not (0 < value <= 1 or (value > 1 and float(value).is_integer())):
+            raise ValueError(f"{self.name}={value} must be a fraction in (0, 1] of the {self.value} or a whole count "
+                             f"of {self.value} above 1")
         if self.value == "fraction" and not 0 < value <= 1:
             raise ValueError(f"{self.name}={value} is outside (0, 1]: it is the fraction of the dense model to keep")
         if self.value == "count" and value <= 0:
@@ -89,7 +90,8 @@ class BudgetKind:
 BUDGETS: dict[str, BudgetKind] = {}
 #: Kinds that are PruningConfig fields (the rest are set through ``custom_budget``); ``latency_keep`` is registered
 #: with its search (:mod:`hf_prune.retraining_free.latency`).
-FIELD_BUDGETS = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep", "layers_keep")
+FIELD_BUDGETS = ("heads_keep", "neurons_keep", "flops_keep", "target_params", "latency_keep", "layers_keep",
+                 "hidden_keep")
 #: The budget a command line or recipe uses when none is given: half the layer FLOPs.
 DEFAULT_BUDGET = {"flops_keep": 0.5}
 
@@ -124,8 +126,8 @@ def check_budget(config: Any) -> None:
     groups = {BUDGETS[name].group for name in given if not BUDGETS[name].combines}
     if len(groups) > 1 or not given:
         listing = "; ".join(f"{b.name} ({b.help})" for b in BUDGETS.values())
-        raise ValueError(f"set exactly one budget (heads_keep and neurons_keep count as one; layers_keep may be "
-                         f"added to any): {listing}")
+        raise ValueError(f"set exactly one budget (heads_keep and neurons_keep count as one; layers_keep and "
+                         f"hidden_keep may be added to any): {listing}")
     for name in given:
         method = BUDGETS[name].method
         if method is not None and config.method != method:
@@ -141,14 +143,16 @@ def _params_costs(cost: "CostModel", seq: int) -> tuple[float, float, float]:
 
 
 def _flops_limit(value: float, model: nn.Module, cost: "CostModel", seq: int) -> float:
-    return value * cost.total(PrunePlan.dense(model).layer_sizes(), seq)["total"]
+    dense = cost.with_hidden(model_dims(model)["hidden_size"])  # a fraction of the dense model's FLOPs
+    return value * dense.total(PrunePlan.dense(model).layer_sizes(), seq)["total"]
 
 
 def _params_limit(value: float, model: nn.Module, cost: "CostModel", seq: int) -> float:
-    fixed = count_params(model) - cost.total(model_layer_sizes(model))["total"]
+    fixed = fixed_params(model, cost.hidden_size)[0]  # at the width the plan keeps
     if value - fixed < 0:
         raise ValueError(f"target_params={value} is unreachable: the parts pruning cannot touch (embeddings, norms, "
-                         f"task head, output biases) already hold {fixed} parameters")
+                         f"task head, output biases) already hold {fixed} parameters at a hidden width of "
+                         f"{cost.hidden_size}; raise it or cut more hidden channels (hidden_keep)")
     return value - fixed
 
 
@@ -161,5 +165,8 @@ for _kind in (
                unit_costs=_params_costs, limit=_params_limit, label=lambda v: f"params{v / 1e6:.3g}M"),
     BudgetKind("layers_keep", "depth", "layers", "layers", "fraction (<= 1) or count (> 1) of the layers to keep",
                combines=True, label=lambda v: f"layers{int(v)}" if v > 1 else f"layers{round(v * 100)}pct"),
+    BudgetKind("hidden_keep", "hidden", "channels", "one",
+               "fraction (<= 1) or count (> 1) of the hidden (residual) channels to keep", combines=True,
+               label=lambda v: f"hidden{int(v)}" if v > 1 else f"hidden{round(v * 100)}pct"),
 ):
     register_budget(_kind)

@@ -76,6 +76,10 @@ class PruningCallback(TrainerCallback, ExportableState):
             raise ValueError(f"depth_search chooses the layer count at one one-shot event, not on a "
                              f"{self.schedule.kind} schedule: use a one_shot schedule, or set layers_keep (a gradual "
                              "schedule fades those layers out)")
+        hidden = self.config.hidden_keep
+        if hidden is not None and hidden > 1 and self.schedule.kind != "one_shot":
+            raise ValueError(f"hidden_keep={hidden} is a channel count, and a {self.schedule.kind} schedule moves "
+                             "fractions: give hidden_keep as a fraction of the hidden size")
         if (self.config.layers_keep is not None or self.config.depth_search) and calibration_dataloader is None:
             raise ValueError(f"layers_keep scores whole layers (layer_importance={self.config.layer_importance!r}) on "
                              "calibration data: pass calibration_dataloader=...")
@@ -146,7 +150,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         # a SentenceTransformer is masked in its encoder and scored on its embedding; a plain model is itself
         model, _, self._calibration = pruning_view(_unwrap(model), self.calibration_dataloader, self.config)
         self._scored = model
-        self.controller = MaskController(model, self.config.importance)
+        self.controller = MaskController(model, self.config.importance, hidden=self.config.hidden_keep is not None)
         self.controller.install()
         self._dense_params = count_params(model)
         self._resume_step = state.global_step
@@ -185,9 +189,10 @@ class PruningCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, **kwargs):
         # Masked weights are zero, so outputs stay those of the masked model without the hooks; a gated-off layer
-        # cannot be zeroed into the identity (post-LN layers normalise their input), so its gate stays hooked
-        # until prune_model_ removes the layer.
-        if self.controller is not None and (self.plan is None or self.plan.layers is None):
+        # cannot be zeroed into the identity (post-LN layers normalise their input), nor can zeroed hidden channels
+        # make the norms run over the kept ones, so those masks stay hooked until prune_model_ cuts.
+        if self.controller is not None and (self.plan is None or (self.plan.layers is None
+                                                                    and self.plan.hidden is None)):
             self.controller.remove()
 
     # ---------------------------------------------------------------------------------------------
@@ -237,11 +242,11 @@ class PruningCallback(TrainerCallback, ExportableState):
         cost = CostModel.for_model(model)
         dense = PrunePlan.dense(model).layer_sizes()
         kept = self.plan.kept_fraction()
-        flops = cost.total(self.plan.layer_sizes(), self.config.seq_len)["total"] / cost.total(
-            dense, self.config.seq_len
-        )["total"]
+        flops = cost.with_hidden(self.plan.hidden_channels).total(self.plan.layer_sizes(), self.config.seq_len)[
+            "total"] / cost.with_hidden(self.plan.hidden_size).total(dense, self.config.seq_len)["total"]
         self._stats = {"prune/heads_kept": kept["heads"], "prune/neurons_kept": kept["neurons"],
-                       "prune/layers_kept": kept["layers"], "prune/flops_kept": flops}
+                       "prune/layers_kept": kept["layers"], "prune/flops_kept": flops,
+                       **({"prune/hidden_kept": kept["hidden"]} if self.plan.hidden is not None else {})}
 
     def prune_model_(self, model: nn.Module) -> nn.Module:
         """Physically remove what the callback masked (call after training)."""

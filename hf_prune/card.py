@@ -20,6 +20,7 @@ from .checkpoint import FLOPS_SEQ_LEN, checkpoint_stats
 from .formats.cards import serving_section
 from .io import write_text_atomic
 from .report import markdown_table
+from .channels import CHANNELS_FILE
 from .shapes import MODELING_FILE, PLAN_FILE, SHAPES_FILE
 
 CARD_FILE = "README.md"
@@ -256,7 +257,8 @@ def usage_section(s: Mapping[str, Any], repo_id: str) -> list[str]:
                  "llama.cpp's converter) load it, no custom code:")
         call = f'model = {auto}.from_pretrained("{repo_id}")'
     else:
-        intro = (f"Without hf_prune (`{MODELING_FILE}` and `{SHAPES_FILE}` in this repo rebuild the per-layer shapes; "
+        intro = (f"Without hf_prune (`{MODELING_FILE}`, `{SHAPES_FILE}` and `{CHANNELS_FILE}` in this repo rebuild the "
+                 "per-layer shapes; "
                  "they need only torch and transformers):")
         call = f'model = {auto}.from_pretrained("{repo_id}", trust_remote_code=True)'
     return out + [intro, "", "```python", f"from transformers import {auto}", "", call, "```", ""]
@@ -266,7 +268,8 @@ def sentence_transformers_usage(s: Mapping[str, Any], repo_id: str) -> list[str]
     """Loading snippet of a sentence-transformers folder (a stock encoder needs no remote code)."""
     remote = "" if s["stock"] else ", trust_remote_code=True"
     why = ("the encoder is the stock architecture with smaller sizes: no custom code" if s["stock"] else
-           f"`{MODELING_FILE}` and `{SHAPES_FILE}` in this repo rebuild the encoder's per-layer shapes; they need only "
+           f"`{MODELING_FILE}`, `{SHAPES_FILE}` and `{CHANNELS_FILE}` in this repo rebuild the encoder's per-layer "
+           "shapes; they need only "
            "torch and transformers, not hf_prune")
     return ["## Usage", "", f"With sentence-transformers ({why}):", "", "```python",
             "from sentence_transformers import SentenceTransformer", "",

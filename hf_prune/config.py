@@ -38,6 +38,20 @@ class PruningConfig:
             whole count above 1; the lowest-scoring layers (``layer_importance``) are removed whole. Alone, or with
             one width budget, which then counts the removed layers as saved (``flops_keep=0.4, layers_keep=0.5``:
             half the layers go, and heads and neurons of the rest are cut until 40% of the FLOPs remain).
+        hidden_keep: hidden-width budget: the residual (hidden) channels to keep, a fraction of the dense hidden size
+            in (0, 1] or a whole count above 1. Every embedding, projection, norm and output layer loses the same
+            channels (:mod:`hf_prune.channels`). Alone, or with one width budget and/or ``layers_keep``: the channels
+            are chosen first (``hidden_importance``) and the width budget is spent at the kept width
+            (``target_params=...``: every head and neuron then costs less, the embeddings shrink with the width).
+        hidden_search: with a ``flops_keep`` or ``target_params`` budget and no ``hidden_keep`` (``one_shot``): let
+            the budget trade hidden channels against heads and neurons. One plan per hidden width in
+            :data:`hf_prune.selection.HIDDEN_CANDIDATES` (100% down to 50% of the hidden size; the budget is spent on
+            heads and neurons at each width), and the plan whose cut model's outputs are closest to the dense model's
+            on the first 256 calibration samples wins (as ``depth_search`` does for layers).
+        hidden_importance: how hidden channels are scored for ``hidden_keep`` and ``hidden_search``, a name in
+            :data:`hf_prune.hidden.HIDDEN_CRITERIA`: ``activation`` (mean magnitude of every norm's output per channel,
+            Minitron-style), ``fisher`` / ``taylor`` (squared / absolute gradient of a per-sample channel mask),
+            ``magnitude`` (weights of the channel, no data), ``random``.
         layer_importance: how whole layers are scored for ``layers_keep`` and ``depth_search``, a name in
             :data:`hf_prune.depth.LAYER_CRITERIA` (``block_influence``, ``fisher``, ``skip_divergence``).
         depth_search: with a ``flops_keep`` or ``latency_keep`` budget and no ``layers_keep``: let the budget trade
@@ -120,6 +134,15 @@ class PruningConfig:
     )
     layers_keep: float | None = field(
         default=None, metadata={"help": "Layers to keep: a fraction in (0, 1] or a count above 1."}
+    )
+    hidden_keep: float | None = field(
+        default=None, metadata={"help": "Hidden (residual) channels to keep: a fraction in (0, 1] or a count above 1."}
+    )
+    hidden_search: bool = field(
+        default=False, metadata={"help": "Let a flops/params budget trade hidden channels against heads and neurons."}
+    )
+    hidden_importance: str = field(
+        default="activation", metadata={"help": "Hidden-channel criterion: activation, fisher, taylor, magnitude, random."}
     )
     layer_importance: str = field(
         default="block_influence", metadata={"help": "Whole-layer criterion: block_influence, fisher, skip_divergence."}

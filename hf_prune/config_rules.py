@@ -13,6 +13,7 @@ from typing import Any
 from .budget_kinds import BUDGETS, check_budget
 from .criteria import CRITERIA
 from .depth import LAYER_CRITERIA
+from .hidden import HIDDEN_CRITERIA
 from .methods.registry import check_method_settings, get_method
 
 #: What one attention unit is under grouped-query attention (``head_unit``).
@@ -43,6 +44,27 @@ def layer_scoring(c: Any, defaults: dict[str, Any]) -> str | None:
     if c.layers_keep is None and not c.depth_search and c.layer_importance != defaults["layer_importance"]:
         return ("layer_importance only applies to a layers_keep budget or depth_search (it scores whole layers): set "
                 "one of them or drop layer_importance")
+    return None
+
+
+def hidden_width(c: Any, defaults: dict[str, Any]) -> str | None:
+    if c.hidden_importance not in HIDDEN_CRITERIA:
+        return f"unknown hidden_importance {c.hidden_importance!r}; choose one of {', '.join(HIDDEN_CRITERIA)}"
+    if c.hidden_keep is None and not c.hidden_search and c.hidden_importance != defaults["hidden_importance"]:
+        return ("hidden_importance only applies to a hidden_keep budget or hidden_search (it scores hidden channels): "
+                "set one of them")
+    if c.hidden_search:
+        if c.hidden_keep is not None:
+            return "hidden_search chooses the hidden width itself: drop hidden_keep (or drop hidden_search)"
+        if not any(BUDGETS[k].unit_costs is not None for k in c.budget()):
+            return ("hidden_search trades hidden channels against heads and neurons under one cost budget: set "
+                    "flops_keep or target_params")
+        if c.depth_search or c.method != "one_shot":
+            return "hidden_search runs with method='one_shot' and without depth_search (one search at a time)"
+    searched = [k for k in c.budget() if BUDGETS[k].search is not None]
+    if c.hidden_keep is not None and searched:
+        return (f"{searched[0]} allocates from a table measured at the dense hidden width, so it cannot be combined "
+                "with hidden_keep: use flops_keep or target_params with hidden_keep")
     return None
 
 
@@ -102,8 +124,8 @@ def method_rules(c: Any, defaults: dict[str, Any]) -> str | None:
 
 
 #: Checked in this order by ``PruningConfig.__post_init__``; the first error is raised.
-RULES: list[Rule] = [known_names, budget, layer_scoring, depth_search, method_settings, latency_table, deployable,
-                     positive_sizes, method_rules]
+RULES: list[Rule] = [known_names, budget, layer_scoring, hidden_width, depth_search, method_settings, latency_table,
+                     deployable, positive_sizes, method_rules]
 
 
 def check_config(config: Any) -> None:

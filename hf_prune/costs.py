@@ -11,13 +11,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
+from .channels import hidden_slots, hidden_width
 from .plan import PrunePlan
 from .shapes import current_layer_sizes, get_module, layer_list
 
@@ -44,17 +45,22 @@ class CostModel:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> "CostModel":
+        """The model's cost model at the hidden width it has now."""
         adapter = get_adapter(model)
         d = model_dims(model)
         layer = layer_list(model, adapter)[0]
         return cls(
-            hidden_size=d["hidden_size"],
+            hidden_size=hidden_width(model, adapter),
             head_dim=d["head_dim"],
             gated=adapter.gate is not None,
             q_bias=get_module(layer, adapter.q).bias is not None,
             kv_bias=get_module(layer, adapter.k).bias is not None,
             up_bias=get_module(layer, adapter.up).bias is not None,
         )
+
+    def with_hidden(self, hidden_size: int) -> "CostModel":
+        """The same model at another residual width (every unit's cost scales with it)."""
+        return replace(self, hidden_size=int(hidden_size))
 
     # per unit ------------------------------------------------------------------------------------
     @property
@@ -124,25 +130,48 @@ def count_flops(model: nn.Module, seq_len: int = 128) -> dict[str, int]:
 
 def plan_flops(plan: "PrunePlan", model: nn.Module, seq_len: int = 128) -> dict[str, int]:
     """FLOPs the model will have once ``plan`` is applied (analytic, from the plan alone)."""
-    return CostModel.for_model(model).total(plan.layer_sizes(), seq_len)
+    return CostModel.for_model(model).with_hidden(plan.hidden_channels).total(plan.layer_sizes(), seq_len)
+
+
+def fixed_params(model: nn.Module, hidden: int | None = None) -> tuple[int, int]:
+    """Parameters no head or neuron owns (embeddings, norms, output biases, pooler and task head), in the whole model
+    and in one of its layers (the same in every layer), at residual width ``hidden`` (default: the width it has):
+    what a plan keeps besides its units, and what removing a layer saves beyond its heads and neurons."""
+    adapter = get_adapter(model)
+    now = hidden_width(model, adapter)
+    hidden = now if hidden is None else int(hidden)
+    slots = hidden_slots(model, adapter) if hidden != now else {}
+    owned = {f"{p}.weight" for p in (adapter.q, adapter.k, adapter.v, adapter.o, adapter.up, adapter.down,
+                                     adapter.gate) if p}
+    owned |= {f"{p}.bias" for p in (adapter.q, adapter.k, adapter.v, adapter.up, adapter.gate) if p}
+    layers = layer_list(model, adapter)
+    inside = {id(p): n for layer in layers for n, p in layer.named_parameters()}  # name inside its layer
+    layer0 = {id(p) for p in layers[0].parameters()}
+    total = one_layer = 0
+    for name, param in model.named_parameters():
+        if inside.get(id(param)) in owned:
+            continue
+        n = param.numel()
+        for d in slots.get(name, ()):
+            n = n // param.shape[d] * hidden
+        total += n
+        one_layer += n if id(param) in layer0 else 0
+    return total, one_layer
 
 
 def layer_fixed_params(model: nn.Module) -> int:
     """Parameters of one layer that width pruning cannot remove (norms, output biases): what removing a whole layer
     saves beyond its heads and neurons. The same in every layer (none of them depends on the kept widths)."""
-    layer = layer_list(model, get_adapter(model))[0]
-    cost = CostModel.for_model(model)
-    return count_params(layer) - cost.total([current_layer_sizes(layer, get_adapter(model), cost.head_dim)])["total"]
+    return fixed_params(model)[1]
 
 
 def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
     """Total parameter count the model will have once ``plan`` is applied (analytic)."""
-    cost = CostModel.for_model(model)
-    now = cost.total(model_layer_sizes(model))["total"]
+    cost = CostModel.for_model(model).with_hidden(plan.hidden_channels)
+    fixed, per_layer = fixed_params(model, plan.hidden_channels)
     kept = set(plan.kept_layers)
     removed = sum(i not in kept for i in PrunePlan.of(model).kept_layers)
-    fixed_gone = removed * layer_fixed_params(model) if removed else 0
-    return count_params(model) - now + cost.total(plan.layer_sizes())["total"] - fixed_gone
+    return fixed + cost.total(plan.layer_sizes())["total"] - removed * per_layer
 
 
 # ----------------------------------------------------------------------------------------------- latency

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
+from .channels import hidden_width
 from .costs import model_layer_sizes
 from .io import staged_folder
 from .model_kinds import model_kind
@@ -69,33 +70,57 @@ def _stock_probe(model: nn.Module) -> tuple[Any, nn.Module]:
     if adapter.num_kv_heads_field:
         setattr(config, adapter.num_kv_heads_field, first["num_kv_heads"])
     setattr(config, adapter.intermediate_field, first["intermediate_size"])
+    width = hidden_width(model, adapter)
+    setattr(config, adapter.hidden_field, width)  # the residual width it has (a hidden cut narrows it)
     if adapter.head_dim_field:  # families that read it take any head count; the shape check finds the others
         setattr(config, adapter.head_dim_field, dims["head_dim"])
     stock = stock_class(type(model))
     config.architectures = [stock.__name__]
-    probe = _check_shapes(model, stock, config, heads_changed=first["num_heads"] != dims["num_heads"])
+    probe = _check_shapes(model, stock, config, heads_changed=first["num_heads"] != dims["num_heads"],
+                          hidden_changed=width != dims["hidden_size"])
     return config, probe
 
 
-def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: bool) -> nn.Module:
-    """Build ``stock`` from ``config`` without memory, compare every tensor's shape with ``model``'s and return it."""
+def _check_shapes(model: nn.Module, stock: type, config: Any, heads_changed: bool, hidden_changed: bool) -> nn.Module:
+    """Build ``stock`` from ``config`` without memory, compare every tensor's shape (and every constant its modules
+    derive from the config, like an embedding scale) with ``model``'s and return it."""
     with torch.device("meta"):
         probe = stock(copy.deepcopy(config))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
     wrong = sorted(k for k in want if got.get(k) != want[k]) + sorted(set(got) - set(want))
+    if not wrong:
+        _check_constants(model, probe)
     if wrong:
         adapter = get_adapter(model)
         reason = ""
-        if heads_changed:
+        if heads_changed or hidden_changed:
             reason = (f" ({config.model_type}'s modeling code derives the head size as {adapter.hidden_field} / "
-                      f"{adapter.num_heads_field}, so fewer heads cannot be expressed; FFN width can)")
+                      f"{adapter.num_heads_field}, so {'a narrower hidden width' if hidden_changed else 'fewer heads'}"
+                      f" cannot be expressed unless heads are cut in proportion; FFN width can)")
         raise NotStockExpressible(
             f"the stock {stock.__name__} built from the pruned sizes does not have the pruned tensors' shapes{reason}: "
             f"{wrong[0]} is {got.get(wrong[0])} there, {want.get(wrong[0])} here. Save the per-layer format "
             "(save_pretrained) instead"
         )
     return probe
+
+
+def _check_constants(model: nn.Module, probe: nn.Module) -> None:
+    """Numbers a stock module computes from the config at construction (Gemma's embedding scale sqrt(hidden_size),
+    attention scalings) must be the ones the pruned model runs with: a hidden cut changes ``hidden_size``."""
+    mine = dict(model.named_modules())
+    for name, module in probe.named_modules():
+        ours = mine.get(name)
+        for attr, value in vars(module).items():
+            theirs = getattr(ours, attr, None) if ours is not None else None
+            if isinstance(value, float) and isinstance(theirs, float) and abs(value - theirs) > 1e-6 * abs(theirs):
+                raise NotStockExpressible(
+                    f"the stock {type(probe).__name__} built from the pruned sizes computes {name}.{attr} = {value:.6g} "
+                    f"from its config, while the pruned model runs with {theirs:.6g} (a hidden cut changes "
+                    "hidden_size, which this family's code reads as a value): save the per-layer format "
+                    "(save_pretrained) or export to ONNX instead"
+                )
 
 
 def stock_model(model: nn.Module) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,20 @@ def _is_stock_folder(folder: Path) -> bool:
         return False
 
 
+def _remote_code(folder: Path) -> list[str]:
+    """The modeling file and the kernels it imports relatively (a checkpoint written before ``channels.py`` existed
+    carries a modeling file that does not import it)."""
+    modeling = folder / MODELING_FILE
+    text = modeling.read_text(encoding="utf-8") if modeling.is_file() else ""
+    imported = re.findall(r"^from \.(\w+) import", text, flags=re.MULTILINE)
+    return [MODELING_FILE] + [f"{name}.py" for name in dict.fromkeys(imported)] if text else [MODELING_FILE, SHAPES_FILE]
+
+
 def missing_files(checkpoint_dir: str | Path) -> list[str]:
     """Files a complete pruned checkpoint needs that ``checkpoint_dir`` lacks (empty list: complete); a stock export
-    (:func:`hf_prune.save_stock`) needs no remote code (``modeling_pruned.py`` and the ``shapes.py`` it imports)."""
+    (:func:`hf_prune.save_stock`) needs no remote code (``modeling_pruned.py`` and the kernels it imports)."""
     folder = Path(checkpoint_dir)
-    wanted = ["config.json", PLAN_FILE] + ([] if _is_stock_folder(folder) else [MODELING_FILE, SHAPES_FILE])
+    wanted = ["config.json", PLAN_FILE] + ([] if _is_stock_folder(folder) else _remote_code(folder))
     return [n for n in wanted if not (folder / n).is_file()] + [
         f.name for f in _weight_files(folder) if not f.is_file()
     ]

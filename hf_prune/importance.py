@@ -49,6 +49,8 @@ class ImportanceScores:
         num_samples: calibration samples seen (0 for data-free criteria).
         layers: ``(L,)`` whole-layer scores (:func:`hf_prune.depth.layer_importance`), NaN for layers already
             removed; None when depth is not pruned.
+        hidden: ``(D,)`` hidden-channel scores (:func:`hf_prune.hidden.hidden_importance`), NaN for channels already
+            removed; None when the hidden width is not pruned.
     """
 
     heads: torch.Tensor
@@ -56,6 +58,7 @@ class ImportanceScores:
     criterion: str
     num_samples: int = 0
     layers: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     @classmethod
     def scatter(

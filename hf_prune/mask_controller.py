@@ -24,9 +24,11 @@ class MaskController:
     Args:
         model: the model being trained (unwrapped).
         criterion: importance criterion for gradient statistics (``fisher`` or ``taylor``).
+        hidden: also mask hidden channels (a ``hidden_keep`` budget): the channel mask's hooks are installed with the
+            others. Masked channels need no zeroed weights: the mask stops every gradient into them.
     """
 
-    def __init__(self, model: nn.Module, criterion: str = "fisher") -> None:
+    def __init__(self, model: nn.Module, criterion: str = "fisher", hidden: bool = False) -> None:
         self.model = model
         self.criterion = criterion
         self.adapter = get_adapter(model)
@@ -40,6 +42,8 @@ class MaskController:
             # leaf tensors: the training backward pass leaves dL/dm in .grad
             self.masks.heads[p] = torch.ones(len(self.physical.heads[i]), device=device, requires_grad=True)
             self.masks.neurons[p] = torch.ones(len(self.physical.neurons[i]), device=device, requires_grad=True)
+        if hidden:
+            self.masks.hidden = torch.ones(self.physical.hidden_channels, device=device)  # (D,)
         self.acc_heads = [torch.zeros_like(m) for m in self.masks.heads]
         self.acc_neurons = [torch.zeros_like(m) for m in self.masks.neurons]
         self._hooks: Any = None
@@ -72,6 +76,10 @@ class MaskController:
                 self.masks.heads[p].fill_(1.0)
                 self.masks.neurons[p].fill_(1.0)
         self.masks.layers = [None if i in kept else torch.full((1,), float(gate), device=device) for i in self.ids]
+        if plan.hidden != self.physical.hidden:
+            if self.masks.hidden is None:
+                raise ValueError("this plan cuts hidden channels: make the MaskController with hidden=True")
+            self.masks.hidden.zero_()[plan.hidden_positions_in(self.physical)] = 1.0
         self.zero_masked_weights_()
 
     @torch.no_grad()
@@ -139,11 +147,14 @@ class MaskController:
             keep_n[self.plan.neurons[i]] = True
             h[i, ~keep_h] = float("nan")
             n[i, ~keep_n] = float("nan")
-        layers = None
+        layers = hidden = None
         if scores.layers is not None:
             layers = scores.layers.clone()
             layers[[i for i in range(len(layers)) if i not in set(self.plan.kept_layers)]] = float("nan")
-        return ImportanceScores(h, n, scores.criterion, scores.num_samples, layers)
+        if scores.hidden is not None:
+            hidden = torch.full_like(scores.hidden, float("nan"))
+            hidden[self.plan.kept_hidden] = scores.hidden[self.plan.kept_hidden]
+        return ImportanceScores(h, n, scores.criterion, scores.num_samples, layers, hidden)
 
     def reset_statistics(self) -> None:
         for a in self.acc_heads + self.acc_neurons:

@@ -8,6 +8,11 @@ what the model computes once that unit (or layer) is physically removed; a gate 
 Each mask is ``(n,)`` (one mask for the batch) or ``(B, n)`` (one per sample: the gradient of a summed loss
 with respect to a per-sample mask is that sample's gradient, which Fisher/Taylor scores need); a layer gate is
 ``(1,)`` or ``(B,)``. Masks are indexed by position in the model's layer list (see ``PrunePlan.kept_layers``).
+
+A hidden-channel mask ``(D,)`` or ``(B, D)`` zeroes channels of the residual stream: the input of the first layer, the
+outputs of every projection writing the stream (attention output, FFN down, a pooler), and every norm over the stream,
+which computes its statistics over the kept channels only. Masked therefore equals cut: the cut model's norms run over
+the channels it has (not over the dense width with zeros in it, which would rescale every normalised vector).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
+from .channels import hidden_slots
 from .shapes import get_module, layer_list
 
 
@@ -33,6 +39,8 @@ class LayerMasks:
         self.heads: list[torch.Tensor | None] = [None] * num_layers
         self.neurons: list[torch.Tensor | None] = [None] * num_layers
         self.layers: list[torch.Tensor | None] = [None] * num_layers
+        #: hidden-channel mask ``(D,)`` or ``(B, D)``; set it before :func:`mask_hooks` opens to get its hooks
+        self.hidden: torch.Tensor | None = None
 
 
 def layer_io(args: tuple, kwargs: dict, output: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +71,76 @@ def _apply_neuron_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x * m.to(x.dtype)
 
 
+def _channels(mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # mask (D,) or (B, D) shaped to multiply y (B, ..., D)
+    m = mask if mask.dim() == 1 else mask.view(mask.shape[0], *([1] * (y.dim() - 2)), mask.shape[1])
+    return m.to(y.dtype)
+
+
+def _masked_norm(module: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What ``module`` computes over the kept channels only, zero on the others. ``x``: (B, ..., D)."""
+    m = _channels(mask, x)
+    k = m.expand_as(x).sum(-1, keepdim=True)  # kept channels, per sample
+    if isinstance(module, nn.LayerNorm):
+        mu = (x * m).sum(-1, keepdim=True) / k
+        var = ((x - mu) * m).pow(2).sum(-1, keepdim=True) / k
+        y = (x - mu) * torch.rsqrt(var + module.eps)
+        y = y * module.weight if module.weight is not None else y
+        return (y + module.bias if module.bias is not None else y) * m
+    # an RMS norm over D channels of c * x (masked) has the mean square of x over the kept ones when c^2 = D / k, and
+    # its output is linear in that rescaled input after the statistic: divide it back out (exact, eps included)
+    c = (x.shape[-1] / k).sqrt()
+    return module.forward(x * m * c) / c * m
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "RMSNorm" in type(module).__name__
+
+
+def _hidden_hooks(model: nn.Module, masks: LayerMasks) -> list:
+    """Hooks of the hidden-channel mask: the stream entering the first layer, every writer's output, every norm."""
+    adapter = get_adapter(model)
+    slots = hidden_slots(model, adapter)
+    owners = {name.rpartition(".")[0] for name in slots}
+    modules = dict(model.named_modules())
+    handles = []
+
+    def stream_in(_module, args, kwargs):
+        m = masks.hidden
+        if m is None:
+            return None
+        if args:
+            return (args[0] * _channels(m, args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * _channels(m, kwargs["hidden_states"])}
+
+    def writer(_module, _args, output):
+        return None if masks.hidden is None else output * _channels(masks.hidden, output)
+
+    def norm(module, args, _output):
+        return None if masks.hidden is None else _masked_norm(module, args[0], masks.hidden)
+
+    handles.append(layer_list(model, adapter)[0].register_forward_pre_hook(stream_in, with_kwargs=True))
+    for name in sorted(owners):
+        module = modules[name]
+        if isinstance(module, nn.Linear) and 0 in slots.get(f"{name}.weight", ()):  # writes the stream
+            handles.append(module.register_forward_hook(writer))
+        elif _is_norm(module):
+            handles.append(module.register_forward_hook(norm))
+        elif not isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and any(
+            p.dim() == 1 for p in module.parameters(recurse=False)
+        ):
+            raise ValueError(f"{name} ({type(module).__name__}) normalises the hidden stream in a way hf_prune cannot "
+                             "mask (it knows LayerNorm and RMSNorm): hidden channels cannot be masked in this model")
+    return handles
+
+
 @contextmanager
 def mask_hooks(model: nn.Module, masks: LayerMasks) -> Iterator[LayerMasks]:
-    """Install hooks that apply ``masks`` while the context is open."""
+    """Install hooks that apply ``masks`` while the context is open (the hidden-channel hooks only when
+    ``masks.hidden`` is set on entry)."""
     adapter = get_adapter(model)
     head_dim = model_dims(model)["head_dim"]
-    handles = []
+    handles = _hidden_hooks(model, masks) if masks.hidden is not None else []
     for i, layer in enumerate(layer_list(model, adapter)):
 
         def head_hook(_module, args, i=i):

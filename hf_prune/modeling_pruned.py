@@ -1,16 +1,17 @@
 """Pruned-model classes: the stock class plus the per-layer reshape, and the atomic save.
 
-This file and ``shapes.py`` are copied into every pruned checkpoint (``auto_map`` points here), so that
+This file, ``shapes.py`` and ``channels.py`` are copied into every pruned checkpoint (``auto_map`` points here), so that
 ``AutoModelFor*.from_pretrained(path, trust_remote_code=True)`` rebuilds the per-layer shapes on a machine
-without hf_prune (transformers fetches relatively imported files with the remote code). Both import nothing but
-the standard library, torch and transformers.
+without hf_prune (transformers fetches relatively imported files with the remote code). They import nothing but
+the standard library, torch, transformers and each other.
 
 How a pruned checkpoint reloads:
     1. ``config.json`` holds the *dense* global sizes, ``per_layer_config`` with the kept sizes of every
        pruned layer (transformers 5's heterogeneous-config field) and an ``hf_prune`` section with the
        architecture spec (module paths and config field names).
     2. ``Pruned<StockClass>.__init__`` builds the stock model, then slices every layer down to the
-       recorded sizes (``resize_to_config_``); ``from_pretrained`` then loads the real weights into it.
+       recorded sizes (``resize_to_config_``) and the kept hidden width (``resize_hidden_to_config_``);
+       ``from_pretrained`` then loads the real weights into it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import transformers
 from torch import nn
 
+from .channels import CHANNELS_FILE, resize_hidden_to_config_
 from .shapes import (  # noqa: F401  (also re-exported: the shape kernel's old home)
     CONFIG_KEY,
     FORMAT_VERSION,
@@ -46,6 +48,9 @@ from .shapes import (  # noqa: F401  (also re-exported: the shape kernel's old h
     slice_linear_,
     sync_layer_attrs_,
 )
+
+#: the files of a pruned checkpoint's remote code: this one and the kernels it imports relatively
+REMOTE_FILES = (MODELING_FILE, SHAPES_FILE, CHANNELS_FILE)
 
 # ----------------------------------------------------------------------------------------------- classes
 
@@ -137,7 +142,9 @@ class PrunedModelMixin:
         config.allow_global_per_layer_attribute_access = True
         with homogeneous(config):  # stock __init__ builds dense layers from the global (dense) sizes
             super().__init__(config, *args, **kwargs)
-        resize_to_config_(self, ArchSpec.from_dict(config_get(config, CONFIG_KEY)["arch"]))
+        spec = ArchSpec.from_dict(config_get(config, CONFIG_KEY)["arch"])
+        resize_to_config_(self, spec)
+        resize_hidden_to_config_(self, spec)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -185,8 +192,8 @@ class PrunedModelMixin:
             data["allow_global_per_layer_attribute_access"] = True
             config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             here = Path(sys.modules[PrunedModelMixin.__module__].__file__)
-            for name in (MODELING_FILE, SHAPES_FILE):  # the remote code: this file and the kernel it imports
-                shutil.copyfile(here.with_name(SHAPES_FILE) if name == SHAPES_FILE else here, stage / name)
+            for name in REMOTE_FILES:  # the remote code: this file and the kernels it imports
+                shutil.copyfile(here.with_name(name), stage / name)
             plan = self.prune_plan
             if plan is not None:
                 data = plan.to_dict() if hasattr(plan, "to_dict") else plan

@@ -40,6 +40,7 @@ class PrunePlan:
         meta: free-form provenance (criterion, budget, base model, ...).
         layers: sorted ids of the dense layers kept (depth pruning), or None when every layer stays. The rows of
             removed layers in ``heads`` and ``neurons`` are empty.
+        hidden: sorted ids of the hidden (residual) channels kept, or None when the model keeps its whole width.
     """
 
     model_type: str
@@ -51,6 +52,7 @@ class PrunePlan:
     neurons: list[list[int]]
     meta: dict[str, Any] = field(default_factory=dict)
     layers: list[int] | None = None
+    hidden: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.heads = [sorted(int(h) for h in hs) for hs in self.heads]
@@ -69,6 +71,12 @@ class PrunePlan:
             for i in gone:  # a removed layer keeps nothing: costs and subsets then need no special case
                 self.heads[i], self.neurons[i] = [], []
             self.layers = None if not gone else kept
+        if self.hidden is not None:
+            kept_h = sorted(int(c) for c in self.hidden)
+            if not kept_h or len(set(kept_h)) != len(kept_h) or any(not 0 <= c < self.hidden_size for c in kept_h):
+                raise PlanMismatchError(f"kept hidden channels must be distinct, at least one, and in [0, "
+                                        f"{self.hidden_size})")
+            self.hidden = None if len(kept_h) == self.hidden_size else kept_h
         group = self.group_size
         for i, (hs, ns) in enumerate(zip(self.heads, self.neurons)):
             if len(set(hs)) != len(hs) or any(not 0 <= h < self.num_heads for h in hs):
@@ -100,6 +108,16 @@ class PrunePlan:
         ``kept_layers[p]``)."""
         return list(range(self.num_layers)) if self.layers is None else list(self.layers)
 
+    @property
+    def hidden_channels(self) -> int:
+        """The residual width the cut model has."""
+        return self.hidden_size if self.hidden is None else len(self.hidden)
+
+    @property
+    def kept_hidden(self) -> list[int]:
+        """Dense ids of the hidden channels kept (channel ``c`` of the cut model is ``kept_hidden[c]``)."""
+        return list(range(self.hidden_size)) if self.hidden is None else list(self.hidden)
+
     def kv_heads(self, layer: int) -> list[int]:
         return sorted({h // self.group_size for h in self.heads[layer]})
 
@@ -122,17 +140,23 @@ class PrunePlan:
         neurons = [_ranks(kept, cur) for cur, kept in zip(current.neurons, self.neurons)]
         return heads, neurons
 
+    def hidden_positions_in(self, current: "PrunePlan") -> list[int]:
+        """Positions, in a model cut to ``current``, of the hidden channels this plan keeps."""
+        return _ranks(self.kept_hidden, current.kept_hidden)
+
     def kept_fraction(self) -> dict[str, float]:
         """Fractions of heads and neurons kept over all layers."""
         return {
             "heads": sum(map(len, self.heads)) / (self.num_heads * self.num_layers),
             "neurons": sum(map(len, self.neurons)) / (self.intermediate_size * self.num_layers),
             "layers": len(self.kept_layers) / self.num_layers,
+            "hidden": self.hidden_channels / self.hidden_size,
         }
 
     def is_subset_of(self, other: "PrunePlan") -> bool:
         return (
             set(self.kept_layers) <= set(other.kept_layers)
+            and set(self.kept_hidden) <= set(other.kept_hidden)
             and all(set(a) <= set(b) for a, b in zip(self.heads, other.heads))
             and all(set(a) <= set(b) for a, b in zip(self.neurons, other.neurons))
         )
@@ -210,8 +234,10 @@ class PrunePlan:
             return cls.from_dict(json.load(f))
 
     def summary(self) -> str:
-        """One line per layer: kept heads and neurons (or that the layer is removed)."""
+        """One line per layer: kept heads and neurons (or that the layer is removed), and the hidden width kept."""
         rows = [f"{'layer':>5} {'heads':>7} {'neurons':>9}"]
+        if self.hidden is not None:
+            rows.insert(0, f"hidden channels {self.hidden_channels}/{self.hidden_size}")
         kept = set(self.kept_layers)
         for i, s in enumerate(self.layer_sizes()):
             if i not in kept:

@@ -114,7 +114,10 @@ class PruningSchedule:
                     value = value / dense_layers
                 value = min(1.0, move(value))
             elif BUDGETS[name].scheduled_from == "one":
-                value = min(1.0, move(value))
+                if value > 1 and s < 1:  # a count (hidden_keep=512): moved from "keep all" (1.0) it reads as one
+                    raise ValueError(f"{name}={value} is a count, and a schedule moves fractions: give {name} as a "
+                                     "fraction")
+                value = value if value > 1 else min(1.0, move(value))
             else:  # a count that starts at the dense model's
                 value = int(move(value, float(dense_params)))
             if name in custom:

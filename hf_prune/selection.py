@@ -1,6 +1,7 @@
 """Selection, a step every method can use: compare candidate cut models on held-out calibration samples, by how far
 their outputs are from the dense model's (:func:`output_divergence`) or by their own task loss
-(:func:`held_out_loss`); :func:`choose_depth` is ``depth_search`` (one candidate per layer count)."""
+(:func:`held_out_loss`); :func:`choose_depth` is ``depth_search`` (one candidate per layer count), :func:`choose_hidden`
+``hidden_search`` (one candidate per hidden width)."""
 
 from __future__ import annotations
 
@@ -140,4 +141,32 @@ def choose_depth(
     plan.meta["depth_search"] = {"divergence": divergence, "chosen": int(chosen), "tuned": tune is not None,
                                  "samples": sum(batch_size(b) for b in held_out),
                                  "metric": config.selection_metric}
+    return plan
+
+
+#: hidden widths ``hidden_search`` tries, as fractions of the dense hidden size
+HIDDEN_CANDIDATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def choose_hidden(model: nn.Module, held_out: Sequence[Batch], config: Any,
+                  make_plan: Callable[[Any], PrunePlan]) -> PrunePlan:
+    """``config.hidden_search``: one plan per hidden width in :data:`HIDDEN_CANDIDATES` (``make_plan(config with that
+    hidden_keep)``: the cost budget is then spent on heads and neurons at that width; widths the budget cannot reach
+    are skipped), and the one whose cut model is closest to ``model``'s outputs on ``held_out`` (or with the lowest
+    task loss); its ``meta["hidden_search"]`` records every candidate's score."""
+    plans: dict[str, PrunePlan] = {}
+    for frac in HIDDEN_CANDIDATES:
+        try:
+            plan = make_plan(dataclasses.replace(config, hidden_keep=frac, hidden_search=False))
+        except ValueError:  # the width's embeddings alone exceed the budget, or it leaves no unit
+            continue
+        plans.setdefault(str(plan.hidden_channels), plan)
+    if not plans:
+        raise ValueError(f"hidden_search found no hidden width that meets {config.budget()}: raise the budget")
+    score = SELECTION_SCORES[config.selection_metric]
+    divergence = score(model, held_out, {n: functools.partial(cut_candidate, model, p) for n, p in plans.items()})
+    chosen = min(divergence, key=divergence.get)
+    plan = plans[chosen]
+    plan.meta["hidden_search"] = {"divergence": divergence, "chosen": int(chosen),
+                                  "samples": sum(batch_size(b) for b in held_out), "metric": config.selection_metric}
     return plan

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .adapters import get_adapter
+from .channels import prune_hidden_
 from .modeling_pruned import pruned_class
 from .plan import PlanMismatchError, PrunePlan
 from .shapes import (
@@ -26,11 +27,12 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def apply_plan_(model: M, plan: PrunePlan) -> M:
-    """Remove every layer, head and neuron that ``plan`` does not keep, in place, and return the model.
+    """Remove every layer, head, neuron and hidden channel that ``plan`` does not keep, in place; return the model.
 
     Slices Q/K/V/O and FFN up/gate/down weights and biases, updates ``in/out_features`` and the head counts
     the forward pass reads, deletes removed layers (renumbering the layer indices the KV cache reads and the
-    config's per-layer lists), records per-layer sizes in ``config.per_layer_config`` and makes the model a
+    config's per-layer lists), cuts hidden channels from every tensor carrying the residual width
+    (:mod:`hf_prune.channels`; the kept width is recorded in the config's ``hf_prune`` section), records per-layer sizes in ``config.per_layer_config`` and makes the model a
     ``Pruned<Class>`` whose ``save_pretrained`` writes a checkpoint that reloads in one call.
 
     The model may already be pruned: ``plan`` (ids of the dense model) must then keep a subset of what the
@@ -58,11 +60,15 @@ def apply_plan_(model: M, plan: PrunePlan) -> M:
     stay = [p for p, i in enumerate(current.kept_layers) if i in kept]
     if len(stay) != len(current.kept_layers):
         remove_layers_(model, adapter, stay)
+    if plan.hidden != current.hidden:  # the residual width: embeddings, every projection's stream side, norms, heads
+        prune_hidden_(model, adapter, plan.hidden_positions_in(current))
 
     config = model.config
     section: dict[str, Any] = {"format_version": FORMAT_VERSION, "arch": adapter.to_dict()}
     if plan.layers is not None:  # the config's own layer count is now the layers left
         section.update(num_layers=plan.num_layers, layers=plan.kept_layers)
+    if plan.hidden is not None:  # the config's hidden size stays the dense one (head sizes and scales derive from it)
+        section.update(hidden_channels=plan.hidden_channels)
     setattr(config, CONFIG_KEY, section)
     set_layer_sizes(config, adapter, plan.physical_sizes())
     # the transformers model becomes Pruned<Class>: the model itself, or the one a wrapper (a SentenceTransformer's

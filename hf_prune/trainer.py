@@ -333,9 +333,17 @@ class PruningTrainer(Trainer):
             loss = loss + (1 - kd.alpha) * outputs.loss
         if hidden:
             pairs = self._hidden_pairs(len(outputs.hidden_states))
-            hid = sum(F.mse_loss(outputs.hidden_states[s], teacher_out.hidden_states[t]) for s, t in pairs)
+            kept = PrunePlan.of(self._base_model()).kept_hidden  # a narrower student matches the channels it kept
+            hid = sum(F.mse_loss(outputs.hidden_states[s], _channels(teacher_out.hidden_states[t], kept,
+                                                                     outputs.hidden_states[s].shape[-1]))
+                      for s, t in pairs)
             loss = loss + kd.hidden_weight * hid / len(pairs)
         return (loss, outputs) if return_outputs else loss
+
+
+def _channels(teacher: torch.Tensor, kept: list[int], width: int) -> torch.Tensor:
+    """The teacher's hidden state at the channels a student of ``width`` channels kept (a masked student is full)."""
+    return teacher if teacher.shape[-1] == width else teacher[..., kept]
 
 
 def _student_hidden_index(kept: list[int], n_student: int) -> dict[int, int]:

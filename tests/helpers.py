@@ -7,9 +7,11 @@ import torch
 import hf_prune as hp
 
 
-def random_plan(model, seed: int = 0, empty_layer: int | None = None, query_heads: bool = False) -> hp.PrunePlan:
+def random_plan(model, seed: int = 0, empty_layer: int | None = None, query_heads: bool = False,
+                hidden: int | None = None, layers: list[int] | None = None) -> hp.PrunePlan:
     """A plan keeping a different random subset in every layer (whole KV groups for GQA; with ``query_heads``,
-    a random number of random query heads in each kept group, the same number in every group of a layer)."""
+    a random number of random query heads in each kept group, the same number in every group of a layer); with
+    ``hidden``, that many random hidden channels; with ``layers``, only those dense layers."""
     g = torch.Generator().manual_seed(seed)
     dense = hp.PrunePlan.dense(model)
     group = dense.group_size
@@ -35,6 +37,8 @@ def random_plan(model, seed: int = 0, empty_layer: int | None = None, query_head
         hidden_size=dense.hidden_size,
         heads=heads,
         neurons=neurons,
+        hidden=None if hidden is None else torch.randperm(dense.hidden_size, generator=g)[:hidden].tolist(),
+        layers=layers,
     )
 
 
@@ -46,6 +50,11 @@ def plan_masks(plan: hp.PrunePlan) -> hp.LayerMasks:
         masks.heads[i][plan.heads[i]] = 1.0
         masks.neurons[i] = torch.zeros(plan.intermediate_size)
         masks.neurons[i][plan.neurons[i]] = 1.0
+    if plan.layers is not None:  # a removed layer is gated shut
+        masks.layers = [None if i in plan.layers else torch.zeros(1) for i in range(plan.num_layers)]
+    if plan.hidden is not None:
+        masks.hidden = torch.zeros(plan.hidden_size)
+        masks.hidden[plan.hidden] = 1.0
     return masks
 
 

@@ -29,7 +29,7 @@ def test_save_load_gives_identical_outputs(tiny, tmp_path):
     inputs = inputs_only(tiny.batch())
     model.save_pretrained(tmp_path / "ckpt")
     files = {p.name for p in (tmp_path / "ckpt").iterdir()} - {"generation_config.json"}
-    assert files == {"config.json", "model.safetensors", "modeling_pruned.py", "shapes.py", "prune_plan.json"}
+    assert files == {"config.json", "model.safetensors", "modeling_pruned.py", "shapes.py", "channels.py", "prune_plan.json"}
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["per_layer_config"] and config["hf_prune"]["arch"]["model_type"] == tiny.name
     assert all(v.startswith("modeling_pruned.Pruned") for v in config["auto_map"].values())

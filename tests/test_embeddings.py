@@ -119,7 +119,7 @@ def test_saved_folder_reloads_as_sentence_transformer_with_and_without_hf_prune(
     expected = _embed(pruned, probe)
     folder = hp.save_pruned(pruned, tmp_path / "st")
     files = {p.name for p in folder.iterdir()}
-    assert {"modules.json", "modeling_pruned.py", "shapes.py", "prune_plan.json", "1_Pooling"} <= files
+    assert {"modules.json", "modeling_pruned.py", "shapes.py", "channels.py", "prune_plan.json", "1_Pooling"} <= files
     reloaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     torch.testing.assert_close(_embed(reloaded, probe), expected, atol=0, rtol=0)
     torch.save(expected, tmp_path / "expected.pt")

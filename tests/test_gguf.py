@@ -36,6 +36,11 @@ def _cut(model, how: str):
                                                neurons_keep=0.6))
     elif how == "uneven":
         hp.apply_plan_(model, random_plan(model, seed=3, query_heads=True))
+    elif how == "hidden":  # a uniform cut of heads, neurons and the residual width: the stock architecture, narrower
+        hp.prune(model, None, hp.PruningConfig(importance="magnitude", allocation="uniform", heads_keep=0.5,
+                                               neurons_keep=0.6, hidden_keep=0.75, hidden_importance="magnitude"))
+    elif how == "hidden-uneven":
+        hp.apply_plan_(model, random_plan(model, seed=3, query_heads=True, hidden=40))
     elif how == "depth":  # layers removed, widths untouched: still one shape (Gemma: its sliding pattern shifts)
         plan = hp.PrunePlan.dense(model).to_dict()
         hp.apply_plan_(model, hp.PrunePlan.from_dict({**plan, "layers": [0, 2]}))
@@ -47,7 +52,8 @@ def _cut(model, how: str):
 
 
 CASES = [(f, c) for f in GGUF_FAMILIES for c in ("dense", "uniform", "depth")] + \
-        [(f, c) for f in UNEVEN_FAMILIES for c in ("uneven", "layers")]
+        [(f, c) for f in UNEVEN_FAMILIES for c in ("uneven", "layers", "hidden-uneven")] + \
+        [(f, "hidden") for f in GGUF_FAMILIES if f != "gemma3_text"]
 
 
 @pytest.mark.parametrize("family,cut", CASES, ids=[f"{f}-{c}" for f, c in CASES])
@@ -114,6 +120,13 @@ def test_quantized_outtypes_load_and_stay_close(outtype, tol, tokenizer, tmp_pat
 def test_uneven_cuts_of_families_without_a_per_layer_architecture_are_refused(family, tokenizer, tmp_path):
     model = _cut(tiny_lm(family, len(tokenizer)), "uneven")
     with pytest.raises(ValueError, match="different sizes.*uniform"):
+        save_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_hidden_cut_gemma_is_refused_its_embedding_scale_reads_the_width(tokenizer, tmp_path):
+    model = _cut(tiny_lm("gemma3_text", len(tokenizer)), "hidden")
+    with pytest.raises(ValueError, match="sqrt\\(n_embd\\)"):
         save_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
 

@@ -22,7 +22,7 @@ from hf_prune.checkpoint import CorruptCheckpointError
 from hf_prune.hub import resolve_token
 
 REPO = "someone/tiny-pruned"
-REQUIRED = {"config.json", "model.safetensors", "prune_plan.json", "modeling_pruned.py", "shapes.py", "README.md"}
+REQUIRED = {"config.json", "model.safetensors", "prune_plan.json", "modeling_pruned.py", "shapes.py", "channels.py", "README.md"}
 
 
 # ----------------------------------------------------------------------------------------------- fake Hub

@@ -24,11 +24,13 @@ def _cut(model, how: str):
         hp.prune(model, None, hp.PruningConfig(importance="magnitude", allocation="uniform", neurons_keep=0.5))
     elif how == "uneven":
         hp.apply_plan_(model, random_plan(model, seed=2, empty_layer=1))
+    elif how == "hidden":  # uneven heads and neurons and a narrower residual stream
+        hp.apply_plan_(model, random_plan(model, seed=2, hidden=20))
     return model
 
 
 @pytest.mark.parametrize("name", ENCODERS)
-@pytest.mark.parametrize("cut", ["dense", "uniform", "uneven"])
+@pytest.mark.parametrize("cut", ["dense", "uniform", "uneven", "hidden"])
 def test_onnxruntime_gives_pytorch_outputs_at_any_batch_and_length(name, cut, tmp_path):
     require("onnxruntime")
     model = _cut(BY_NAME[name].model(), cut)

@@ -49,3 +49,35 @@ def test_real_smollm2_retraining_free_end_to_end(tmp_path):
         assert torch.equal(hp.load_pruned(tmp_path / "ckpt").eval()(**x).logits, want)
         remote = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True).eval()
         assert torch.equal(remote(**x).logits, want)
+
+
+def test_real_smollm2_hidden_and_width_cut_reloads_and_exports_as_stock(tmp_path):
+    """Hidden channels (576 -> 512, the tied 49k-token embedding and output layer included) with a uniform cut of
+    FFN neurons: perplexity stays finite and bounded, the checkpoint reloads identically, and the cut is the stock
+    Llama architecture (plain from_pretrained, no remote code) with identical logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_path("smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+    dense = AutoModelForCausalLM.from_pretrained(path).eval()
+    sentences = [r[2] for r in read_tsv(QNLI)]
+    calib = pack_text_blocks(tok, sentences[:400], block_size=128, batch_size=4, max_blocks=16)
+    held_out = pack_text_blocks(tok, sentences[2000:2400], block_size=128, batch_size=4, max_blocks=8)
+    dense_ppl = perplexity(dense, held_out)
+    config = hp.PruningConfig(hidden_keep=512, neurons_keep=0.9, allocation="uniform", deployable=True, progress=False)
+    model, plan = hp.prune(copy.deepcopy(dense), calib, config)
+    assert plan.hidden_channels == 512 and model.get_input_embeddings().weight.shape == (49152, 512)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    assert hp.count_params(model) == hp.plan_params(plan, dense) < 0.9 * hp.count_params(dense)
+    ppl = perplexity(model, held_out)
+    assert dense_ppl < ppl < 4 * dense_ppl, (dense_ppl, ppl)
+
+    model.save_pretrained(tmp_path / "ckpt")
+    hp.save_stock(model, tmp_path / "stock")
+    x = {k: v for k, v in held_out[0].items() if k != "labels"}
+    with torch.no_grad():
+        want = model(**x).logits
+        assert torch.equal(hp.load_pruned(tmp_path / "ckpt").eval()(**x).logits, want)
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
+        assert stock.config.hidden_size == 512 and "hf_prune" not in stock.config.to_dict()
+        torch.testing.assert_close(stock(**x).logits, want, atol=1e-5, rtol=1e-5)

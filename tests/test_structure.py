@@ -9,7 +9,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "hf_prune"
 MAX_LINES = 400
 #: every pruned checkpoint carries these files as its remote code: they must load without hf_prune
-REMOTE_CODE = ("modeling_pruned.py", "shapes.py")
+REMOTE_CODE = ("modeling_pruned.py", "shapes.py", "channels.py")
 
 
 def _modules():

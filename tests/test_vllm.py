@@ -34,6 +34,8 @@ def _cut(model, how: str, seed: int = 3):
         plan = random_plan(model, seed=seed, empty_layer=2)
         plan.layers = [0, 1, 3] if plan.num_layers > 3 else [0, 2]
         hp.apply_plan_(model, hp.PrunePlan.from_dict(plan.to_dict()))
+    elif how == "hidden":  # uneven heads and neurons and a narrower residual stream
+        hp.apply_plan_(model, random_plan(model, seed=seed, query_heads=True, hidden=48))
     return model
 
 
@@ -55,7 +57,8 @@ def _decilm_logits(folder, model, ids) -> torch.Tensor:
     position = rotary(h, torch.arange(len(ids))[None])
     for i, block in enumerate(config["block_configs"]):
         prefix = f"model.layers.{i}."
-        c = type(model.config)(**{**model.config.to_dict(), "num_attention_heads": config["num_attention_heads"]})
+        c = type(model.config)(**{**model.config.to_dict(), "num_attention_heads": config["num_attention_heads"],
+                                  "hidden_size": config["hidden_size"], "head_dim": config["head_dim"]})
         c._attn_implementation = "sdpa"
         if not block["attention"]["no_op"]:
             c.num_key_value_heads = config["num_attention_heads"] // block["attention"]["n_heads_in_group"]
@@ -74,7 +77,7 @@ def _decilm_logits(folder, model, ids) -> torch.Tensor:
     return (h @ head.T)[0]
 
 
-CASES = [(f, c) for f in FAMILIES for c in ("dense", "uneven", "layers")]
+CASES = [(f, c) for f in FAMILIES for c in ("dense", "uneven", "layers", "hidden")]
 
 
 @pytest.mark.parametrize("family,cut", CASES, ids=[f"{f}-{c}" for f, c in CASES])
@@ -169,13 +172,15 @@ def _torch_logprobs_and_greedy(model, ids):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("family,cut,fmt", [("llama", "layers", "vllm"), ("qwen2", "uneven", "vllm"),
-                                            ("llama", "uneven", "checkpoint"), ("llama", "uniform", "stock")])
+                                            ("llama", "uneven", "checkpoint"), ("llama", "uniform", "stock"),
+                                            ("llama", "hidden", "vllm"), ("llama", "hidden-uniform", "stock")])
 def test_vllm_gives_the_pruned_models_logprobs_and_greedy_tokens(family, cut, fmt, tokenizer, tmp_path):
     _require_vllm()
     model = tiny_lm(family, len(tokenizer), head_dim=32)  # vLLM's CPU attention has kernels for head sizes >= 32
-    if cut == "uniform":
+    if cut in ("uniform", "hidden-uniform"):
         hp.prune(model, None, hp.PruningConfig(importance="magnitude", allocation="uniform", heads_keep=0.5,
-                                               neurons_keep=0.6))
+                                               neurons_keep=0.6, **({"hidden_keep": 0.75, "hidden_importance":
+                                                                     "magnitude"} if cut == "hidden-uniform" else {})))
     else:
         _cut(model, cut)
     if fmt == "checkpoint":  # the hf_prune checkpoint: vLLM's Transformers-backend fallback, remote code

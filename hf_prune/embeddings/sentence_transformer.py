@@ -120,6 +120,11 @@ def _batches(st: Any, data: Any) -> Any:
 
 def _check(st: Any, config: Any) -> None:
     encoder(st)
+    if getattr(config, "hidden_keep", None) is not None:
+        raise ValueError(
+            "hidden_keep cuts the encoder's hidden width, which is the size of the sentence embedding this model "
+            "outputs (every stored embedding and index would stop matching): prune heads, neurons or layers instead"
+        )
     moving = [m for m in pooling_modes(st) if m in _MOVING_POOLING]
     if moving and getattr(config, "method", None) == "retraining_free" and getattr(config, "mask_tuning", False):
         raise ValueError(

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import get_adapter, is_peft, layers_of, model_dims
+from ..channels import hidden_width
 from ..costs import model_layer_sizes
 from ..io import staged_folder
 from ..shapes import get_module
@@ -217,6 +218,7 @@ def _config(model: nn.Module, sizes: list[dict[str, int]], full_heads: int) -> d
         "num_hidden_layers": len(sizes), "num_attention_heads": full_heads,
         "num_key_value_heads": full_heads // first, "intermediate_size": max(s["intermediate_size"] for s in sizes),
         "hidden_act": "silu", "block_configs": blocks, "dtype": str(next(model.parameters()).dtype).split(".")[-1],
+        "hidden_size": hidden_width(model, get_adapter(model)),  # the width it has (a hidden cut narrows it)
     })
     if qkv_bias and not getattr(c, "attention_bias", False):
         out["qkv_bias"] = True  # qwen2: biases on q/k/v only, which vLLM's DeciLM reads from qkv_bias

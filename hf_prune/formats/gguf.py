@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter, is_peft, layers_of, model_dims
+from ..channels import hidden_width
 from ..costs import model_layer_sizes
 from ..io import default_mode
 from ..shapes import get_module
@@ -96,7 +97,8 @@ def _check(model: nn.Module, outtype: str, path: Path, overwrite: bool) -> tuple
         raise ValueError("the FFN linears have biases (mlp_bias=True), which this GGUF export does not write yet")
     sizes = model_layer_sizes(model)
     dims = model_dims(model)
-    narrow = family.full_width_attention and sizes[0]["num_heads"] * dims["head_dim"] != dims["hidden_size"]
+    width = hidden_width(model, spec)  # the residual width it has (a hidden cut narrows it)
+    narrow = family.full_width_attention and sizes[0]["num_heads"] * dims["head_dim"] != width
     uneven = any(s != sizes[0] for s in sizes)
     if not uneven and not narrow:
         if sizes[0]["num_heads"] == 0 or sizes[0]["intermediate_size"] == 0:
@@ -204,7 +206,7 @@ def _write_keys(writer: Any, model: nn.Module, family: GgufFamily, arch: str, si
     writer.add_name(Path(str(name)).name)
     writer.add_file_type(OUTTYPES[outtype].file_type)
     writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(dims["hidden_size"])
+    writer.add_embedding_length(hidden_width(model, get_adapter(model)))
     writer.add_block_count(len(sizes))
     writer.add_feed_forward_length(padded[0] if uniform else padded)
     writer.add_head_count(sizes[0]["num_heads"] if uniform else [s["num_heads"] for s in sizes])

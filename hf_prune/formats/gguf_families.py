@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..channels import kept_hidden
+
 #: Architectures whose rope rotates adjacent pairs (llama.cpp's "normal" rope): Hugging Face's rotate-half Q/K rows
 #: are permuted into that order on export. The others (qwen2, qwen3, gemma3) use the NeoX order, as HF does.
 INTERLEAVED_ROPE = frozenset({"llama", "deci"})
@@ -117,6 +119,10 @@ def _gemma3_check(config: Any) -> str | None:
                 "Gemma-3 attention by 1/sqrt(head_dim) (the 27B model's rule aside)")
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not run by llama.cpp's gemma3 architecture"
+    if kept_hidden(config) is not None:
+        return ("llama.cpp's gemma3 scales the token embeddings by sqrt(n_embd), and after a hidden cut n_embd is no "
+                "longer the width the model was trained at (its tied output layer cannot absorb the change): keep the "
+                "hidden width (no hidden_keep) for a GGUF export, or export to ONNX")
     return None
 
 

@@ -109,15 +109,17 @@ def fisher_information(
 
 def search_masks(
     fisher: FisherInfo, model: nn.Module, config: PruningConfig, latency_table: Any = None,
-    layer_scores: torch.Tensor | None = None,
+    layer_scores: torch.Tensor | None = None, hidden_scores: torch.Tensor | None = None,
 ) -> PrunePlan:
     """Stage 2: kept heads and neurons per layer maximising the kept diagonal Fisher under ``config``'s budget
     (:func:`hf_prune.build_plan` on the diagonal Fisher; a ``latency_keep`` budget searches its own way, with
     ``latency_table`` if given). With ``config.layers_keep``, the layers with the lowest ``layer_scores`` (``(L,)``,
-    :func:`hf_prune.layer_importance`) are removed first and the width budget is spent on the rest.
+    :func:`hf_prune.layer_importance`) are removed first and the width budget is spent on the rest; with
+    ``config.hidden_keep``, the hidden channels with the best ``hidden_scores`` (``(D,)``,
+    :func:`hf_prune.hidden_importance`) stay and the units are costed at the kept width.
     """
     scores = fisher.scores()
-    scores.layers = layer_scores
+    scores.layers, scores.hidden = layer_scores, hidden_scores
     if config.layers_keep is not None and layer_scores is None:
         raise ValueError("layers_keep needs layer_scores (hf_prune.layer_importance) for the search")
     plan = build_plan(scores, model, config, {"latency_table": latency_table})

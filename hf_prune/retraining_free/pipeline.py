@@ -12,6 +12,7 @@ from torch import nn
 
 from ..batches import batch_size, by_length, collect_batches, split_batches
 from ..depth import layer_importance
+from ..hidden import hidden_importance
 from ..plan import PrunePlan
 from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
 from ..surgery import apply_plan_
@@ -59,15 +60,21 @@ def retraining_free_plan(
         layer_scores = layer_importance(model, by_length(batches), config.layer_importance, seed=config.seed,
                                         progress=config.progress)
         times["layer_scores_s"] = time.perf_counter() - t
+    hidden_scores = None
+    if config.hidden_keep is not None:  # the width the search, rearrangement and tuning then cut heads/neurons at
+        t = time.perf_counter()
+        hidden_scores = hidden_importance(model, by_length(batches), config.hidden_importance, seed=config.seed,
+                                          progress=config.progress)
+        times["hidden_scores_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if config.depth_search:  # one search per layer count; the tuned cut closest to the dense outputs wins
         tune = functools.partial(_tune_quietly, model, tune_batches, config.tuning_fit) if config.mask_tuning else None
         plan = choose_depth(model, held_out or tune_batches, config,
                             functools.partial(search_masks, fisher, model, latency_table=latency_table,
-                                              layer_scores=layer_scores),
+                                              layer_scores=layer_scores, hidden_scores=hidden_scores),
                             fisher.current.num_layers, tune)
     else:
-        plan = search_masks(fisher, model, config, latency_table, layer_scores)
+        plan = search_masks(fisher, model, config, latency_table, layer_scores, hidden_scores)
     times["search_s"] = time.perf_counter() - t
     stages = {"search": plan}
     info: dict[str, Any] = {"calibration_samples": fisher.num_samples}
