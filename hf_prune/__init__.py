@@ -20,10 +20,10 @@ from .costs import (
 )
 from .criteria import CRITERIA, Criterion, register_criterion
 from .depth import LAYER_CRITERIA, LayerCriterion, layer_importance, register_layer_criterion
-from .hidden import HIDDEN_CRITERIA, HiddenCriterion, hidden_importance, register_hidden_criterion
 from .embeddings import save_sentence_transformer, sentence_batches
 from .export import NotStockExpressible, save_pruned, save_stock
 from .formats import ExportFormat, export_model, register_export_format, save_decilm, save_gguf, save_onnx
+from .hidden import HIDDEN_CRITERIA, HiddenCriterion, hidden_importance, register_hidden_criterion
 from .hub import check_can_push, model_card, push_pruned, write_model_card
 from .importance import ImportanceScores, compute_importance
 from .masks import LayerMasks, mask_hooks

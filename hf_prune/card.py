@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .channels import CHANNELS_FILE
 from .checkpoint import FLOPS_SEQ_LEN, checkpoint_stats
 from .formats.cards import serving_section
 from .io import write_text_atomic
 from .report import markdown_table
-from .channels import CHANNELS_FILE
 from .shapes import MODELING_FILE, PLAN_FILE, SHAPES_FILE
 
 CARD_FILE = "README.md"

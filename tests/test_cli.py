@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import random_plan
+from tiny import BY_NAME
 
 import hf_prune as hp
 from hf_prune.cli import checkpoint_summary, dense_base, main
-from tiny import BY_NAME
-from helpers import random_plan
 
 
 @pytest.fixture(scope="module")

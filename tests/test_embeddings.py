@@ -15,16 +15,14 @@ import sentence_transformers as st  # the dev extra installs it
 import torch
 import transformers as T
 from helpers import plan_masks
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import MSELoss
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, StaticEmbedding, Transformer
 from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
 
 import hf_prune as hp
 from hf_prune.embeddings import SentenceEmbedder, encoder
 from hf_prune.resources import embedded_model_path, sst2_sample
-
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import MSELoss
-from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, StaticEmbedding, Transformer
-
 
 ENCODERS = {"bert": (BertConfig, BertModel), "mpnet": (MPNetConfig, MPNetModel)}
 

