@@ -354,3 +354,96 @@ def _heads_removed(pruner: Any, model: nn.Module) -> int:
             if dep.target.module is q and dep.handler.__name__.endswith("out_channels"):
                 return len(idxs) // head_dim
     return 0
+
+
+# ------------------------------------------------------------------------------------ decoders, hidden channels too
+
+
+def _uniform_counts(model: nn.Module, ratio: float) -> dict[str, int]:
+    """What TP's local pruning at ``ratio`` removes per layer (``total - int(total * (1 - r))`` for widths; query heads
+    rounded to a multiple of the KV heads, as its example requires) and the hidden channels."""
+    d = model_dims(model)
+    h, kv = d["num_heads"], d["num_kv_heads"]
+    return {"heads_removed": min(h - kv, kv * round(ratio * h / kv)),
+            "neurons_removed": d["intermediate_size"] - int(d["intermediate_size"] * (1 - ratio)),
+            "hidden_removed": d["hidden_size"] - int(d["hidden_size"] * (1 - ratio))}
+
+
+def _uniform_plan(model: nn.Module, counts: dict[str, int]) -> hp.PrunePlan:
+    """A plan of TP's uniform shape (which units does not matter for its cost)."""
+    d, dense = model_dims(model), hp.PrunePlan.dense(model)
+    group = d["num_heads"] // d["num_kv_heads"]
+    per_kv = (d["num_heads"] - counts["heads_removed"]) // d["num_kv_heads"]
+    heads = [k * group + j for k in range(d["num_kv_heads"]) for j in range(per_kv)]
+    return dataclasses.replace(dense, heads=[heads] * dense.num_layers,
+                               neurons=[list(range(d["intermediate_size"] - counts["neurons_removed"]))] * dense.num_layers,
+                               hidden=list(range(d["hidden_size"] - counts["hidden_removed"])))
+
+
+def ratio_for_params(model: nn.Module, target_params: int) -> float:
+    """The smallest TP ratio (one for heads, FFN and hidden channels, as its LLM example) whose uniform cut has at
+    most ``target_params`` parameters (embeddings included), by bisection on hf_prune's analytic count."""
+    lo, hi = 0.0, 0.95
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if hp.plan_params(_uniform_plan(model, _uniform_counts(model, mid)), model) <= target_params:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def tp_prune_decoder_hidden(model: nn.Module, target_params: int, calib: Iterable[Mapping[str, torch.Tensor]]
+                            ) -> tuple[nn.Module, dict[str, Any]]:
+    """Torch-Pruning's LLM example with hidden channels: one ratio for query heads, FFN neurons and the hidden size
+    (embeddings, norms and ``lm_head``'s input pruned through TP's dependency graph; ``lm_head``'s outputs ignored),
+    Taylor importance (|w * dL/dw| of the LM loss on ``calib``), the ratio chosen for ``target_params``. A tied
+    output layer is sliced by TP as its own module and tied again afterwards (checked equal)."""
+    tp = _tp()
+    t0 = time.perf_counter()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.eval().zero_grad(set_to_none=True)
+    for batch in calib:
+        model(**batch).loss.backward()
+    t1 = time.perf_counter()
+    ratio = ratio_for_params(model, target_params)
+    counts = _uniform_counts(model, ratio)
+    d = model_dims(model)
+    num_heads = {lin[k]: d["num_heads"] if k == "q" else d["num_kv_heads"] for lin in _linears(model) for k in "qkv"}
+    with _rope_as_scale(model):
+        pruner = tp.pruner.MetaPruner(
+            model, dict(dummy_inputs(model, 1, 8)), importance=tp.importance.TaylorImportance(), global_pruning=False,
+            pruning_ratio=_ratio_for(counts["neurons_removed"], d["intermediate_size"]), num_heads=num_heads,
+            prune_num_heads=True, prune_head_dims=False,
+            head_pruning_ratio=_ratio_for(counts["heads_removed"], d["num_heads"]),
+            ignored_layers=[model.get_output_embeddings()], output_transform=lambda out: out.logits)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for layer, lin in zip(layer_list(model, get_adapter(model)), _linears(model)):
+        layer.self_attn.num_key_value_groups = lin["q"].out_features // lin["k"].out_features
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if tied and out.weight is not emb.weight:
+        if not torch.equal(out.weight, emb.weight):
+            raise RuntimeError("TP sliced the tied embedding and lm_head differently")
+        out.weight = emb.weight
+    model.zero_grad(set_to_none=True)
+    return model, {"importance": "taylor", "ratio": ratio, "counts": counts,
+                   "hidden": emb.weight.shape[1],
+                   "times": {"gradients_s": t1 - t0, "tp_prune_s": time.perf_counter() - t1}}
+
+
+def kept_units_hidden(pruned: nn.Module, dense: nn.Module) -> hp.PrunePlan:
+    """The plan (dense ids) of the hidden channels, heads and neurons ``pruned`` kept, found by matching weights."""
+    de, pe = dense.get_input_embeddings().weight.detach(), pruned.get_input_embeddings().weight.detach()
+    cols = {de[:, c].numpy().tobytes(): c for c in range(de.shape[1])}
+    hidden = [cols[pe[:, c].numpy().tobytes()] for c in range(pe.shape[1])]
+    d, hd = model_dims(dense), model_dims(dense)["head_dim"]
+    heads, neurons = [], []
+    for lp, ld in zip(_linears(pruned), _linears(dense)):
+        dq = ld["q"].weight.detach()[:, hidden].reshape(d["num_heads"], hd, -1)
+        pq = lp["q"].weight.detach().reshape(-1, hd, len(hidden))
+        heads.append([next(i for i in range(len(dq)) if torch.equal(dq[i], block)) for block in pq])
+        rows = {row.numpy().tobytes(): i for i, row in enumerate(ld["up"].weight.detach()[:, hidden])}
+        neurons.append([rows[row.numpy().tobytes()] for row in lp["up"].weight.detach()])
+    return dataclasses.replace(hp.PrunePlan.dense(dense), heads=heads, neurons=neurons, hidden=hidden,
+                               meta={"source": "torch-pruning"})

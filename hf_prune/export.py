@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from .adapters import get_adapter, model_dims
@@ -66,18 +67,30 @@ def _stock_probe(model: nn.Module) -> tuple[Any, nn.Module]:
     for key in ("per_layer_config", "_heterogeneity_spec", "auto_map", CONFIG_KEY,
                 "allow_global_per_layer_attribute_access"):
         config.__dict__.pop(key, None)
-    setattr(config, adapter.num_heads_field, first["num_heads"])
-    if adapter.num_kv_heads_field:
-        setattr(config, adapter.num_kv_heads_field, first["num_kv_heads"])
-    setattr(config, adapter.intermediate_field, first["intermediate_size"])
     width = hidden_width(model, adapter)
-    setattr(config, adapter.hidden_field, width)  # the residual width it has (a hidden cut narrows it)
-    if adapter.head_dim_field:  # families that read it take any head count; the shape check finds the others
-        setattr(config, adapter.head_dim_field, dims["head_dim"])
-    stock = stock_class(type(model))
-    config.architectures = [stock.__name__]
-    probe = _check_shapes(model, stock, config, heads_changed=first["num_heads"] != dims["num_heads"],
-                          hidden_changed=width != dims["hidden_size"])
+    try:
+        setattr(config, adapter.num_heads_field, first["num_heads"])
+        if adapter.num_kv_heads_field:
+            setattr(config, adapter.num_kv_heads_field, first["num_kv_heads"])
+        setattr(config, adapter.intermediate_field, first["intermediate_size"])
+        setattr(config, adapter.hidden_field, width)  # the residual width it has (a hidden cut narrows it)
+        if adapter.head_dim_field:  # families that read it take any head count; the shape check finds the others
+            setattr(config, adapter.head_dim_field, dims["head_dim"])
+        stock = stock_class(type(model))
+        config.architectures = [stock.__name__]
+        if callable(getattr(config, "validate", None)):  # what save_pretrained checks, checked before anything is written
+            config.validate()
+        probe = _check_shapes(model, stock, config, heads_changed=first["num_heads"] != dims["num_heads"],
+                              hidden_changed=width != dims["hidden_size"])
+    except NotStockExpressible:
+        raise
+    except (ValueError, TypeError, StrictDataclassError) as e:  # the config validates its sizes (Llama: hidden % heads)
+        cause = getattr(e, "__cause__", None) or e
+        raise NotStockExpressible(
+            f"the stock {config.model_type} config refuses the pruned sizes ({cause}); "
+            + ("keep a hidden width that is a multiple of the kept heads, or " if width != dims["hidden_size"] else "")
+            + "save the per-layer format (save_pretrained)"
+        ) from e
     return config, probe
 
 

@@ -243,3 +243,15 @@ def test_hidden_search_trades_the_width_against_heads_and_neurons():
         hp.PruningConfig(target_params=target, hidden_search=True, hidden_keep=0.5)
     with pytest.raises(ValueError, match="one cost budget"):
         hp.PruningConfig(heads_keep=0.5, hidden_search=True)
+
+
+def test_a_stock_config_that_refuses_the_width_is_not_stock_expressible():
+    """LlamaConfig validates hidden_size % num_attention_heads == 0: a width of 30 with 4 heads is refused by name."""
+    tiny = BY_NAME["llama"]
+    model = hp.apply_plan_(tiny.model(), hp.PrunePlan.from_dict({**hp.PrunePlan.dense(tiny.model()).to_dict(),
+                                                                  "hidden": list(range(30))}))
+    with pytest.raises(hp.NotStockExpressible, match="multiple of the kept heads"):
+        hp.save_stock(model, "unused-folder")
+    with pytest.raises(hp.NotStockExpressible, match="multiple of the kept heads"):
+        hp.prune(tiny.model(), [tiny.batch()], hp.PruningConfig(hidden_keep=30, allocation="uniform", deployable=True,
+                                                               progress=False))

@@ -52,7 +52,7 @@ def test_real_smollm2_retraining_free_end_to_end(tmp_path):
 
 
 def test_real_smollm2_hidden_and_width_cut_reloads_and_exports_as_stock(tmp_path):
-    """Hidden channels (576 -> 512, the tied 49k-token embedding and output layer included) with a uniform cut of
+    """Hidden channels (576 -> 504, a multiple of the 9 heads as stock Llama configs require; the tied 49k-token embedding and output layer included) with a uniform cut of
     FFN neurons: perplexity stays finite and bounded, the checkpoint reloads identically, and the cut is the stock
     Llama architecture (plain from_pretrained, no remote code) with identical logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,9 +64,9 @@ def test_real_smollm2_hidden_and_width_cut_reloads_and_exports_as_stock(tmp_path
     calib = pack_text_blocks(tok, sentences[:400], block_size=128, batch_size=4, max_blocks=16)
     held_out = pack_text_blocks(tok, sentences[2000:2400], block_size=128, batch_size=4, max_blocks=8)
     dense_ppl = perplexity(dense, held_out)
-    config = hp.PruningConfig(hidden_keep=512, neurons_keep=0.9, allocation="uniform", deployable=True, progress=False)
+    config = hp.PruningConfig(hidden_keep=504, neurons_keep=0.9, allocation="uniform", deployable=True, progress=False)
     model, plan = hp.prune(copy.deepcopy(dense), calib, config)
-    assert plan.hidden_channels == 512 and model.get_input_embeddings().weight.shape == (49152, 512)
+    assert plan.hidden_channels == 504 and model.get_input_embeddings().weight.shape == (49152, 504)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
     assert hp.count_params(model) == hp.plan_params(plan, dense) < 0.9 * hp.count_params(dense)
     ppl = perplexity(model, held_out)
@@ -79,5 +79,5 @@ def test_real_smollm2_hidden_and_width_cut_reloads_and_exports_as_stock(tmp_path
         want = model(**x).logits
         assert torch.equal(hp.load_pruned(tmp_path / "ckpt").eval()(**x).logits, want)
         stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
-        assert stock.config.hidden_size == 512 and "hf_prune" not in stock.config.to_dict()
+        assert stock.config.hidden_size == 504 and "hf_prune" not in stock.config.to_dict()
         torch.testing.assert_close(stock(**x).logits, want, atol=1e-5, rtol=1e-5)

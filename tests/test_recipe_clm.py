@@ -164,3 +164,22 @@ def test_export_formats_write_a_gguf_beside_the_checkpoint_that_llama_cpp_runs(t
 def test_export_settings_that_cannot_apply_fail_before_the_run(tiny_llama, tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         parse_args(_flags(tiny_llama, tmp_path, **extra))
+
+
+MINITRON = ROOT / "recipes" / "clm" / "smollm2_minitron.yaml"
+
+
+def test_the_minitron_recipe_cuts_the_hidden_width_to_a_parameter_count_then_distils(tiny_llama, tmp_path):
+    _, _, prune, recovery, *_ = parse_args([str(MINITRON)])
+    assert prune.hidden_search and prune.target_params and recovery.distill_alpha == 1.0
+    from transformers import AutoModelForCausalLM
+
+    target = int(0.9 * hp.count_params(AutoModelForCausalLM.from_pretrained(tiny_llama)))
+    argv = _flags(tiny_llama, tmp_path, target_params=target)
+    argv[0] = str(MINITRON)
+    run = main(argv)["runs"][0]
+    pruned = hp.load_pruned(run["checkpoint"]).eval()
+    search = pruned.prune_plan.meta["hidden_search"]
+    assert len(search["divergence"]) > 1 and hp.count_params(pruned) <= target
+    assert pruned.get_input_embeddings().weight.shape[1] == search["chosen"]
+    assert run["metrics_recovered"]["perplexity"] > 1
