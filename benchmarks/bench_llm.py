@@ -176,8 +176,9 @@ def _cut(model, dense, method: str, budget: float, calib, n: int, args: LlmArgum
 TITLES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma-3-270M"}
 
 
-def _recover(model, dense, cfg, tok, texts: list[str], args: LlmArguments) -> float:
-    """KD recovery of a cut causal LM from the dense one on packed text; returns the wall time (s)."""
+def _recover(model, dense, cfg, tok, texts: list[str], args: LlmArguments, temperature: float = 2.0) -> float:
+    """KD recovery of a cut causal LM from the dense one on packed text (token-level KL at ``temperature``); returns
+    the wall time (s)."""
     from hf_prune.trainer import DistillationConfig, PruningTrainer
 
     rows = text_block_rows(tok, texts, block_size=128)
@@ -188,7 +189,7 @@ def _recover(model, dense, cfg, tok, texts: list[str], args: LlmArguments) -> fl
             report_to=[], use_cpu=True, seed=args.seed, dataloader_pin_memory=False, disable_tqdm=True,
         )
         trainer = PruningTrainer(model, targs, pruning_config=cfg, teacher_model=dense, train_dataset=rows,
-                                 distillation=DistillationConfig(alpha=1.0, temperature=2.0),
+                                 distillation=DistillationConfig(alpha=1.0, temperature=temperature),
                                  data_collator=T.default_data_collator)
         start = time.perf_counter()
         trainer.train()
