@@ -28,6 +28,7 @@ from .export import save_pruned
 from .model_kinds import model_kind, scored_view
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
+from .sharding import check_sharded_run, shard_teacher, sharding_engine
 from .surgery import apply_plan_
 
 logger = logging.get_logger(__name__)
@@ -80,7 +81,8 @@ class PruningTrainer(Trainer):
             ``one_shot`` from a plain cut by ``importance``.
         schedule: when to prune; default one-shot before the first step. Gradual/iterative schedules mask until
             their last event, then cut the model and rebuild optimizer and LR scheduler (under DDP the cut
-            waits for the end of training: DDP's gradient buckets are bound to the parameter tensors).
+            waits for the end of training: DDP's gradient buckets are bound to the parameter tensors). Under
+            FSDP2 only the cut before training is possible (:mod:`hf_prune.sharding`).
         calibration_dataloader: batches for importance scores; default: the first
             ``pruning_config.max_calibration_samples`` samples of the training dataloader (sharded per process,
             scores summed over processes so every rank builds the same plan).
@@ -142,12 +144,8 @@ class PruningTrainer(Trainer):
                 "and push that folder with hf_prune.push_pruned(DIR, repo_id)"
             )
         super().__init__(model=model, args=args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "PruningTrainer does not support FSDP or DeepSpeed: physical pruning reshapes parameters that "
-                "those engines shard. Use DDP (accelerate launch --num_processes N without an FSDP/DeepSpeed "
-                "config), or prune first and recover with your sharded setup."
-            )
+        check_sharded_run(self, one_shot_at_start=one_shot_at_start, recovery=recovery,
+                          embedder=self.outer_model is not None)
         if self.teacher is not None:
             self.teacher.to(self.args.device)
         self.plan: PrunePlan | None = None  # the plan of the cut, once made
@@ -178,6 +176,8 @@ class PruningTrainer(Trainer):
             self._hidden_pairs(n)  # a layer_map into removed layers fails here, before any training
         if self.recovery == "lora" and not is_peft(self.model):
             self._wrap_lora()
+        if sharding_engine(self) == "fsdp2" and self.teacher is not None:
+            self.teacher = shard_teacher(self, self.teacher)  # after the cut: the student is sharded in train()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self._pruner is not None and self._pruner.plan is not None:
             plan = self._pruner.plan

@@ -1,0 +1,160 @@
+"""Per-rank memory of KD recovery under FSDP2 vs DDP: two CPU processes (gloo), SmolLM2-135M's shapes with random
+weights (fine for memory, never for accuracy), cut one-shot to 80% of layer FLOPs before wrapping, then KD steps from
+the dense teacher (full fine-tuning, AdamW, fp32).
+
+Under DDP each rank holds the whole cut model, its gradients, both Adam moments and the whole teacher; under FSDP2
+each rank holds its shard of each, plus one layer gathered at a time. Measured per rank: peak resident memory of the
+training steps (from the Trainer's ``on_train_begin``, after the cut and the wrapping, to ``on_train_end``; sampled
+every 5 ms from ``/proc/self/statm``), and the same above the level at ``on_train_begin`` (optimizer state,
+gradients, activations, gathered layers). FSDP2 runs on CPU through the shim in ``tests/fsdp_cpu.py`` (accelerate
+selects FSDP only on accelerator devices; the shim sets the state it sets on a GPU). Writes
+``benchmarks/results/fsdp.{json,md}``.
+
+    .venv/bin/python benchmarks/bench_fsdp.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class FsdpArguments:
+    """Arguments of ``bench_fsdp.py``.
+
+    Args:
+        steps: KD steps per run.
+        batch_size: sequences of ``seq_len`` tokens per rank and step.
+        seq_len: tokens per sequence.
+        flops_keep: the one-shot cut before training.
+    """
+
+    steps: int = 4
+    batch_size: int = 2
+    seq_len: int = 128
+    flops_keep: float = 0.8
+
+
+class _Peak:
+    def __init__(self) -> None:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        return self.peak / 2**20, (self.peak - self.base) / 2**20
+
+
+def worker(out: Path, mode: str, args: FsdpArguments) -> None:
+    import datasets
+    import torch
+    import transformers as T
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from fsdp_cpu import CpuFsdp2Trainer
+
+    import hf_prune as hp
+    from hf_prune.distributed import shutdown
+    from hf_prune.resources import embedded_model_path
+    from hf_prune.trainer import DistillationConfig, PruningTrainer
+
+    torch.manual_seed(0)
+    config = T.AutoConfig.from_pretrained(embedded_model_path("smollm2"))
+    model = T.AutoModelForCausalLM.from_config(config)  # random weights of the real shapes
+    n = args.steps * args.batch_size * 2
+    ids = torch.randint(0, config.vocab_size, (n, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * args.seq_len] * n})
+    targs = T.TrainingArguments(output_dir=str(out / mode), max_steps=args.steps,
+                                per_device_train_batch_size=args.batch_size, learning_rate=1e-4, logging_steps=1,
+                                save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    cls = CpuFsdp2Trainer if mode == "fsdp2" else PruningTrainer
+    trainer = cls(model=model, args=targs, train_dataset=ds, data_collator=T.default_data_collator,
+                  pruning_config=hp.PruningConfig(flops_keep=args.flops_keep, importance="magnitude", progress=False),
+                  distillation=DistillationConfig(alpha=1.0, temperature=1.0))
+    class Sample(T.TrainerCallback):  # the training steps only: after the cut and the wrapping, to the last step
+        def on_train_begin(self, *a, **k):
+            self.peak = _Peak()
+
+        def on_train_end(self, *a, **k):
+            self.result = self.peak.stop()
+
+    sample = Sample()
+    trainer.add_callback(sample)
+    trainer.train()
+    peak_mb, above_mb = sample.result
+    rank = trainer.args.process_index
+    (out / f"{mode}-rank{rank}.json").write_text(json.dumps({
+        "mode": mode, "rank": rank, "peak_rss_mb": peak_mb, "above_entry_mb": above_mb,
+        "params_m": hp.count_params(trainer.model) / 1e6,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}))
+    shutdown()
+
+
+def main() -> None:
+    import transformers as T
+
+    from hf_prune import report
+
+    (args,) = T.HfArgumentParser(FsdpArguments).parse_args_into_dataclasses()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("ddp", "fsdp2"):
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "--worker",
+                   tmp, mode, json.dumps(asdict(args))]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise SystemExit(f"{mode} run failed:\n{r.stderr[-3000:]}")
+            rows += [json.loads((Path(tmp) / f"{mode}-rank{i}.json").read_text()) for i in range(2)]
+    ddp = {r["rank"]: r for r in rows if r["mode"] == "ddp"}
+    for r in rows:
+        r["vs_ddp"] = r["peak_rss_mb"] / ddp[r["rank"]]["peak_rss_mb"]
+        r["above_vs_ddp"] = r["above_entry_mb"] / ddp[r["rank"]]["above_entry_mb"]
+    lines = ["# KD recovery under FSDP2 vs DDP: memory per rank\n",
+             "> Written by `benchmarks/bench_fsdp.py`; do not edit by hand.\n",
+             f"- command: `.venv/bin/python benchmarks/bench_fsdp.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
+             f"- environment: {json.dumps(report.environment())}\n",
+             f"\nTwo CPU processes (gloo), SmolLM2-135M's shapes with random weights, cut one-shot to "
+             f"{args.flops_keep:.0%} of layer FLOPs before wrapping, {args.steps} KD steps of {args.batch_size} x "
+             f"{args.seq_len} tokens per rank, AdamW, fp32; the dense teacher on every rank (sharded under FSDP2).\n",
+             report.markdown_table(rows, ["mode", "rank", "params_m", "peak_rss_mb", "vs_ddp", "above_entry_mb",
+                                          "above_vs_ddp"],
+                                   formats={"params_m": ".1f", "peak_rss_mb": ".0f", "vs_ddp": ".2f",
+                                            "above_entry_mb": ".0f", "above_vs_ddp": ".2f"},
+                                   headers={"params_m": "params (M)", "peak_rss_mb": "peak RSS of the steps (MB)",
+                                            "vs_ddp": "/ DDP", "above_entry_mb": "above train begin (MB)",
+                                            "above_vs_ddp": "/ DDP"})]
+    out = HERE / "results"
+    report.write_json(out / "fsdp.json", {"args": asdict(args), "environment": report.environment(), "rows": rows})
+    report.write_text(out / "fsdp.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]), sys.argv[3], FsdpArguments(**json.loads(sys.argv[4])))
+    else:
+        main()
