@@ -31,8 +31,7 @@ from typing import Any
 import datasets
 import torch
 import transformers as T
-from common import (CACHE, HERE, TASKS, cached_cell, calibration, dev_batches, evaluate, finetune, lm_measure,
-                    qnli_text)
+from common import CACHE, HERE, TASKS, cached_cell, calibration, dev_batches, evaluate, finetune, lm_measure, qnli_text
 
 import hf_prune as hp
 from hf_prune import report

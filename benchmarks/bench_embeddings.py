@@ -41,7 +41,13 @@ from transformers import DataCollatorWithPadding, HfArgumentParser, TrainingArgu
 import hf_prune as hp
 from hf_prune import report
 from hf_prune.embeddings import SentenceEmbedder, encoder, pooling_modes
-from hf_prune.embeddings.evaluation import encode_throughput, read_qnli_retrieval, read_sts, retrieval_scores, sts_spearman
+from hf_prune.embeddings.evaluation import (
+    encode_throughput,
+    read_qnli_retrieval,
+    read_sts,
+    retrieval_scores,
+    sts_spearman,
+)
 from hf_prune.importance import per_sample_loss
 from hf_prune.resources import embedded_model_path, read_tsv
 

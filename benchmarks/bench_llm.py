@@ -82,10 +82,11 @@ class LlmArguments:
         budgets: fractions of the layer FLOPs to keep (ignored with ``quick``).
         methods: which of ``retraining_free``, ``retraining_free_q``, ``fisher``, ``fisher_q``, ``magnitude``,
             ``random``, ``tp_taylor``, ``tp_magnitude`` to run, and ``retraining_free+kd`` / ``fisher+kd`` /
-            ``tp_taylor+kd``: the cut, then KD recovery from the dense model (token-level KL, temperature 2) on
-            blocks of the first 3,000 QNLI sentences, batch 4 x 128 tokens.
+            ``tp_taylor+kd``: the cut, then KD recovery from the dense model (token-level KL at
+            ``recovery_temperature``) on blocks of the first 3,000 QNLI sentences, batch 4 x 128 tokens.
         recovery_steps: recovery steps of the ``+kd`` methods (500 x 4 x 128 = 256k tokens).
         recovery_lr: their learning rate (linear decay, 10 warm-up steps).
+        recovery_temperature: their KD temperature.
         calibration_blocks: calibration blocks of 128 tokens.
         eval_blocks: held-out blocks of 128 tokens for perplexity.
         repeats: timed decode runs per model (median reported).
@@ -100,6 +101,7 @@ class LlmArguments:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     recovery_steps: int = 500
     recovery_lr: float = 2e-5
+    recovery_temperature: float = 2.0
     calibration_blocks: int = 32
     eval_blocks: int = 32
     repeats: int = 5
@@ -126,6 +128,8 @@ def run(args: LlmArguments, name: str) -> dict[str, Any]:
                    "eval": args.eval_blocks, "seed": args.seed}
             if method in RECOVERED:
                 key.update(steps=args.recovery_steps, lr=args.recovery_lr)
+                if args.recovery_temperature != 2.0:  # cells cached before the setting existed ran at 2
+                    key["temperature"] = args.recovery_temperature
 
             def compute(method=method, budget=budget):
                 cut = RECOVERED.get(method, method)
@@ -137,7 +141,8 @@ def run(args: LlmArguments, name: str) -> dict[str, Any]:
                 out["peak_rss_mb"] = mem.peak_mb
                 if method in RECOVERED:
                     out["ppl_before_recovery"] = perplexity(model, held_out)
-                    out["recovery_s"] = _recover(model, dense, cfg, tok, sentences[:3000], args)
+                    out["recovery_s"] = _recover(model, dense, cfg, tok, sentences[:3000], args,
+                                                 temperature=args.recovery_temperature)
                     out["recovery_tokens"] = args.recovery_steps * 4 * 128
                 sizes = hp.PrunePlan.of(model).physical_sizes()
                 return {**lm_measure(dense, model.eval(), held_out, args.repeats), **out,

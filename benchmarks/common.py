@@ -28,8 +28,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from hf_prune.recipes.metrics import compute_glue_metrics
-from hf_prune.resources import embedded_model_path, text_batches
 from hf_prune.recipes.tasks import TaskSpec, get_task, load_task_data
+from hf_prune.resources import embedded_model_path, text_batches
 
 HERE = Path(__file__).resolve().parent
 GLUE = HERE.parents[1] / "shared" / "data" / "glue"  # /work/shared/data/glue next to the checkout

@@ -8,6 +8,7 @@ pruning does not change them.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Iterable, Mapping
@@ -272,17 +273,24 @@ def _sync(model: nn.Module) -> None:
         torch.cuda.synchronize()
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name ``model.forward`` takes the KV cache by: ``cache`` from transformers 5.2x on, ``past_key_values``
+    before (the old name still works there, with a deprecation warning on every call)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decode_once(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """One greedy generation by hand (no ``generate`` bookkeeping in the timing): prefill ms, decode ms/token."""
+    name = _cache_argument(model)
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     _sync(model)
     prefill = (time.perf_counter() - start) * 1000.0
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (B, 1)
+    cache, token = getattr(out, name), out.logits[:, -1:].argmax(-1)  # (B, 1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache, token = getattr(out, name), out.logits[:, -1:].argmax(-1)
     _sync(model)
     return prefill, (time.perf_counter() - start) * 1000.0 / max(1, new_tokens)
 
