@@ -39,8 +39,9 @@ class PruningConfig:
             one width budget, which then counts the removed layers as saved (``flops_keep=0.4, layers_keep=0.5``:
             half the layers go, and heads and neurons of the rest are cut until 40% of the FLOPs remain).
         hidden_keep: hidden-width budget: the residual (hidden) channels to keep, a fraction of the dense hidden size
-            in (0, 1] or a whole count above 1. Every embedding, projection, norm and output layer loses the same
-            channels (:mod:`hf_prune.channels`). Alone, or with one width budget and/or ``layers_keep``: the channels
+            in (0, 1] or a whole count above 1 (a fraction of a width that is a multiple of 32 keeps a multiple of
+            32: llama.cpp's quant blocks and kernels; a count is taken as given). Every embedding, projection, norm
+            and output layer loses the same channels (:mod:`hf_prune.channels`). Alone, or with one width budget and/or ``layers_keep``: the channels
             are chosen first (``hidden_importance``) and the width budget is spent at the kept width
             (``target_params=...``: every head and neuron then costs less, the embeddings shrink with the width).
         hidden_search: with a ``flops_keep`` or ``target_params`` budget and no ``hidden_keep`` (``one_shot``): let

@@ -255,3 +255,14 @@ def test_a_stock_config_that_refuses_the_width_is_not_stock_expressible():
     with pytest.raises(hp.NotStockExpressible, match="multiple of the kept heads"):
         hp.prune(tiny.model(), [tiny.batch()], hp.PruningConfig(hidden_keep=30, allocation="uniform", deployable=True,
                                                                progress=False))
+
+
+@pytest.mark.parametrize("value,size,kept", [
+    (0.9, 576, 512), (0.8, 576, 448), (0.5, 576, 288), (0.75, 4096, 3072),  # whole 32-channel blocks
+    (0.9, 64, 58), (0.5, 48, 24),  # widths below 8 blocks (the tiny models): as computed
+    (518, 576, 518),  # a count is taken as given
+])
+def test_a_hidden_fraction_keeps_whole_blocks_of_32_channels(value, size, kept):
+    from hf_prune.hidden import hidden_count
+
+    assert hidden_count(value, size) == kept
