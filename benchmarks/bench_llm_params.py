@@ -22,7 +22,7 @@ llama.cpp (f16 GGUF files, interleaved; uneven cuts run as llama.cpp's ``deci``)
 (``benchmarks/cache/llm_params/``); writes ``benchmarks/results/llm_params.{json,md,png}``.
 
     .venv/bin/python benchmarks/bench_llm_params.py
-    .venv/bin/python benchmarks/bench_llm_params.py --methods width+hidden+kd tp_hidden+kd --budgets 0.5
+    .venv/bin/python benchmarks/bench_llm_params.py --methods width tp_hidden --budgets 0.8 --llama_cpp false
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class ParamsArguments:
         budgets: fractions of the dense parameter count to keep.
         methods: of ``width``, ``width+hidden``, ``depth+width``, ``depth+width+hidden``, ``tp_hidden``, each also
             with ``+kd``.
+        kd_budgets: the budgets at which the ``+kd`` methods run (KD costs ~25 min of CPU per 250k tokens here).
         recovery_steps: KD steps of the ``+kd`` methods (4 x 128 tokens each: 488 steps = 250k tokens).
         recovery_lr: their learning rate.
         calibration_blocks: calibration blocks of 128 tokens.
@@ -78,7 +79,8 @@ class ParamsArguments:
     """
 
     budgets: list[float] = field(default_factory=lambda: [0.8, 0.65, 0.5])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: [*METHODS, "width+hidden+kd", "tp_hidden+kd"])
+    kd_budgets: list[float] = field(default_factory=lambda: [0.5])
     recovery_steps: int = 488
     recovery_lr: float = 1e-4
     calibration_blocks: int = 64
@@ -133,6 +135,8 @@ def run(args: ParamsArguments) -> dict[str, Any]:
         target = int(budget * dense_params)
         for method in args.methods:
             cut = RECOVERED.get(method, method)
+            if method in RECOVERED and budget not in args.kd_budgets:
+                continue
             key = {"method": method, "params_keep": budget, "calib": args.calibration_blocks, "eval": args.eval_blocks,
                    "seed": args.seed, "llama_cpp": args.llama_cpp}
             if method in RECOVERED:
@@ -215,6 +219,8 @@ def main() -> None:
     unknown = sorted(set(args.methods) - set(METHODS) - set(RECOVERED))
     if unknown:
         raise SystemExit(f"unknown --methods {unknown}: choose from {', '.join([*METHODS, *RECOVERED])}")
+    if any(b not in args.budgets for b in args.kd_budgets):
+        raise SystemExit(f"--kd_budgets {args.kd_budgets}: each must be one of --budgets {args.budgets}")
     if any(not 0 < b <= 1 for b in args.budgets):
         raise SystemExit(f"--budgets {args.budgets}: each must be a fraction in (0, 1]")
     if args.llama_cpp and not has_llama_cpp():
