@@ -5,10 +5,10 @@ the dense teacher (full fine-tuning, AdamW, fp32).
 Under DDP each rank holds the whole cut model, its gradients, both Adam moments and the whole teacher; under FSDP2
 each rank holds its shard of each, plus one layer gathered at a time. Measured per rank: peak resident memory of the
 training steps (from the Trainer's ``on_train_begin``, after the cut and the wrapping, to ``on_train_end``; sampled
-every 5 ms from ``/proc/self/statm``), and the same above the level at ``on_train_begin`` (optimizer state,
-gradients, activations, gathered layers). FSDP2 runs on CPU through the shim in ``tests/fsdp_cpu.py`` (accelerate
-selects FSDP only on accelerator devices; the shim sets the state it sets on a GPU). Writes
-``benchmarks/results/fsdp.{json,md}``.
+every 5 ms from ``/proc/self/statm`` by ``common.PeakRSS``, after a garbage collection and ``malloc_trim``), and the
+same above the level at ``on_train_begin`` (optimizer state, gradients, activations, gathered layers). FSDP2 runs on
+CPU through the shim in ``tests/fsdp_cpu.py`` (accelerate selects FSDP only on accelerator devices; the shim sets the
+state it sets on a GPU). Writes ``benchmarks/results/fsdp.{json,md}``.
 
     .venv/bin/python benchmarks/bench_fsdp.py
 """
@@ -20,9 +20,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common import PeakRSS
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,29 +43,6 @@ class FsdpArguments:
     batch_size: int = 2
     seq_len: int = 128
     flops_keep: float = 0.8
-
-
-class _Peak:
-    def __init__(self) -> None:
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    def stop(self) -> tuple[float, float]:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        return self.peak / 2**20, (self.peak - self.base) / 2**20
 
 
 def worker(out: Path, mode: str, args: FsdpArguments) -> None:
@@ -93,17 +71,18 @@ def worker(out: Path, mode: str, args: FsdpArguments) -> None:
     trainer = cls(model=model, args=targs, train_dataset=ds, data_collator=T.default_data_collator,
                   pruning_config=hp.PruningConfig(flops_keep=args.flops_keep, importance="magnitude", progress=False),
                   distillation=DistillationConfig(alpha=1.0, temperature=1.0))
+
     class Sample(T.TrainerCallback):  # the training steps only: after the cut and the wrapping, to the last step
         def on_train_begin(self, *a, **k):
-            self.peak = _Peak()
+            self.mem = PeakRSS(interval=0.005).__enter__()
 
         def on_train_end(self, *a, **k):
-            self.result = self.peak.stop()
+            self.mem.__exit__()
 
     sample = Sample()
     trainer.add_callback(sample)
     trainer.train()
-    peak_mb, above_mb = sample.result
+    peak_mb, above_mb = sample.mem.total_mb, sample.mem.peak_mb
     rank = trainer.args.process_index
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps({
         "mode": mode, "rank": rank, "peak_rss_mb": peak_mb, "above_entry_mb": above_mb,

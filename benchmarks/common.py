@@ -273,6 +273,7 @@ class PeakRSS:
         self._thread.join()
         self._peak = max(self._peak, self._rss())
         self.peak_mb = (self._peak - self._base) / 2**20
+        self.total_mb = self._peak / 2**20  # the peak itself, not above entry
 
 
 # ----------------------------------------------------------------------------------------------- cached cells

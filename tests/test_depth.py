@@ -80,9 +80,9 @@ def test_decoder_without_a_layer_generates_with_the_cache_like_the_gated_dense_m
     ids = tiny.batch(batch_size=2, seq_len=6, labels=False)["input_ids"]
     if name == "qwen2":  # a sequence classifier: compare the cached forward passes of its base decoder instead
         dense, pruned = dense.model, pruned.model
-        name = "cache" if "cache" in inspect.signature(pruned.forward).parameters else "past_key_values"
+        arg = "cache" if "cache" in inspect.signature(pruned.forward).parameters else "past_key_values"
         out = pruned(ids, use_cache=True)
-        step = pruned(ids[:, -1:] * 0 + 5, use_cache=True, **{name: getattr(out, name)}).last_hidden_state
+        step = pruned(ids[:, -1:] * 0 + 5, use_cache=True, **{arg: getattr(out, arg)}).last_hidden_state
         full = pruned(torch.cat([ids, ids[:, -1:] * 0 + 5], 1), use_cache=False).last_hidden_state[:, -1:]
         torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
         return

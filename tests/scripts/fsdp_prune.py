@@ -68,8 +68,8 @@ trainer.save_model(str(out / f"{mode}-final"))
     "world_size": trainer.args.world_size,
     "plan": {"heads": plan.heads, "neurons": plan.neurons},
     "losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
-    "sharded": sum(sharded), "fsdp_units": units,
-    "layers_wrapped": all(isinstance(layer, FSDPModule) for layer in layers_of(trainer.model)), "params": len(sharded), "teacher_sharded": teacher_sharded,
+    "sharded": sum(sharded), "params": len(sharded), "teacher_sharded": teacher_sharded, "fsdp_units": units,
+    "layers_wrapped": all(isinstance(layer, FSDPModule) for layer in layers_of(trainer.model)),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 shutdown()
