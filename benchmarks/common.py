@@ -102,11 +102,20 @@ def finetune_dir(task: Task, steps: int, batch_size: int, lr: float, seed: int) 
     return CACHE / f"minilm-{task.name}-s{steps}-b{batch_size}-len{task.max_len}-lr{lr:g}-seed{seed}"
 
 
+#: flags a dense spec may end with: fine-tuned the way users do (``trainer``: a stock ``transformers.Trainer``,
+#: linear decay after 6% warmup, weight decay 0.01, dynamic padding, sentences truncated only at the model's limit)
+#: and its checkpoint saved in float16, then reloaded in float32 (``fp16``; the weights rounded as a shared fp16
+#: checkpoint rounds them)
+DENSE_FLAGS = ("trainer", "fp16")
+
+
 def parse_dense(spec: str) -> tuple[int, float, float, int]:
-    """A dense model ``seed:lr:epochs_factor[:batch]`` (``--dense`` of the robustness, side-by-side and dense
-    benchmarks): seed, learning rate, the task's usual epochs times ``epochs_factor``, batch size (default 32)."""
+    """A dense model ``seed:lr:epochs_factor[:batch][:trainer][:fp16]`` (``--dense`` of the robustness,
+    side-by-side and dense benchmarks): seed, learning rate, the task's usual epochs times ``epochs_factor``, batch
+    size (default 32). The flags (:data:`DENSE_FLAGS`) are read by :func:`dense_flags`."""
     try:
         seed, lr, factor, *rest = spec.split(":")
+        rest = [r for r in rest if r not in DENSE_FLAGS]
         if len(rest) > 1:
             raise ValueError
         batch = int(rest[0]) if rest else 32
@@ -114,8 +123,26 @@ def parse_dense(spec: str) -> tuple[int, float, float, int]:
             raise ValueError
         return int(seed), float(lr), float(factor), batch
     except ValueError:
-        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor[:batch], e.g. 0:5e-5:1 or 0:2e-5:1.667:16") \
-            from None
+        raise SystemExit(f"--dense {spec!r}: write seed:lr:epochs_factor[:batch][:trainer][:fp16], e.g. 0:5e-5:1, "
+                         "0:2e-5:1.667:16 or 3:2e-5:2:trainer:fp16") from None
+
+
+def dense_flags(spec: str) -> set[str]:
+    """The :data:`DENSE_FLAGS` a dense spec ends with."""
+    return set(spec.split(":")[3:]) & set(DENSE_FLAGS)
+
+
+def dense_model(task: "Task", tok: Any, spec: str, protocol_epochs: float) -> Path:
+    """The fine-tuned folder of a dense spec (fine-tuned once, then cached); ``protocol_epochs`` is what an epochs
+    factor of 1 means for ``task``."""
+    seed, lr, factor, batch = parse_dense(spec)
+    flags = dense_flags(spec)
+    if "trainer" in flags:
+        return finetune_trainer(task, tok, protocol_epochs * factor, batch, lr, seed, fp16="fp16" in flags)
+    steps = epochs_to_steps(task, protocol_epochs * factor, batch)
+    if "fp16" in flags:
+        raise SystemExit(f"--dense {spec!r}: fp16 goes with trainer (the user-style fine-tune)")
+    return finetune(task, tok, steps, batch, lr, seed)
 
 
 def epochs_to_steps(task: Task, epochs: float, batch_size: int) -> int:
@@ -166,6 +193,43 @@ def finetune(task: Task, tok: Any, steps: int, batch_size: int, lr: float, seed:
     # what the fine-tune cost, for the dense sweep's table (folders cached before this file existed lack it)
     (tmp / "finetune.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "last_loss": loss.item(),
                                                    "steps": steps, "batch": batch_size, "lr": lr, "seed": seed}))
+    tmp.rename(out)
+    return out
+
+
+def finetune_trainer(task: "Task", tok: Any, epochs: float, batch_size: int, lr: float, seed: int,
+                     fp16: bool = False) -> Path:
+    """Fine-tune MiniLM on ``task`` as a user would with a stock ``Trainer`` (see :data:`DENSE_FLAGS`); cached."""
+    import datasets
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    out = CACHE / (f"minilm-{task.name}-trainer-e{epochs:g}-b{batch_size}-lr{lr:g}-seed{seed}"
+                   + ("-fp16" if fp16 else ""))
+    if (out / "config.json").exists():
+        return out
+    texts, labels = task.read("train")
+    pair = isinstance(texts[0], tuple)
+    cols = {"a": [t[0] for t in texts], "b": [t[1] for t in texts]} if pair else {"a": list(texts)}
+    ds = datasets.Dataset.from_dict({**cols, "label": labels}).map(
+        lambda ex: tok(ex["a"], ex["b"] if pair else None, truncation=True), batched=True, remove_columns=list(cols))
+    model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path(), num_labels=task.num_labels)
+    tmp = out.with_name(out.name + ".tmp")
+    args = TrainingArguments(str(tmp / "run"), num_train_epochs=epochs, learning_rate=lr, seed=seed,
+                             per_device_train_batch_size=batch_size, warmup_steps=0.06, weight_decay=0.01,
+                             save_strategy="no", report_to=[], logging_steps=200, use_cpu=True,
+                             dataloader_num_workers=0)
+    start = time.perf_counter()
+    result = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                     data_collator=DataCollatorWithPadding(tok)).train()
+    model.eval()
+    if fp16:  # shared as float16, loaded back in float32 by whoever prunes it
+        model.to(torch.float16)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "finetune.json").write_text(json.dumps({"seconds": time.perf_counter() - start,
+                                                   "train_loss": result.training_loss, "epochs": epochs,
+                                                   "batch": batch_size, "lr": lr, "seed": seed, "fp16": fp16,
+                                                   "trainer": True}))
     tmp.rename(out)
     return out
 

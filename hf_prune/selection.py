@@ -18,7 +18,7 @@ from .batches import Batch, batch_size, model_device, to_device
 from .budget_kinds import BUDGETS
 from .depth import depth_candidates
 from .distributed import is_distributed
-from .divergence import model_output, sample_divergence
+from .divergence import FidelitySums, model_output
 from .plan import PrunePlan
 from .surgery import apply_plan_
 
@@ -28,13 +28,15 @@ Prepare = Callable[[nn.Module], Any]
 
 @torch.no_grad()
 def output_divergence(
-    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, Callable[[], nn.Module]]
+    model: nn.Module, batches: Sequence[Batch], candidates: Mapping[str, Callable[[], nn.Module]],
+    details: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Mean per-sample divergence of each candidate model's outputs from ``model``'s.
 
     ``candidates`` maps names to functions that build the candidate (e.g. a cut copy, which runs at its kept
     FLOPs); they are built one at a time, so at most one copy of the model exists besides ``model``. The
-    reference outputs are computed once and kept on the CPU.
+    reference outputs are computed once and kept on the CPU. ``details``, when given, receives each candidate's
+    label-free fidelity (:meth:`FidelitySums.result`: top-1 agreement, correlation or cosine beside the divergence).
     """
     device = model_device(model)
     was_training = model.training
@@ -47,18 +49,24 @@ def output_divergence(
             refs.append(ref.cpu())
     finally:
         model.train(was_training)
-    count = sum(int(r.shape[0]) for r in refs)
     totals = {}
     for name, build in candidates.items():
         net = build().eval()
-        total = 0.0
+        sums = FidelitySums()
         for x, ref in zip(inputs, refs):
             out, _ = model_output(net(**to_device(x, device)))
             mask = x.get("attention_mask")
-            total += float(sample_divergence(ref, out.cpu(), kl, None if mask is None else mask.cpu()).sum())
-        totals[name] = total / max(count, 1)
+            sums.add(ref, out.cpu(), kl, None if mask is None else mask.cpu())
         del net
-    return _rank_mean(totals, device)
+        if is_distributed():  # each rank holds out its own samples: add them up, so every rank keeps the same stage
+            t = sums.as_tensor().to(device)
+            torch.distributed.all_reduce(t)
+            sums.load(t.cpu())
+        result = sums.result()
+        totals[name] = result["divergence"]
+        if details is not None:
+            details[name] = result
+    return totals
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from .export import save_pruned
 from .model_kinds import model_kind, scored_view
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
-from .sharding import check_sharded_run, shard_teacher, sharding_engine
+from .sharding import check_sharded_run, check_whole_parameters, shard_teacher
 from .surgery import apply_plan_
 
 logger = logging.get_logger(__name__)
@@ -129,6 +129,7 @@ class PruningTrainer(Trainer):
             model = scored_view(model)
             teacher_model = scored_view(teacher_model) if teacher_model is not None else None
         get_adapter(model)  # unsupported architectures and peft-wrapped models fail here, before any work
+        check_whole_parameters(model)
         if distillation is not None and teacher_model is None:
             if PrunePlan.of(model) != PrunePlan.dense(model):
                 raise ValueError(
@@ -176,7 +177,7 @@ class PruningTrainer(Trainer):
             self._hidden_pairs(n)  # a layer_map into removed layers fails here, before any training
         if self.recovery == "lora" and not is_peft(self.model):
             self._wrap_lora()
-        if sharding_engine(self) == "fsdp2" and self.teacher is not None:
+        if self.teacher is not None:
             self.teacher = shard_teacher(self, self.teacher)  # after the cut: the student is sharded in train()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self._pruner is not None and self._pruner.plan is not None:

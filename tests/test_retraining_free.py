@@ -561,6 +561,86 @@ def test_stage_selection_keeps_the_stage_closest_to_the_dense_outputs():
     assert total / n == pytest.approx(sel["divergence"][sel["chosen"]], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["divergence", "task_loss"])
+def test_fidelity_is_the_cut_models_agreement_with_dense_on_the_held_out_samples(metric):
+    from hf_prune.divergence import fidelity_line
+    from hf_prune.retraining_free import split_batches
+
+    model = _minilm_shaped(seed=3)
+    dense = copy.deepcopy(model)
+    batches = _text_batches(200, n=16, batch_size=8, seed=3)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, tuning_samples=48, selection_samples=32,
+                              selection_metric=metric, progress=False)
+    pruned, plan = hp.prune(model, batches, config)
+    fid, sel = plan.meta["fidelity"], plan.meta["retraining_free"]["selection"]
+    _, held = split_batches(batches, 48, 32)
+    with torch.no_grad():
+        ref = torch.cat([dense(**inputs_only(b)).logits for b in held])  # (32, 2)
+        out = torch.cat([pruned(**inputs_only(b)).logits for b in held])
+    agree = (ref.argmax(-1) == out.argmax(-1)).double().mean().item()
+    kl = (ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean().item()
+    assert fid["samples"] == 32 and fid["agreement"] == pytest.approx(agree)
+    assert fid["divergence"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert sel["fidelity"][sel["chosen"]] == fid  # every candidate's, with the chosen one's on top
+    if metric == "divergence":
+        assert set(sel["fidelity"]) == set(sel["divergence"])
+    assert f"{agree:.1%} of 32 held-out" in fidelity_line(plan.meta)
+
+
+def test_fidelity_without_selection_or_held_out_samples():
+    from hf_prune.divergence import fidelity_line
+
+    batches = _text_batches(200, n=8, batch_size=8, seed=4)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, tuning_samples=48, select_stages=False,
+                              progress=False)
+    _, plan = hp.prune(_minilm_shaped(seed=4), batches, config)
+    assert plan.meta["fidelity"]["samples"] == 16  # the samples the tuning left
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, tuning_samples=None, progress=False)
+    _, plan = hp.prune(_minilm_shaped(seed=4), batches, config)
+    assert "fidelity" not in plan.meta
+    assert fidelity_line(plan.meta).startswith("no fidelity estimate: the mask tuning used all 64 calibration")
+    assert fidelity_line({}) is None
+
+
+def test_fidelity_sums_by_output_kind():
+    from hf_prune.divergence import FidelitySums
+
+    g = torch.Generator().manual_seed(0)
+    ref, out = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)  # one regression output
+    sums = FidelitySums()
+    sums.add(ref[:4], out[:4], False, None)
+    sums.add(ref[4:], out[4:], False, None)
+    r = sums.result()
+    assert r["correlation"] == pytest.approx(float(np.corrcoef(ref[:, 0], out[:, 0])[0, 1]))
+    assert r["divergence"] == pytest.approx(float((ref - out).pow(2).mean())) and r["divergence_kind"] == "squared_error"
+    states, other = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)  # hidden states
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    sums = FidelitySums()
+    sums.add(states, other, False, mask)
+    cos = torch.nn.functional.cosine_similarity(states, other, dim=-1)  # (2, 3)
+    assert sums.result()["cosine"] == pytest.approx(float(cos[mask.bool()].mean()))
+    assert sums.result()["positions"] == 5
+    logits = torch.randn(2, 3, 5, generator=g)  # a causal LM: per-token agreement over the mask
+    sums = FidelitySums()
+    sums.add(logits, logits.flip(-1), True, mask)
+    hits = (logits.argmax(-1) == logits.flip(-1).argmax(-1))[mask.bool()]
+    assert sums.result()["agreement"] == pytest.approx(hits.double().mean().item())
+
+
+def test_inspect_sees_every_candidate_the_selection_compares():
+    model = _minilm_shaped(seed=3)
+    batches = _text_batches(200, n=16, batch_size=8, seed=3)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.4, tuning_samples=48, selection_samples=32,
+                              progress=False)
+    seen = {}
+    plan, _ = retraining_free_plan(model, batches, config, inspect=lambda c: seen.update(c))
+    sel = plan.meta["retraining_free"]["selection"]
+    assert set(seen) == set(sel["divergence"])
+    chosen_plan, build = seen[sel["chosen"]]
+    assert (chosen_plan.heads, chosen_plan.neurons) == (plan.heads, plan.neurons)
+    assert hp.PrunePlan.of(build()) == hp.PrunePlan.of(hp.apply_plan_(copy.deepcopy(model), plan))
+
+
 def test_selection_off_keeps_the_tuned_rearranged_plan():
     model = _minilm_shaped(seed=4)
     batches = _text_batches(200, n=16, batch_size=8, seed=4)

@@ -132,7 +132,7 @@ def test_every_pruning_setting_has_its_help_text_in_its_metadata():
 
 #: the only modules imported inside functions: optional extras (serving runtimes) and heavy imports kept off
 #: ``import hf_prune`` (plots, LoRA, metrics); everything else is imported at the top of its module
-LOCAL_IMPORTS = {"gguf", "llama_cpp", "onnx", "onnxruntime", "vllm", "matplotlib", "peft", "sklearn", "scipy",
+LOCAL_IMPORTS = {"gguf", "llama_cpp", "onnx", "onnxruntime", "vllm", "matplotlib", "peft", "sklearn", "scipy", "deepspeed",
                  "sentence_transformers",
                  "evaluate", "pandas"}
 

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 from .. import api, checkpoint, costs
 from ..budget import DEFAULT_BUDGET, FIELD_BUDGETS
 from ..config import PruningConfig, flag_fields, from_flag
+from ..divergence import fidelity_line
 from ..export import save_pruned
 from ..recipes.common import check_flags
 from ..resources import read_tsv, resolve_model_path, sst2_sample, text_batches
@@ -97,6 +98,8 @@ def cmd_prune(argv: list[str]) -> int:
     took = time.perf_counter() - start
     print(f"\npruned with {cfg.importance} scores in {took:.1f}s, budget {cfg.budget()}, {cfg.allocation} allocation")
     print(plan.summary())
+    if fidelity_line(plan.meta):  # label-free, before any evaluation
+        print(fidelity_line(plan.meta))
 
     rows = [("params", costs.count_params(dense), costs.count_params(model))]
     fd, fp = costs.count_flops(dense, cfg.seq_len), costs.count_flops(model, cfg.seq_len)

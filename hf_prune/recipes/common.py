@@ -23,6 +23,7 @@ from .. import costs, report
 from ..api import prune
 from ..budget_kinds import BUDGETS
 from ..distributed import barrier
+from ..divergence import fidelity_line
 from ..model_kinds import scored_view
 from ..plan import PrunePlan
 from ..trainer import DistillationConfig, PruningTrainer, default_lora_config
@@ -154,6 +155,8 @@ def prune_and_recover(
     model, plan = prune(model, calibration, cfg)
     result = PruneResult(name, dict(budget), plan, model, time.perf_counter() - start)
     result.metrics_pruned = evaluate_fn(model)
+    if fidelity_line(plan.meta):  # label-free, from held-out calibration samples
+        log(f"[{name}] {fidelity_line(plan.meta)}")
     log(f"[{name}] pruned in {result.prune_seconds:.1f}s: {result.metrics_pruned}")
     if recovery_args.recovery == "none":
         return result

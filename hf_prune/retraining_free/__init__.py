@@ -44,7 +44,8 @@ One module per stage: :mod:`.fisher` (the scores and the search), :mod:`.latency
 """
 
 from ..batches import by_length, collect_batches, split_batches
-from ..selection import choose_depth, held_out_loss, model_output, output_divergence, sample_divergence
+from ..divergence import model_output, sample_divergence
+from ..selection import choose_depth, held_out_loss, output_divergence
 from .fisher import FisherInfo, fisher_information, search_masks
 from .latency import LatencyTable, measure_latency_table, search_latency
 from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positions

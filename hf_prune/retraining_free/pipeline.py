@@ -14,7 +14,7 @@ from ..batches import batch_size, by_length, collect_batches, split_batches
 from ..depth import layer_importance
 from ..hidden import hidden_importance
 from ..plan import PrunePlan
-from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, require_labels
+from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, output_divergence, require_labels
 from ..surgery import apply_plan_
 from .fisher import fisher_information, search_masks
 from .latency import LatencyTable
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from ..config import PruningConfig
 
 M = TypeVar("M", bound=nn.Module)
+#: ``retraining_free_plan(inspect=...)``: sees the selection's candidates, name -> (plan, build the cut model)
+Inspect = Callable[[dict[str, tuple[PrunePlan, Callable[[], nn.Module]]]], Any]
 
 
 def retraining_free_plan(
@@ -33,11 +35,16 @@ def retraining_free_plan(
     config: "PruningConfig",
     *,
     latency_table: LatencyTable | None = None,
+    inspect: Inspect | None = None,
 ) -> tuple[PrunePlan, MaskTuning | None]:
     """Everything :func:`prune_retraining_free` does except changing ``model``: the plan (with
     ``plan.meta["retraining_free"]``) and the tuning to fold into the dense weights (None when the chosen
     stage is untuned). ``fold_tuning_`` then masks or ``apply_plan_`` reproduce the cut model exactly, which is
-    how :class:`hf_prune.PruningCallback` applies it without reshaping parameters."""
+    how :class:`hf_prune.PruningCallback` applies it without reshaping parameters.
+
+    ``inspect(candidates)``, when given, is called before the selection with every candidate the selection will
+    compare, ``name -> (plan, build)`` (``build()`` returns that candidate's cut model): how a study sees each
+    stage's cut on its own data (``benchmarks/bench_robustness.py --stages``). It must not change ``model``."""
     current = PrunePlan.of(model)
     if any(len(h) != len(current.kv_heads(i)) * current.group_size for i, h in enumerate(current.heads)):
         raise ValueError("this model keeps part of some key/value groups (head_unit='query_head'); the retraining-free "
@@ -87,15 +94,17 @@ def retraining_free_plan(
         stages["rearranged"] = plan
         times["rearrange_s"] = time.perf_counter() - t
     del fisher
-    plan, tuning = _tune_and_select(model, stages, plan, tune_batches, held_out, config, info, times)
+    plan, tuning = _tune_and_select(model, stages, plan, tune_batches, held_out, config, info, times, inspect)
     plan.meta["retraining_free"] = info
+    if "fidelity" in info:  # what the user is told before any evaluation (CLI, recipes, model card)
+        plan.meta["fidelity"] = info.pop("fidelity")
     info["times"] = {**times, "total_s": time.perf_counter() - start}
     return plan, tuning
 
 
 def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: PrunePlan, tune_batches: list,
                      held_out: list, config: "PruningConfig", info: dict[str, Any],
-                     times: dict[str, float]) -> tuple[PrunePlan, MaskTuning | None]:
+                     times: dict[str, float], inspect: Inspect | None) -> tuple[PrunePlan, MaskTuning | None]:
     """Stages 4 and 5: tune the candidates (the final plan, and with selection on its alternatives), then keep the
     candidate closest to the dense model on the held-out samples. Records into ``info`` and ``times``."""
     selecting = config.select_stages and bool(held_out)
@@ -140,15 +149,29 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         candidates = {name: functools.partial(cut_candidate, model, p) for name, p in stages.items()}
         candidates.update({name: functools.partial(cut_candidate, model, to_tune[name][0], _folding(tn))
                            for name, tn in tuned.items()})
-        divergence = SELECTION_SCORES[config.selection_metric](model, held_out, candidates)
+        if inspect is not None:
+            inspect({name: (stages[name] if name in stages else to_tune[name][0], build)
+                     for name, build in candidates.items()})
+        details: dict[str, dict[str, Any]] = {}
+        score = SELECTION_SCORES[config.selection_metric]
+        divergence = score(model, held_out, candidates, details=details) if score is output_divergence else \
+            score(model, held_out, candidates)
         chosen = min(divergence, key=divergence.get)
+        if chosen not in details:  # selected by task loss: measure the chosen cut's fidelity on the same samples
+            output_divergence(model, held_out, {chosen: candidates[chosen]}, details=details)
         info["selection"] = {"divergence": divergence, "chosen": chosen, "metric": config.selection_metric,
-                             "samples": sum(batch_size(b) for b in held_out)}
+                             "samples": sum(batch_size(b) for b in held_out), "fidelity": details}
+        info["fidelity"] = details[chosen]
         if chosen in tuned:
             plan, tuning = to_tune[chosen][0], tuned[chosen]
         else:
             plan, tuning = stages[chosen], None
         times["selection_s"] = time.perf_counter() - t
+    if held_out and "fidelity" not in info:  # nothing was selected: still tell the user what they got
+        details = {}
+        output_divergence(model, held_out, {"cut": functools.partial(
+            cut_candidate, model, plan, None if tuning is None else _folding(tuning))}, details=details)
+        info["fidelity"] = details["cut"]
     return plan, tuning
 
 
