@@ -69,7 +69,8 @@ SPREAD = {("sst2", 0.5): 0.4}
 #: ``retraining_free_obs`` also tunes the OBS-reselected candidate (``obs_reselection``) for the selection to weigh;
 #: ``retraining_free_cross`` also rearranges units between layers with the cross-layer Fisher (``rearrange_scope``);
 #: ``retraining_free_select512`` compares the candidates on 512 held-out samples instead of 256;
-#: ``retraining_free_tune1024`` fits the tuning on 1024 samples instead of 256.
+#: ``retraining_free_tune1024`` fits the tuning on 1024 samples instead of 256; ``retraining_free_no_rearrange`` skips
+#: the rearrangement (the search plan is then the one tuned).
 METHODS = {
     "retraining_free": lambda args: {"method": "retraining_free"},
     "retraining_free_tune_all": lambda args: {"method": "retraining_free",
@@ -79,6 +80,7 @@ METHODS = {
     "retraining_free_cross": lambda args: {"method": "retraining_free", "rearrange_scope": "model"},
     "retraining_free_select512": lambda args: {"method": "retraining_free", "selection_samples": 512},
     "retraining_free_tune1024": lambda args: {"method": "retraining_free", "tuning_samples": 1024},
+    "retraining_free_no_rearrange": lambda args: {"method": "retraining_free", "rearrange": False},
     "fisher": lambda args: {"importance": "fisher"},
 }
 
@@ -95,7 +97,8 @@ class RobustnessArguments:
         samples: calibration samples per draw.
         methods: names in ``METHODS``: ``retraining_free``, ``retraining_free_tune_all``,
             ``retraining_free_task_loss``, ``retraining_free_obs``, ``retraining_free_cross``,
-            ``retraining_free_select512``, ``retraining_free_tune1024``, ``fisher`` (one-shot).
+            ``retraining_free_select512``, ``retraining_free_tune1024``, ``retraining_free_no_rearrange``,
+            ``fisher`` (one-shot).
         quick: MRPC at 50%, two dense models of a third of an epoch, 256 samples.
         seed: torch seed of each cell.
         out_name: stem of the result files under ``benchmarks/results/`` (default ``robustness``, or

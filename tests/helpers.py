@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -108,3 +113,26 @@ def save_tiny_llama(path, heads: int = 4, kv: int = 2, head_dim: int = 8):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+SHARDED_SCRIPT = Path(__file__).parent / "scripts" / "fsdp_prune.py"
+
+
+def launch_sharded(out: Path, mode: str, arch: str, method: str, **env: str) -> list[dict]:
+    """``tests/scripts/fsdp_prune.py`` under ``accelerate launch`` with two CPU processes (gloo): each rank's result."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **env}
+    r = subprocess.run(launcher + [str(SHARDED_SCRIPT), str(out), mode, arch, method], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return [json.loads((out / f"{mode}-rank{i}.json").read_text()) for i in range(2)]
+
+
+def assert_reload_equals_gathered(out: Path, mode: str) -> None:
+    """The pruned checkpoint a sharded run saved reloads to exactly the weights rank 0 gathered."""
+    gathered = torch.load(out / f"{mode}-gathered.pt")
+    reloaded = hp.load_pruned(out / f"{mode}-final").state_dict()
+    assert set(gathered) == set(reloaded)
+    for name, tensor in gathered.items():
+        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)

@@ -4,72 +4,52 @@ The cut happens before DeepSpeed partitions the model; the cut model and the KD 
 result must equal the DDP run's, save to a reloadable pruned checkpoint, and resume. Skipped without deepspeed
 (the ``deepspeed`` extra), unless HF_PRUNE_REQUIRE_DEEPSPEED is set (CI), where a missing install fails."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import assert_reload_equals_gathered, launch_sharded
 from tiny import BY_NAME
 
 import hf_prune as hp
-
-SCRIPTS = Path(__file__).parent / "scripts"
 
 if os.environ.get("HF_PRUNE_REQUIRE_DEEPSPEED"):
     import deepspeed  # noqa: F401  (CI: a failed install fails here instead of skipping)
 else:
     pytest.importorskip("deepspeed")
 
-ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-
-
-def _launch(out: Path, mode: str, arch: str, method: str) -> list[dict]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    r = subprocess.run(launcher + [str(SCRIPTS / "fsdp_prune.py"), str(out), mode, arch, method], capture_output=True,
-                       text=True, env=ENV, timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return [json.loads((out / f"{mode}-rank{i}.json").read_text()) for i in range(2)]
-
-
-def _assert_reload_equals_gathered(out: Path, mode: str) -> None:
-    gathered = torch.load(out / f"{mode}-gathered.pt")
-    reloaded = hp.load_pruned(out / f"{mode}-final").state_dict()
-    assert set(gathered) == set(reloaded)
-    for name, tensor in gathered.items():
-        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.mark.parametrize("arch,method", [("bert", "one_shot"), ("llama", "retraining_free")])
 def test_zero3_recovery_partitions_and_equals_ddp(tmp_path, arch, method):
-    zero3 = _launch(tmp_path, "zero3", arch, method)
+    zero3 = launch_sharded(tmp_path, "zero3", arch, method, DS_ACCELERATOR="cpu")
     assert [r["world_size"] for r in zero3] == [2, 2]
     assert zero3[0]["plan"] == zero3[1]["plan"]  # every rank cut the same structure before DeepSpeed partitioned it
     dense = hp.PrunePlan.of(BY_NAME[arch].model())
     assert zero3[0]["plan"] != {"heads": dense.heads, "neurons": dense.neurons}  # something was pruned
     for rank in zero3:  # every matrix of the cut model is partitioned over the ranks, and so is the teacher
         assert rank["sharded"] == rank["params"] > 0 and rank["teacher_sharded"]
-    _assert_reload_equals_gathered(tmp_path, "zero3")
+    assert_reload_equals_gathered(tmp_path, "zero3")
     if method == "retraining_free":
         return
-    ddp = _launch(tmp_path, "ddp", arch, method)
+    ddp = launch_sharded(tmp_path, "ddp", arch, method)
     assert ddp[0]["plan"] == zero3[0]["plan"] and ddp[0]["sharded"] == 0
     steps = sorted(ddp[0]["losses"], key=int)
     assert steps == [str(i) for i in range(1, 9)]
     for s in steps:  # the same cut, data and updates: the partitioned run computes what the replicated one does
         assert zero3[0]["losses"][s] == pytest.approx(ddp[0]["losses"][s], rel=1e-5, abs=1e-7), s
-    resumed = _launch(tmp_path, "zero3-resume", arch, method)  # from the ZeRO-3 run's step-4 checkpoint
+    resumed = launch_sharded(tmp_path, "zero3-resume", arch, method, DS_ACCELERATOR="cpu")  # from the ZeRO-3 run's step-4 checkpoint
     assert sorted(resumed[0]["losses"], key=int) == steps  # steps 1-4 from the checkpoint's state, 5-8 trained
     for s in ("5", "6", "7", "8"):
         assert resumed[0]["losses"][s] == pytest.approx(zero3[0]["losses"][s], rel=1e-5, abs=1e-7), s
-    _assert_reload_equals_gathered(tmp_path, "zero3-resume")
+    assert_reload_equals_gathered(tmp_path, "zero3-resume")
 
 
 def test_zero3_refuses_a_partitioned_model_and_saves_without_gathering(tmp_path):
-    env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29517"}
     r = subprocess.run([sys.executable, str(SCRIPTS / "zero3_refusals.py"), str(tmp_path)], capture_output=True,
                        text=True, env=env, timeout=600)

@@ -3,65 +3,40 @@
 the cut model and the KD teacher train sharded; the result must equal the DDP run's, save to a reloadable pruned
 checkpoint, and resume."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 import transformers as T
 from fsdp_cpu import CpuFsdp2Trainer
+from helpers import assert_reload_equals_gathered, launch_sharded
 from tiny import BY_NAME
 
 import hf_prune as hp
 from hf_prune.schedule import PruningSchedule
 
-SCRIPT = Path(__file__).parent / "scripts" / "fsdp_prune.py"
-
-
-def _launch(out: Path, mode: str, arch: str, method: str) -> list[dict]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(launcher + [str(SCRIPT), str(out), mode, arch, method], capture_output=True, text=True,
-                       env=env, timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return [json.loads((out / f"{mode}-rank{i}.json").read_text()) for i in range(2)]
-
-
-def _assert_reload_equals_gathered(out: Path, mode: str) -> None:
-    gathered = torch.load(out / f"{mode}-gathered.pt")
-    reloaded = hp.load_pruned(out / f"{mode}-final").state_dict()
-    assert set(gathered) == set(reloaded)
-    for name, tensor in gathered.items():
-        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
-
 
 @pytest.mark.parametrize("arch,method", [("bert", "one_shot"), ("llama", "one_shot"), ("bert", "retraining_free")])
 def test_fsdp2_recovery_shards_and_equals_ddp(tmp_path, arch, method):
-    fsdp = _launch(tmp_path, "fsdp", arch, method)
+    fsdp = launch_sharded(tmp_path, "fsdp", arch, method)
     assert [r["world_size"] for r in fsdp] == [2, 2]
     assert fsdp[0]["plan"] == fsdp[1]["plan"]  # every rank cut the same structure before wrapping
     assert fsdp[0]["plan"]["heads"] != [[0, 1, 2, 3]] * 3  # something was pruned
     for rank in fsdp:  # every matrix of the cut model is split over the ranks, and so is the teacher
         assert rank["sharded"] == rank["params"] > 0 and rank["teacher_sharded"]
         assert rank["layers_wrapped"] and "" in rank["fsdp_units"]  # the root and each layer: gathered one at a time
-    _assert_reload_equals_gathered(tmp_path, "fsdp")
+    assert_reload_equals_gathered(tmp_path, "fsdp")
     if method == "retraining_free":
         return
-    ddp = _launch(tmp_path, "ddp", arch, method)
+    ddp = launch_sharded(tmp_path, "ddp", arch, method)
     assert ddp[0]["plan"] == fsdp[0]["plan"] and ddp[0]["sharded"] == 0
     steps = sorted(ddp[0]["losses"], key=int)
     assert steps == [str(i) for i in range(1, 9)]
     for s in steps:  # the same cut, data and updates: the sharded run computes what the replicated one does
         assert fsdp[0]["losses"][s] == pytest.approx(ddp[0]["losses"][s], rel=1e-5, abs=1e-7), s
     if arch == "bert":
-        resumed = _launch(tmp_path, "fsdp-resume", arch, method)  # from the FSDP run's step-4 checkpoint
+        resumed = launch_sharded(tmp_path, "fsdp-resume", arch, method)  # from the FSDP run's step-4 checkpoint
         for s in ("5", "6", "7", "8"):
             assert resumed[0]["losses"][s] == pytest.approx(fsdp[0]["losses"][s], rel=1e-5, abs=1e-7), s
-        _assert_reload_equals_gathered(tmp_path, "fsdp-resume")
+        assert_reload_equals_gathered(tmp_path, "fsdp-resume")
 
 
 def _trainer(tmp_path, cls=CpuFsdp2Trainer, **kwargs):
