@@ -11,8 +11,9 @@ checkpoint in float16, reloaded in float32 (``common.DENSE_FLAGS``).
 Issue 37's questions are answered from the same cells (:mod:`robustness_analysis`): every candidate stage the
 selection compares is cut and evaluated on dev too (``retraining_free_plan(inspect=...)``; the dev set only watches),
 so the report says which stage's result and units move between calibration draws, how many dev predictions flip,
-and how well the label-free fidelity estimate the user is shown (``plan.meta["fidelity"]``) predicts the dev drop. Calibration draw ``d`` is ``--samples``
-training examples drawn with seed ``d`` (each draw a different random subset). Every (task, dense, draw, budget,
+and how well the label-free fidelity estimate the user is shown (``plan.meta["fidelity"]``) predicts the dev drop.
+Calibration draw ``d`` is ``--samples`` training examples drawn with seed ``d`` (each draw a different random
+subset). Every (task, dense, draw, budget,
 method) cell is cached under ``benchmarks/cache/robustness/`` as soon as it finishes; dense fine-tunes under
 ``benchmarks/cache/``.
 
@@ -142,7 +143,8 @@ def run_task(name: str, args: RobustnessArguments, tok: Any) -> list[dict[str, A
                            "drop": dense[main] - cell[main], "metric": main, "chosen": cell.get("chosen", ""),
                            "agreement": (cell.get("fidelity") or {}).get("agreement"), "dev_size": len(labels)}
                     print(f"[{name}] {spec} draw {draw} {keep:.0%} {method}: {main} {cell[main]:.2f} "
-                          f"(drop {row['drop']:+.2f}), divergence {cell['dev_divergence']:.4f} {row['chosen']}", flush=True)
+                          f"(drop {row['drop']:+.2f}), divergence {cell['dev_divergence']:.4f} {row['chosen']}",
+                          flush=True)
                     rows.append(row)
     return rows
 
@@ -178,13 +180,14 @@ def prune_cell(model: Any, calib: list, keep: float, method: str, args: Robustne
         pruned, plan = hp.prune(copy.deepcopy(model), calib, cfg)
     prune_s = time.perf_counter() - start - inspect_s
     logits = dev_logits(pruned, dev)
+    metrics = metrics_of(task, logits, labels)
     rf = plan.meta.get("retraining_free", {})
     chosen = rf.get("selection", {}).get("chosen", "")
-    if chosen in stages and not torch.equal(torch.tensor(stages[chosen][MAIN_METRIC[task.name]]),
-                                            torch.tensor(metrics_of(task, logits, labels)[MAIN_METRIC[task.name]])):
+    main = MAIN_METRIC[task.name]
+    if chosen in stages and stages[chosen][main] != metrics[main]:
         raise RuntimeError(f"the watched candidate {chosen!r} differs from the cut model: a bug in the benchmark")
     across = rf.get("rearrangement_across_layers")
-    return {**metrics_of(task, logits, labels), "prune_s": prune_s, "chosen": chosen,
+    return {**metrics, "prune_s": prune_s, "chosen": chosen,
             **_dev_fidelity(dense_logits, logits, kl),
             "fidelity": plan.meta.get("fidelity"), "stages": stages, "units": [plan.heads, plan.neurons],
             **({"moved_across_layers": across["moved"]} if across else {})}

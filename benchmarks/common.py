@@ -186,13 +186,18 @@ def finetune(task: Task, tok: Any, steps: int, batch_size: int, lr: float, seed:
         if step % 50 == 0 or step == steps - 1:
             print(f"[{task.name}] fine-tune step {step}/{steps} loss {loss.item():.4f} "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
-    model.eval()
+    return _save_finetuned(model, tok, out, {"seconds": time.perf_counter() - start, "last_loss": loss.item(),
+                                             "steps": steps, "batch": batch_size, "lr": lr, "seed": seed})
+
+
+def _save_finetuned(model: torch.nn.Module, tok: Any, out: Path, info: dict[str, Any]) -> Path:
+    """Save a fine-tuned model with its tokenizer and ``finetune.json`` (what the fine-tune cost, for the dense
+    sweep's table; folders cached before this file existed lack it) through a temporary folder, so an interrupted
+    save never looks cached."""
     tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
+    model.eval().save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    # what the fine-tune cost, for the dense sweep's table (folders cached before this file existed lack it)
-    (tmp / "finetune.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "last_loss": loss.item(),
-                                                   "steps": steps, "batch": batch_size, "lr": lr, "seed": seed}))
+    (tmp / "finetune.json").write_text(json.dumps(info))
     tmp.rename(out)
     return out
 
@@ -213,25 +218,18 @@ def finetune_trainer(task: "Task", tok: Any, epochs: float, batch_size: int, lr:
     ds = datasets.Dataset.from_dict({**cols, "label": labels}).map(
         lambda ex: tok(ex["a"], ex["b"] if pair else None, truncation=True), batched=True, remove_columns=list(cols))
     model = AutoModelForSequenceClassification.from_pretrained(embedded_model_path(), num_labels=task.num_labels)
-    tmp = out.with_name(out.name + ".tmp")
-    args = TrainingArguments(str(tmp / "run"), num_train_epochs=epochs, learning_rate=lr, seed=seed,
+    args = TrainingArguments(str(out.with_name(out.name + ".tmp") / "run"), num_train_epochs=epochs, learning_rate=lr, seed=seed,
                              per_device_train_batch_size=batch_size, warmup_steps=0.06, weight_decay=0.01,
                              save_strategy="no", report_to=[], logging_steps=200, use_cpu=True,
                              dataloader_num_workers=0)
     start = time.perf_counter()
     result = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                      data_collator=DataCollatorWithPadding(tok)).train()
-    model.eval()
     if fp16:  # shared as float16, loaded back in float32 by whoever prunes it
         model.to(torch.float16)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "finetune.json").write_text(json.dumps({"seconds": time.perf_counter() - start,
-                                                   "train_loss": result.training_loss, "epochs": epochs,
-                                                   "batch": batch_size, "lr": lr, "seed": seed, "fp16": fp16,
-                                                   "trainer": True}))
-    tmp.rename(out)
-    return out
+    return _save_finetuned(model, tok, out, {"seconds": time.perf_counter() - start, "train_loss": result.training_loss,
+                                             "epochs": epochs, "batch": batch_size, "lr": lr, "seed": seed,
+                                             "fp16": fp16, "trainer": True})
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -41,9 +41,10 @@ class PruningConfig:
         hidden_keep: hidden-width budget: the residual (hidden) channels to keep, a fraction of the dense hidden size
             in (0, 1] or a whole count above 1 (a fraction of a width that is a multiple of 32 keeps a multiple of
             32: llama.cpp's quant blocks and kernels; a count is taken as given). Every embedding, projection, norm
-            and output layer loses the same channels (:mod:`hf_prune.channels`). Alone, or with one width budget and/or ``layers_keep``: the channels
-            are chosen first (``hidden_importance``) and the width budget is spent at the kept width
-            (``target_params=...``: every head and neuron then costs less, the embeddings shrink with the width).
+            and output layer loses the same channels (:mod:`hf_prune.channels`). Alone, or with one width budget
+            and/or ``layers_keep``: the channels are chosen first (``hidden_importance``) and the width budget is
+            spent at the kept width (``target_params=...``: every head and neuron then costs less, the embeddings
+            shrink with the width).
         hidden_search: with a ``flops_keep`` or ``target_params`` budget and no ``hidden_keep`` (``one_shot``): let
             the budget trade hidden channels against heads and neurons. One plan per hidden width in
             :data:`hf_prune.selection.HIDDEN_CANDIDATES` (100% down to 50% of the hidden size; the budget is spent on

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from tiny import BY_NAME
 
 import hf_prune as hp
 
@@ -136,3 +138,34 @@ def assert_reload_equals_gathered(out: Path, mode: str) -> None:
     assert set(gathered) == set(reloaded)
     for name, tensor in gathered.items():
         torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def check_sharded_recovery(out: Path, engine: str, arch: str, method: str, *, resume: bool,
+                           **env: str) -> list[dict]:
+    """A sharded recovery (``engine``: ``fsdp`` or ``zero3``) against DDP: the same plan on both ranks and something
+    cut; every parameter of the cut model and the teacher split over the ranks; the saved checkpoint equal to the
+    gathered weights; for one-shot cuts, losses equal to the DDP run's at every step and, with ``resume``, a run
+    resumed from the step-4 checkpoint reproducing steps 5-8. Returns each rank's result for engine-specific checks."""
+    runs = launch_sharded(out, engine, arch, method, **env)
+    assert [r["world_size"] for r in runs] == [2, 2]
+    assert runs[0]["plan"] == runs[1]["plan"]  # every rank cut the same structure before the engine split it
+    dense = hp.PrunePlan.of(BY_NAME[arch].model())
+    assert runs[0]["plan"] != {"heads": dense.heads, "neurons": dense.neurons}  # something was pruned
+    for rank in runs:  # every matrix of the cut model is split over the ranks, and so is the teacher
+        assert rank["sharded"] == rank["params"] > 0 and rank["teacher_sharded"]
+    assert_reload_equals_gathered(out, engine)
+    if method == "retraining_free":
+        return runs
+    ddp = launch_sharded(out, "ddp", arch, method)
+    assert ddp[0]["plan"] == runs[0]["plan"] and ddp[0]["sharded"] == 0
+    steps = sorted(ddp[0]["losses"], key=int)
+    assert steps == [str(i) for i in range(1, 9)]
+    for s in steps:  # the same cut, data and updates: the sharded run computes what the replicated one does
+        assert runs[0]["losses"][s] == pytest.approx(ddp[0]["losses"][s], rel=1e-5, abs=1e-7), s
+    if resume:
+        resumed = launch_sharded(out, f"{engine}-resume", arch, method, **env)  # from the step-4 checkpoint
+        assert sorted(resumed[0]["losses"], key=int) == steps  # steps 1-4 from the checkpoint's state, 5-8 trained
+        for s in ("5", "6", "7", "8"):
+            assert resumed[0]["losses"][s] == pytest.approx(runs[0]["losses"][s], rel=1e-5, abs=1e-7), s
+        assert_reload_equals_gathered(out, f"{engine}-resume")
+    return runs

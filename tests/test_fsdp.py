@@ -3,11 +3,10 @@
 the cut model and the KD teacher train sharded; the result must equal the DDP run's, save to a reloadable pruned
 checkpoint, and resume."""
 
-
 import pytest
 import transformers as T
 from fsdp_cpu import CpuFsdp2Trainer
-from helpers import assert_reload_equals_gathered, launch_sharded
+from helpers import check_sharded_recovery
 from tiny import BY_NAME
 
 import hf_prune as hp
@@ -16,27 +15,10 @@ from hf_prune.schedule import PruningSchedule
 
 @pytest.mark.parametrize("arch,method", [("bert", "one_shot"), ("llama", "one_shot"), ("bert", "retraining_free")])
 def test_fsdp2_recovery_shards_and_equals_ddp(tmp_path, arch, method):
-    fsdp = launch_sharded(tmp_path, "fsdp", arch, method)
-    assert [r["world_size"] for r in fsdp] == [2, 2]
-    assert fsdp[0]["plan"] == fsdp[1]["plan"]  # every rank cut the same structure before wrapping
-    assert fsdp[0]["plan"]["heads"] != [[0, 1, 2, 3]] * 3  # something was pruned
-    for rank in fsdp:  # every matrix of the cut model is split over the ranks, and so is the teacher
-        assert rank["sharded"] == rank["params"] > 0 and rank["teacher_sharded"]
-        assert rank["layers_wrapped"] and "" in rank["fsdp_units"]  # the root and each layer: gathered one at a time
-    assert_reload_equals_gathered(tmp_path, "fsdp")
-    if method == "retraining_free":
-        return
-    ddp = launch_sharded(tmp_path, "ddp", arch, method)
-    assert ddp[0]["plan"] == fsdp[0]["plan"] and ddp[0]["sharded"] == 0
-    steps = sorted(ddp[0]["losses"], key=int)
-    assert steps == [str(i) for i in range(1, 9)]
-    for s in steps:  # the same cut, data and updates: the sharded run computes what the replicated one does
-        assert fsdp[0]["losses"][s] == pytest.approx(ddp[0]["losses"][s], rel=1e-5, abs=1e-7), s
-    if arch == "bert":
-        resumed = launch_sharded(tmp_path, "fsdp-resume", arch, method)  # from the FSDP run's step-4 checkpoint
-        for s in ("5", "6", "7", "8"):
-            assert resumed[0]["losses"][s] == pytest.approx(fsdp[0]["losses"][s], rel=1e-5, abs=1e-7), s
-        assert_reload_equals_gathered(tmp_path, "fsdp-resume")
+    fsdp = check_sharded_recovery(tmp_path, "fsdp", arch, method, resume=arch == "bert")
+    assert fsdp[0]["plan"]["heads"] != [[0, 1, 2, 3]] * 3  # heads were cut
+    for rank in fsdp:  # the root and each layer are FSDP units: gathered one at a time
+        assert rank["layers_wrapped"] and "" in rank["fsdp_units"]
 
 
 def _trainer(tmp_path, cls=CpuFsdp2Trainer, **kwargs):

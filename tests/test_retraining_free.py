@@ -612,7 +612,8 @@ def test_fidelity_sums_by_output_kind():
     sums.add(ref[4:], out[4:], False, None)
     r = sums.result()
     assert r["correlation"] == pytest.approx(float(np.corrcoef(ref[:, 0], out[:, 0])[0, 1]))
-    assert r["divergence"] == pytest.approx(float((ref - out).pow(2).mean())) and r["divergence_kind"] == "squared_error"
+    assert r["divergence"] == pytest.approx(float((ref - out).pow(2).mean()))
+    assert r["divergence_kind"] == "squared_error"
     states, other = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)  # hidden states
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     sums = FidelitySums()

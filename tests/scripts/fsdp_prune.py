@@ -1,7 +1,8 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` on CPU: PruningTrainer cuts a tiny model before
 training, then recovers it with KD under FSDP2 (``fsdp``), DeepSpeed ZeRO-3 (``zero3``) or DDP (``ddp``);
-``fsdp-resume`` / ``zero3-resume`` resume the sharded run from its step-4 checkpoint. Each rank writes its plan, losses, whether its parameters are sharded and its peak
-memory; rank 0 also writes the gathered weights, and the final model is saved as a pruned checkpoint.
+``fsdp-resume`` / ``zero3-resume`` resume the sharded run from its step-4 checkpoint. Each rank writes its plan,
+losses, whether its parameters are sharded and its peak memory; rank 0 also writes the gathered weights, and the
+final model is saved as a pruned checkpoint.
 
     fsdp_prune.py OUT MODE MODEL METHOD      MODE: fsdp | zero3 | ddp | fsdp-resume | zero3-resume,
                                              MODEL: bert | llama,
