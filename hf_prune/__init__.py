@@ -48,6 +48,7 @@ from .retraining_free import (
 from .schedule import PruningSchedule
 from .surgery import apply_plan_
 from .trainer import DistillationConfig, PruningTrainer  # noqa: E402
+from .unit_kinds import UnitKind, register_unit_kind
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,8 @@ __all__ = [
     "register_export_format",
     "PruningMethod",
     "register_method",
+    "register_unit_kind",
+    "UnitKind",
     "ModelKind",
     "register_model_kind",
     "save_sentence_transformer",

@@ -246,7 +246,8 @@ class PruningCallback(TrainerCallback, ExportableState):
             "total"] / cost.with_hidden(self.plan.hidden_size).total(dense, self.config.seq_len)["total"]
         self._stats = {"prune/heads_kept": kept["heads"], "prune/neurons_kept": kept["neurons"],
                        "prune/layers_kept": kept["layers"], "prune/flops_kept": flops,
-                       **({"prune/hidden_kept": kept["hidden"]} if self.plan.hidden is not None else {})}
+                       **({"prune/hidden_kept": kept["hidden"]} if self.plan.hidden is not None else {}),
+                       **{f"prune/{name}_kept": kept[name] for name in self.plan.units}}
 
     def prune_model_(self, model: nn.Module) -> nn.Module:
         """Physically remove what the callback masked (call after training)."""

@@ -22,6 +22,7 @@ from .adapters import get_adapter, model_dims
 from .channels import hidden_slots, hidden_width
 from .plan import PrunePlan
 from .shapes import current_layer_sizes, get_module, layer_list
+from .unit_kinds import units_flops, units_params
 
 if TYPE_CHECKING:
     from .plan import PrunePlan
@@ -130,8 +131,11 @@ def count_flops(model: nn.Module, seq_len: int = 128) -> dict[str, int]:
 
 
 def plan_flops(plan: "PrunePlan", model: nn.Module, seq_len: int = 128) -> dict[str, int]:
-    """FLOPs the model will have once ``plan`` is applied (analytic, from the plan alone)."""
-    return CostModel.for_model(model).with_hidden(plan.hidden_channels).total(plan.layer_sizes(), seq_len)
+    """FLOPs the model will have once ``plan`` is applied (analytic, from the plan alone; a registered unit kind
+    inside the layers' projections adds its own, :func:`hf_prune.unit_kinds.units_flops`)."""
+    out = CostModel.for_model(model).with_hidden(plan.hidden_channels).total(plan.layer_sizes(), seq_len)
+    extra = units_flops(model, plan.units, plan.hidden_channels, seq_len)
+    return {**out, "total": out["total"] + extra} if extra else out
 
 
 def fixed_params(model: nn.Module, hidden: int | None = None) -> tuple[int, int]:
@@ -172,7 +176,8 @@ def plan_params(plan: "PrunePlan", model: nn.Module) -> int:
     fixed, per_layer = fixed_params(model, plan.hidden_channels)
     kept = set(plan.kept_layers)
     removed = sum(i not in kept for i in PrunePlan.of(model).kept_layers)
-    return fixed + cost.total(plan.layer_sizes())["total"] - removed * per_layer
+    units = units_params(model, plan.units, plan.hidden_channels)  # registered kinds, from what the model has now
+    return fixed + cost.total(plan.layer_sizes())["total"] - removed * per_layer + units
 
 
 # ----------------------------------------------------------------------------------------------- latency

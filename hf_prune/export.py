@@ -30,6 +30,7 @@ from .io import staged_folder
 from .model_kinds import model_kind
 from .modeling_pruned import stock_class
 from .shapes import CONFIG_KEY, PLAN_FILE, config_get
+from .unit_kinds import refuse_units
 
 #: ``prune_plan.json``'s ``meta["format"]`` for a stock export (the plan still records the dense ids kept).
 STOCK_FORMAT = "stock"
@@ -47,6 +48,7 @@ def stock_config(model: nn.Module) -> Any:
 def _stock_probe(model: nn.Module) -> tuple[Any, nn.Module]:
     """The stock config and the stock model built from it on the meta device (checked against ``model``'s
     shapes); :func:`save_stock` loads ``model``'s tensors into that same probe."""
+    refuse_units(model, "a stock config")
     adapter = get_adapter(model)
     sizes = model_layer_sizes(model)
     first = sizes[0]

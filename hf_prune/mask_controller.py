@@ -16,6 +16,7 @@ from .importance import ImportanceScores
 from .masks import LayerMasks, mask_hooks
 from .plan import PrunePlan
 from .shapes import get_module, layer_list
+from .unit_kinds import kept_ids
 
 
 class MaskController:
@@ -80,7 +81,24 @@ class MaskController:
             if self.masks.hidden is None:
                 raise ValueError("this plan cuts hidden channels: make the MaskController with hidden=True")
             self.masks.hidden.zero_()[plan.hidden_positions_in(self.physical)] = 1.0
+        self._set_unit_masks(plan)
         self.zero_masked_weights_()
+
+    def _set_unit_masks(self, plan: PrunePlan) -> None:
+        """Masks of the registered unit kinds the plan cuts (hooked on first use: a kind's hooks are installed when
+        a plan first names it)."""
+        new = False
+        for name in sorted(set(plan.units) | set(self.physical.units)):
+            size = (plan.units.get(name) or self.physical.units[name])["size"]
+            now = kept_ids(self.physical.units, name, size)
+            where = {unit: p for p, unit in enumerate(now)}
+            if name not in self.masks.units:
+                self.masks.units[name] = torch.ones(len(now), device=self.masks.heads[0].device)
+                new = True
+            self.masks.units[name].zero_()[[where[u] for u in kept_ids(plan.units, name, size)]] = 1.0
+        if new and self._hooks is not None:
+            self.remove()
+            self.install()
 
     @torch.no_grad()
     def set_gate_(self, gate: float) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from .adapters import get_adapter, model_dims
 from .channels import hidden_slots
 from .shapes import get_module, layer_list
+from .unit_kinds import get_unit_kind
 
 
 class LayerMasks:
@@ -41,6 +42,9 @@ class LayerMasks:
         self.layers: list[torch.Tensor | None] = [None] * num_layers
         #: hidden-channel mask ``(D,)`` or ``(B, D)``; set it before :func:`mask_hooks` opens to get its hooks
         self.hidden: torch.Tensor | None = None
+        #: per registered unit kind (:mod:`hf_prune.unit_kinds`), its mask ``(n,)``; the kinds named when
+        #: :func:`mask_hooks` opens get their hooks (a value may be swapped, or set to None, later)
+        self.units: dict[str, torch.Tensor | None] = {}
 
 
 def layer_io(args: tuple, kwargs: dict, output: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +141,12 @@ def _hidden_hooks(model: nn.Module, masks: LayerMasks) -> list:
 @contextmanager
 def mask_hooks(model: nn.Module, masks: LayerMasks) -> Iterator[LayerMasks]:
     """Install hooks that apply ``masks`` while the context is open (the hidden-channel hooks only when
-    ``masks.hidden`` is set on entry)."""
+    ``masks.hidden`` is set on entry, a registered unit kind's when ``masks.units`` names it on entry)."""
     adapter = get_adapter(model)
     head_dim = model_dims(model)["head_dim"]
     handles = _hidden_hooks(model, masks) if masks.hidden is not None else []
+    for name in sorted(masks.units):
+        handles += get_unit_kind(name).mask(model, lambda name=name: masks.units.get(name))
     for i, layer in enumerate(layer_list(model, adapter)):
 
         def head_hook(_module, args, i=i):

@@ -51,6 +51,9 @@ from .shapes import (  # noqa: F401  (also re-exported: the shape kernel's old h
 
 #: the files of a pruned checkpoint's remote code: this one and the kernels it imports relatively
 REMOTE_FILES = (MODELING_FILE, SHAPES_FILE, CHANNELS_FILE)
+#: kind name -> ``resize(model, count)`` of the unit kinds registered in this process (``hf_prune.unit_kinds``); empty
+#: in a checkpoint's copy of this file, which therefore refuses a checkpoint that cut such a kind
+UNIT_RESIZERS: dict[str, Any] = {}
 
 # ----------------------------------------------------------------------------------------------- classes
 
@@ -145,6 +148,7 @@ class PrunedModelMixin:
         spec = ArchSpec.from_dict(config_get(config, CONFIG_KEY)["arch"])
         resize_to_config_(self, spec)
         resize_hidden_to_config_(self, spec)
+        _resize_units(self, config_get(config, CONFIG_KEY).get("units") or {})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -206,6 +210,16 @@ class PrunedModelMixin:
         if push_to_hub:
             hub.setdefault("repo_id", target.name)
             self.push_to_hub(token=kwargs.get("token"), **hub)
+
+
+def _resize_units(model: nn.Module, counts: dict[str, int]) -> None:
+    """Unit kinds registered with hf_prune (``hf_prune.unit_kinds``) to the counts the checkpoint kept."""
+    missing = sorted(set(counts) - set(UNIT_RESIZERS))
+    if missing:
+        raise ValueError(f"this checkpoint cut unit kinds {missing}, which hf_prune registers at run time: load it with "
+                         "hf_prune.load_pruned after importing the module that registers them")
+    for name, count in sorted(counts.items()):
+        UNIT_RESIZERS[name](model, int(count))
 
 
 _CLASSES: dict[str, type] = {}

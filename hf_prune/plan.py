@@ -1,5 +1,5 @@
-"""``PrunePlan``: which layers, and in each layer which heads and neurons, a model keeps. A JSON-serialisable
-value; surgery consumes it.
+"""``PrunePlan``: which layers, and in each layer which heads and neurons, a model keeps (and its hidden channels
+and the units of any registered kind, :mod:`hf_prune.unit_kinds`). A JSON-serialisable value; surgery consumes it.
 
 Indices always refer to the *dense* (original) model, so a plan replayed on the base model gives the same
 pruned model, and a plan for an already pruned model is a subset of the plan it carries. Rows of ``heads`` and
@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter, model_dims
+from .unit_kinds import check_units, dense_sizes
 
 
 class PlanMismatchError(ValueError):
@@ -41,6 +42,8 @@ class PrunePlan:
         layers: sorted ids of the dense layers kept (depth pruning), or None when every layer stays. The rows of
             removed layers in ``heads`` and ``neurons`` are empty.
         hidden: sorted ids of the hidden (residual) channels kept, or None when the model keeps its whole width.
+        units: per registered unit kind the plan cuts (:func:`hf_prune.register_unit_kind`), ``{"size": dense count,
+            "kept": sorted dense ids}``; a kind it does not name keeps every unit.
     """
 
     model_type: str
@@ -53,6 +56,7 @@ class PrunePlan:
     meta: dict[str, Any] = field(default_factory=dict)
     layers: list[int] | None = None
     hidden: list[int] | None = None
+    units: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.heads = [sorted(int(h) for h in hs) for hs in self.heads]
@@ -77,6 +81,10 @@ class PrunePlan:
                 raise PlanMismatchError(f"kept hidden channels must be distinct, at least one, and in [0, "
                                         f"{self.hidden_size})")
             self.hidden = None if len(kept_h) == self.hidden_size else kept_h
+        try:
+            self.units = check_units(self.units or {})
+        except ValueError as e:
+            raise PlanMismatchError(str(e)) from None
         group = self.group_size
         for i, (hs, ns) in enumerate(zip(self.heads, self.neurons)):
             if len(set(hs)) != len(hs) or any(not 0 <= h < self.num_heads for h in hs):
@@ -145,12 +153,13 @@ class PrunePlan:
         return _ranks(self.kept_hidden, current.kept_hidden)
 
     def kept_fraction(self) -> dict[str, float]:
-        """Fractions of heads and neurons kept over all layers."""
+        """Fractions of heads and neurons kept over all layers (and of each registered kind the plan cuts)."""
         return {
             "heads": sum(map(len, self.heads)) / (self.num_heads * self.num_layers),
             "neurons": sum(map(len, self.neurons)) / (self.intermediate_size * self.num_layers),
             "layers": len(self.kept_layers) / self.num_layers,
             "hidden": self.hidden_channels / self.hidden_size,
+            **{name: len(u["kept"]) / u["size"] for name, u in self.units.items()},
         }
 
     def is_subset_of(self, other: "PrunePlan") -> bool:
@@ -159,6 +168,8 @@ class PrunePlan:
             and set(self.kept_hidden) <= set(other.kept_hidden)
             and all(set(a) <= set(b) for a, b in zip(self.heads, other.heads))
             and all(set(a) <= set(b) for a, b in zip(self.neurons, other.neurons))
+            and all(name in self.units and set(self.units[name]["kept"]) <= set(u["kept"])
+                    for name, u in other.units.items())
         )
 
     # ------------------------------------------------------------------------------------------ making
@@ -200,6 +211,8 @@ class PrunePlan:
             "hidden_size": self.hidden_size,
         }
         theirs = {**d, "model_type": config.model_type}
+        for name, size in dense_sizes(config, self.units).items():
+            mine[f"units[{name}]"], theirs[f"units[{name}]"] = self.units[name]["size"], size
         diff = {k: (v, theirs[k]) for k, v in mine.items() if theirs[k] != v}
         if diff:
             details = ", ".join(f"{k}: plan {a} vs model {b}" for k, (a, b) in diff.items())
@@ -210,7 +223,10 @@ class PrunePlan:
 
     # ------------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": 1, **asdict(self)}
+        data = asdict(self)
+        if not data["units"]:  # plans without registered kinds keep the spelling they always had
+            del data["units"]
+        return {"format_version": 1, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrunePlan":
@@ -238,6 +254,8 @@ class PrunePlan:
         rows = [f"{'layer':>5} {'heads':>7} {'neurons':>9}"]
         if self.hidden is not None:
             rows.insert(0, f"hidden channels {self.hidden_channels}/{self.hidden_size}")
+        for name, u in self.units.items():
+            rows.insert(0, f"{name} {len(u['kept'])}/{u['size']}")
         kept = set(self.kept_layers)
         for i, s in enumerate(self.layer_sizes()):
             if i not in kept:

@@ -22,12 +22,14 @@ from .shapes import (
     prune_layer_,
     set_layer_sizes,
 )
+from .unit_kinds import cut_units_, kept_counts
 
 M = TypeVar("M", bound=nn.Module)
 
 
 def apply_plan_(model: M, plan: PrunePlan) -> M:
-    """Remove every layer, head, neuron and hidden channel that ``plan`` does not keep, in place; return the model.
+    """Remove every layer, head, neuron, hidden channel and unit of a registered kind that ``plan`` does not keep, in
+    place; return the model.
 
     Slices Q/K/V/O and FFN up/gate/down weights and biases, updates ``in/out_features`` and the head counts
     the forward pass reads, deletes removed layers (renumbering the layer indices the KV cache reads and the
@@ -62,6 +64,7 @@ def apply_plan_(model: M, plan: PrunePlan) -> M:
         remove_layers_(model, adapter, stay)
     if plan.hidden != current.hidden:  # the residual width: embeddings, every projection's stream side, norms, heads
         prune_hidden_(model, adapter, plan.hidden_positions_in(current))
+    cut_units_(model, plan.units, current.units)  # registered unit kinds (hf_prune.unit_kinds)
 
     config = model.config
     section: dict[str, Any] = {"format_version": FORMAT_VERSION, "arch": adapter.to_dict()}
@@ -69,6 +72,8 @@ def apply_plan_(model: M, plan: PrunePlan) -> M:
         section.update(num_layers=plan.num_layers, layers=plan.kept_layers)
     if plan.hidden is not None:  # the config's hidden size stays the dense one (head sizes and scales derive from it)
         section.update(hidden_channels=plan.hidden_channels)
+    if plan.units:  # what a reload resizes each registered kind to
+        section.update(units=kept_counts(plan.units))
     setattr(config, CONFIG_KEY, section)
     set_layer_sizes(config, adapter, plan.physical_sizes())
     # the transformers model becomes Pruned<Class>: the model itself, or the one a wrapper (a SentenceTransformer's

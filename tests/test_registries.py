@@ -4,6 +4,7 @@ call, with no edit of library files, and then works everywhere (config validatio
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -204,3 +205,111 @@ def test_a_registered_method_runs_through_prune_the_callback_and_the_trainer(toy
     trainer.train()
     assert hp.PrunePlan.of(trainer.model).physical_sizes() == hp.PrunePlan.of(model).physical_sizes()
     assert len(folds) == 3
+
+
+@pytest.fixture
+def toy_unit_kind():
+    """A classifier's output classes as a unit kind (a model that only ever needs some of its classes): one
+    registration, then plans, cuts, masks, costs, saves and reloads handle it."""
+    from hf_prune.unit_kinds import UnitKind, register_unit_kind, unregister_unit_kind
+
+    def cut(model, positions):
+        head = model.classifier
+        hp.modeling_pruned.slice_linear_(head, torch.tensor(positions), 0)
+        model.num_labels = head.out_features  # what the loss reshapes the logits by
+
+    def resize(model, count):
+        cut(model, list(range(count)))
+
+    def mask(model, read):
+        def hook(_module, _args, out):
+            m = read()
+            return None if m is None else out * m.to(out.dtype)  # (B, C) * (C,)
+
+        return [model.classifier.register_forward_hook(hook)]
+
+    register_unit_kind(UnitKind("classes", "output classes of a classifier", size=lambda config: config.num_labels,
+                                count=lambda model: model.classifier.out_features, cut=cut, resize=resize, mask=mask,
+                                unit_params=lambda model, hidden: hidden + 1))
+    yield "classes"
+    unregister_unit_kind("classes")
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs_only(batch)).logits
+
+
+def test_a_registered_unit_kind_is_cut_masked_costed_saved_and_reloaded(toy_unit_kind, tmp_path):
+    from hf_prune.costs import count_params, plan_params
+    from hf_prune.masks import LayerMasks, mask_hooks
+
+    tiny = BY_NAME["bert"]
+    dense, batch = tiny.model(), tiny.batch()
+    plan = dataclasses.replace(hp.PrunePlan.dense(dense), heads=[[0, 1]] * 3,
+                               units={toy_unit_kind: {"size": 3, "kept": [2, 0]}})
+    assert plan.units == {"classes": {"size": 3, "kept": [0, 2]}} and "classes 2/3" in plan.summary()
+    assert hp.PrunePlan.from_dict(json.loads(plan.to_json())) == plan
+    assert "units" not in hp.PrunePlan.dense(dense).to_dict()  # plans without registered kinds are spelled as before
+    with pytest.raises(hp.PlanMismatchError, match="in \\[0, 3\\)"):
+        dataclasses.replace(plan, units={toy_unit_kind: {"size": 3, "kept": [3]}})
+    with pytest.raises(hp.PlanMismatchError, match="not registered"):
+        dataclasses.replace(plan, units={"labels": {"size": 3, "kept": [0]}})
+
+    masks = LayerMasks(3)
+    masks.units[toy_unit_kind] = torch.tensor([1.0, 0.0, 1.0])
+    with mask_hooks(dense, masks):
+        masked = _logits(dense, batch)
+    assert (masked[:, 1] == 0).all()
+    expected = plan_params(plan, dense)
+    cut = hp.apply_plan_(tiny.model(), dataclasses.replace(plan, heads=[[0, 1, 2, 3]] * 3))
+    torch.testing.assert_close(_logits(cut, batch), _logits(dense, batch)[:, [0, 2]])
+    cut = hp.apply_plan_(tiny.model(), plan)
+    assert count_params(cut) == expected
+    # one class is its classifier row and bias
+    assert expected == plan_params(dataclasses.replace(plan, units={}), dense) - (dense.config.hidden_size + 1)
+    assert plan_params(hp.PrunePlan.dense(dense), cut) == count_params(dense)  # costs read what the model has
+
+    cut.save_pretrained(tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["hf_prune"]["units"] == {"classes": 2}
+    loaded = hp.load_pruned(tmp_path / "cut")
+    torch.testing.assert_close(_logits(loaded, batch), _logits(cut, batch))
+    replayed = hp.apply_plan_(tiny.model(), hp.load_plan(str(tmp_path / "cut")))
+    torch.testing.assert_close(_logits(replayed, batch), _logits(cut, batch))
+    further = hp.apply_plan_(cut, dataclasses.replace(plan, units={toy_unit_kind: {"size": 3, "kept": [2]}}))
+    torch.testing.assert_close(_logits(further, batch), _logits(replayed, batch)[:, [1]])
+    with pytest.raises(hp.PlanMismatchError, match="already removed"):
+        hp.apply_plan_(further, plan)
+    with pytest.raises(ValueError, match="cut unit kinds \\['classes'\\].*load_pruned"):
+        T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cut", trust_remote_code=True)
+    with pytest.raises(ValueError, match="unit kinds \\['classes'\\].*ONNX"):
+        hp.save_stock(loaded, tmp_path / "stock")
+    assert not (tmp_path / "stock").exists()
+
+
+def test_a_registered_unit_kind_runs_through_a_method_and_the_callback(toy_unit_kind, tmp_path):
+    from hf_prune.callbacks import PruningCallback
+    from hf_prune.methods import PruningMethod, register_method, unregister_method
+
+    def plan(model, batches, config, context):  # drop the last class, keep every head and neuron
+        return dataclasses.replace(hp.PrunePlan.of(model), units={toy_unit_kind: {"size": 3, "kept": [0, 1]}}), None
+
+    register_method(PruningMethod("drop_last_class", plan=plan, summary="the last output class"))
+    try:
+        cfg = hp.PruningConfig(method="drop_last_class", heads_keep=1.0, progress=False)
+        tiny = BY_NAME["bert"]
+        model, kept = hp.prune(tiny.model(), None, cfg)
+        assert model.classifier.out_features == 2 and kept.units[toy_unit_kind]["kept"] == [0, 1]
+        torch.testing.assert_close(_logits(model, tiny.batch()), _logits(tiny.model(), tiny.batch())[:, :2])
+
+        rows = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": i % 2} for i in range(8)]
+        args = T.TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=2, per_device_train_batch_size=4,
+                                   report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+        callback = PruningCallback(cfg)
+        trained = tiny.model()
+        T.Trainer(model=trained, args=args, train_dataset=rows, callbacks=[callback]).train()
+        assert callback.plan.units == kept.units
+        assert callback.controller.masks.units[toy_unit_kind].tolist() == [1.0, 1.0, 0.0]
+    finally:
+        unregister_method("drop_last_class")

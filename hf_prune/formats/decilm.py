@@ -29,6 +29,7 @@ from ..channels import hidden_width
 from ..costs import model_layer_sizes
 from ..io import staged_folder
 from ..shapes import get_module
+from ..unit_kinds import refuse_units
 
 FAMILIES = ("llama", "mistral", "qwen2")
 CONFIG_FILE = "configuration_decilm.py"
@@ -177,6 +178,7 @@ def save_decilm(model: nn.Module, tokenizer: Any, path: str | Path, *, overwrite
         overwrite: replace an existing folder.
     """
     path = Path(path)
+    refuse_units(model, "a DeciLM config")
     sizes = _check(model, tokenizer)
     dims, spec = model_dims(model), get_adapter(model)
     full_heads, head_dim = dims["num_heads"], dims["head_dim"]

@@ -30,6 +30,7 @@ from ..channels import hidden_width
 from ..costs import model_layer_sizes
 from ..io import default_mode
 from ..shapes import get_module
+from ..unit_kinds import refuse_units
 from .gguf_families import INTERLEAVED_ROPE, GgufFamily, gguf_family, rope_theta
 from .gguf_vocab import add_vocab, tokenizer_files
 
@@ -240,6 +241,7 @@ def save_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, outtype: st
     import gguf
 
     path = Path(path)
+    refuse_units(model, "a GGUF file")
     if pad_ffn_to < 1:
         raise ValueError(f"pad_ffn_to must be >= 1 (1: no padding), got {pad_ffn_to}")
     family, arch, sizes = _check(model, outtype, path, overwrite)
