@@ -216,8 +216,8 @@ def _resize_units(model: nn.Module, counts: dict[str, int]) -> None:
     """Unit kinds registered with hf_prune (``hf_prune.unit_kinds``) to the counts the checkpoint kept."""
     missing = sorted(set(counts) - set(UNIT_RESIZERS))
     if missing:
-        raise ValueError(f"this checkpoint cut unit kinds {missing}, which hf_prune registers at run time: load it with "
-                         "hf_prune.load_pruned after importing the module that registers them")
+        raise ValueError(f"this checkpoint cut unit kinds {missing}, which hf_prune registers at run time: load it "
+                         "with hf_prune.load_pruned after importing the module that registers them")
     for name, count in sorted(counts.items()):
         UNIT_RESIZERS[name](model, int(count))
 
