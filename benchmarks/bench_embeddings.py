@@ -48,7 +48,7 @@ from hf_prune.embeddings.evaluation import (
     retrieval_scores,
     sts_spearman,
 )
-from hf_prune.importance import per_sample_loss
+from hf_prune.gradients import per_sample_loss
 from hf_prune.resources import embedded_model_path, read_tsv
 
 OUT = CACHE.parent / "results"

@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import PruningConfig
 from .export import stock_config
+from .gradients import refuse_offloaded
 from .methods import DEPTH_SEARCH_SAMPLES, MethodContext, get_method
 from .model_kinds import pruning_view
 from .plan import PrunePlan
@@ -42,6 +43,7 @@ def prune(
     before any recovery.
     """
     method = get_method(config.method)
+    refuse_offloaded(model, "hp.prune")
     if method.needs_data and dataloader is None:
         raise ValueError(f"method={method.name!r} needs calibration data: pass a dataloader")
     # a model pruned through the transformers model inside it (a SentenceTransformer): the steps run on its real

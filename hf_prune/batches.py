@@ -30,8 +30,13 @@ def batch_size(batch: Mapping[str, Any]) -> int:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s (first) parameters live: calibration batches are moved there."""
-    return next(model.parameters()).device
+    """Where ``model`` computes, so where calibration batches and masks go: the execution device of an accelerate
+    hook (``cpu_offload``, ``disk_offload``, a ``device_map`` with offloaded modules, whose parameters wait on the
+    meta device), else where its first parameter that is not on the meta device lives."""
+    execution = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 class CalibrationPass:

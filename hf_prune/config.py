@@ -117,6 +117,11 @@ class PruningConfig:
             every layer keeps at least one head (group) and one block of ``round_to`` neurons.
         max_calibration_samples: samples scored from the dataloader (data criteria only).
         seed: for the ``random`` criterion and label-free projections.
+        offload: run the gradient passes (Fisher/Taylor scores, the retraining-free Fisher, ``fisher`` layer scores)
+            one layer at a time: each backward holds one layer's activations, the layer boundaries of the batch wait
+            on the CPU, and a layer whose weights accelerate offloads (``cpu_offload``) is brought to the execution
+            device only for its own turn. Same plan as in memory, one more forward pass
+            (:mod:`hf_prune.gradients`). Hidden-channel gradient criteria span the whole model and are refused.
         progress: show progress bars.
     """
 
@@ -201,6 +206,9 @@ class PruningConfig:
         default=2048, metadata={"help": "Calibration samples scored (data criteria)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random criterion and label-free projections."})
+    offload: bool = field(
+        default=False, metadata={"help": "Gradient passes one layer at a time (memory of one layer's activations)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:

@@ -116,6 +116,15 @@ def positive_sizes(c: Any, defaults: dict[str, Any]) -> str | None:
     return None
 
 
+def offload(c: Any, defaults: dict[str, Any]) -> str | None:
+    scored = c.hidden_keep is not None or c.hidden_search
+    if c.offload and scored and HIDDEN_CRITERIA[c.hidden_importance].whole_model_gradient:
+        return (f"offload=True runs the gradient passes one layer at a time, but hidden_importance="
+                f"{c.hidden_importance!r} backpropagates through every layer at once: use hidden_importance='activation'"
+                " (or offload=False)")
+    return None
+
+
 def method_rules(c: Any, defaults: dict[str, Any]) -> str | None:
     method = get_method(c.method)
     if method.validate is not None:
@@ -125,7 +134,7 @@ def method_rules(c: Any, defaults: dict[str, Any]) -> str | None:
 
 #: Checked in this order by ``PruningConfig.__post_init__``; the first error is raised.
 RULES: list[Rule] = [known_names, budget, layer_scoring, hidden_width, depth_search, method_settings, latency_table,
-                     deployable, positive_sizes, method_rules]
+                     deployable, positive_sizes, offload, method_rules]
 
 
 def check_config(config: Any) -> None:

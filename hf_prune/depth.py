@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import layers_of
-from .batches import CalibrationPass
+from .batches import CalibrationPass, model_device
 from .distributed import all_reduce_sum_
 from .divergence import model_output, sample_divergence
-from .importance import per_sample_loss
+from .gradients import mask_grads
 from .masks import LayerMasks, layer_io, mask_hooks
 from .plan import PrunePlan
 
@@ -98,6 +98,7 @@ def layer_importance(
     max_samples: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    offload: bool = False,
 ) -> torch.Tensor:
     """Score every layer ``model`` has: ``(L,)`` over the dense layer ids, NaN for layers already removed.
 
@@ -108,12 +109,14 @@ def layer_importance(
         max_samples: stop after this many samples (whole batches).
         seed: for the label-free random projections of ``fisher``.
         progress: show a progress bar.
+        offload: the ``fisher`` criterion backpropagates one layer at a time (:mod:`hf_prune.gradients`); the others
+            run no backward.
     """
     crit = get_layer_criterion(criterion)
     current = PrunePlan.of(model)
     layers = layers_of(model)
     n = len(layers)
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc = torch.zeros(n, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
@@ -127,9 +130,7 @@ def layer_importance(
             elif crit.gradient:
                 masks = LayerMasks(n)
                 masks.layers = [torch.ones(bsz, device=device, requires_grad=True) for _ in range(n)]  # (B,)
-                with mask_hooks(model, masks):
-                    loss = per_sample_loss(model, batch, seed + step)
-                grads = torch.autograd.grad(loss, masks.layers, allow_unused=True)
+                grads = mask_grads(model, batch, masks, masks.layers, seed + step, streamed=offload)
                 for p, g in enumerate(grads):
                     if g is not None:
                         acc[p] += g.double().pow(2).sum()

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .batches import CalibrationPass, batch_size
+from .batches import CalibrationPass, batch_size, model_device
 from .channels import hidden_slots, hidden_width
 from .distributed import all_reduce_sum_
-from .importance import per_sample_loss
+from .gradients import per_sample_loss
 from .masks import LayerMasks, mask_hooks
 from .plan import PrunePlan
 from .shapes import get_module, layer_list
@@ -45,12 +45,15 @@ class HiddenCriterion:
         description: one line for help and errors.
         score: computes the scores of the channels the model has now.
         needs_data: whether it reads calibration batches.
+        whole_model_gradient: it backpropagates through the whole model at once (a channel mask spans every layer),
+            so it cannot run one layer at a time (``PruningConfig(offload=True)`` refuses it).
     """
 
     name: str
     description: str
     score: HiddenScore
     needs_data: bool = True
+    whole_model_gradient: bool = False
 
 
 HIDDEN_CRITERIA: dict[str, HiddenCriterion] = {}
@@ -131,7 +134,7 @@ def _norm_modules(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def _activation(model: nn.Module, dataloader: Any, max_samples: int | None, seed: int, progress: bool):
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc = torch.zeros(hidden_width(model, get_adapter(model)), device=device)
     state: dict[str, Any] = {}
 
@@ -161,7 +164,7 @@ def _activation(model: nn.Module, dataloader: Any, max_samples: int | None, seed
 
 def _gradient(reduce: Callable[[torch.Tensor], torch.Tensor]):
     def score(model: nn.Module, dataloader: Any, max_samples: int | None, seed: int, progress: bool):
-        device = next(model.parameters()).device
+        device = model_device(model)
         width = hidden_width(model, get_adapter(model))
         acc = torch.zeros(width, device=device)
         n_layers = len(layer_list(model, get_adapter(model)))
@@ -205,8 +208,10 @@ def _random(model: nn.Module, dataloader: Any, max_samples: int | None, seed: in
 
 for _crit in (
     HiddenCriterion("activation", "mean |norm output| per channel over calibration tokens (Minitron)", _activation),
-    HiddenCriterion("fisher", "squared gradient of a per-sample channel mask", _gradient(lambda g: g.pow(2))),
-    HiddenCriterion("taylor", "absolute gradient of a per-sample channel mask", _gradient(torch.abs)),
+    HiddenCriterion("fisher", "squared gradient of a per-sample channel mask", _gradient(lambda g: g.pow(2)),
+                    whole_model_gradient=True),
+    HiddenCriterion("taylor", "absolute gradient of a per-sample channel mask", _gradient(torch.abs),
+                    whole_model_gradient=True),
     HiddenCriterion("magnitude", "the channel's share of the weights carrying it (no data)", _magnitude,
                     needs_data=False),
     HiddenCriterion("random", "seeded uniform noise (a baseline)", _random, needs_data=False),

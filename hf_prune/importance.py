@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .adapters import get_adapter, model_dims
-from .batches import CalibrationPass, batch_size
+from .batches import CalibrationPass, batch_size, model_device
 from .criteria import CRITERIA, Criterion, get_criterion
 from .distributed import all_reduce_sum_
-from .masks import LayerMasks, mask_hooks
+from .gradients import mask_grads
+from .masks import LayerMasks
 from .plan import PrunePlan
 from .shapes import get_module, layer_list
 
@@ -96,6 +96,7 @@ def compute_importance(
     max_samples: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    offload: bool = False,
 ) -> ImportanceScores:
     """Score every head and FFN neuron of ``model``.
 
@@ -107,6 +108,7 @@ def compute_importance(
         max_samples: stop after this many samples (whole batches).
         seed: for ``random`` and the label-free random projections.
         progress: show a progress bar.
+        offload: gradient criteria backpropagate one layer at a time (:mod:`hf_prune.gradients`).
     """
     crit = get_criterion(criterion)
     current = PrunePlan.of(model)
@@ -116,45 +118,24 @@ def compute_importance(
     else:
         if dataloader is None:
             raise ValueError(f"criterion {criterion!r} needs calibration data: pass a dataloader")
-        local_h, local_n, n_samples = _data_scores(model, dataloader, crit, max_samples, seed, progress)
+        local_h, local_n, n_samples = _data_scores(model, dataloader, crit, max_samples, seed, progress, offload)
     return ImportanceScores.scatter(current, local_h, local_n, criterion, n_samples)
 
 
 
-def per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
-    """Sum over samples of a loss whose per-sample gradients the Fisher/Taylor scores accumulate."""
-    labels = batch.get("labels")
-    out = model(**batch)
-    logits = getattr(out, "logits", None)
-    if logits is not None and labels is not None and logits.dim() == 2:
-        if logits.shape[-1] == 1 or labels.is_floating_point():
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1), reduction="sum")
-        return F.cross_entropy(logits.float(), labels.view(-1), reduction="sum")
-    if labels is not None and getattr(out, "loss", None) is not None:
-        return out.loss * labels.shape[0]  # the model's mean loss, rescaled to a sum
-    if logits is not None and logits.dim() == 2 and logits.shape[-1] > 1:
-        return F.cross_entropy(logits.float(), logits.argmax(-1).detach(), reduction="sum")
-    target = logits if logits is not None else out.last_hidden_state  # (B, ..., C)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    r = torch.randn(target.shape, generator=g).to(target.device, target.dtype)
-    if target.dim() == 3 and "attention_mask" in batch:
-        r = r * batch["attention_mask"][..., None].to(r.dtype)  # padding tokens carry no signal
-    return (target * r).sum()
-
-
 def per_sample_mask_grads(
-    model: nn.Module, batch: dict[str, Any], n_heads: list[int], n_neurons: list[int], seed: int
+    model: nn.Module, batch: dict[str, Any], n_heads: list[int], n_neurons: list[int], seed: int,
+    streamed: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """Each sample's gradient of the loss w.r.t. every head and neuron mask: ``(B, H_l)`` tensors for the
-    layers' heads, then ``(B, I_l)`` for their neurons (None where a mask does not reach the loss)."""
+    layers' heads, then ``(B, I_l)`` for their neurons (None where a mask does not reach the loss); ``streamed``: one
+    layer at a time (:mod:`hf_prune.gradients`)."""
     bsz = batch_size(batch)
-    device = next(model.parameters()).device
+    device = model_device(model)
     masks = LayerMasks(len(n_heads))
     masks.heads = [torch.ones(bsz, h, device=device, requires_grad=True) for h in n_heads]  # (B, H_l)
     masks.neurons = [torch.ones(bsz, n, device=device, requires_grad=True) for n in n_neurons]  # (B, I_l)
-    with mask_hooks(model, masks):
-        loss = per_sample_loss(model, batch, seed)
-    return torch.autograd.grad(loss, masks.heads + masks.neurons, allow_unused=True)
+    return mask_grads(model, batch, masks, masks.heads + masks.neurons, seed, streamed=streamed)
 
 
 def _data_scores(
@@ -164,11 +145,12 @@ def _data_scores(
     max_samples: int | None,
     seed: int,
     progress: bool,
+    offload: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     adapter = get_adapter(model)
     head_dim = model_dims(model)["head_dim"]
     layers = layer_list(model, adapter)
-    device = next(model.parameters()).device
+    device = model_device(model)
     n_heads = [get_module(l, adapter.q).out_features // head_dim for l in layers]
     n_neurons = [get_module(l, adapter.up).out_features for l in layers]
     head_acc = [torch.zeros(h, device=device) for h in n_heads]
@@ -182,7 +164,7 @@ def _data_scores(
                 with torch.no_grad(), crit.stats(model, batch, head_acc, neuron_acc):
                     model(**{k: v for k, v in batch.items() if k != "labels"})
             else:
-                grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step)
+                grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step, offload)
                 for acc, g in zip(head_acc + neuron_acc, grads):
                     if g is not None:
                         acc += crit.reduce(g)

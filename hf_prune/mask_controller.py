@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, model_dims
+from .batches import model_device
 from .criteria import get_criterion
 from .distributed import all_reduce_sum_
 from .importance import ImportanceScores
@@ -37,7 +38,7 @@ class MaskController:
         self.physical = PrunePlan.of(model)  # what the weights hold now (dense unless pruned before)
         self.plan = self.physical
         self.ids = self.physical.kept_layers  # dense id of each layer the model has
-        device = next(model.parameters()).device
+        device = model_device(model)
         self.masks = LayerMasks(len(self.ids))
         for p, i in enumerate(self.ids):
             # leaf tensors: the training backward pass leaves dL/dm in .grad

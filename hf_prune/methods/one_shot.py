@@ -44,11 +44,11 @@ def one_shot_plan(model: nn.Module, batches: Batches | None, config: PruningConf
         scores = context.gradient_scores()  # the training steps' own mask gradients
     else:
         scores = compute_importance(model, batches, config.importance, max_samples=config.max_calibration_samples,
-                                    seed=config.seed + context.step, progress=progress)
+                                    seed=config.seed + context.step, progress=progress, offload=config.offload)
     if depth:
         scores.layers = layer_importance(model, batches, config.layer_importance,
                                          max_samples=config.max_calibration_samples, seed=config.seed + context.step,
-                                         progress=progress)
+                                         progress=progress, offload=config.offload)
     if scores_hidden:
         scores.hidden = hidden_importance(model, batches, config.hidden_importance,
                                           max_samples=config.max_calibration_samples, seed=config.seed + context.step,

@@ -53,14 +53,16 @@ class FisherInfo:
 
 
 def fisher_information(
-    model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, progress: bool = True, cross_layer: bool = False
+    model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, progress: bool = True, cross_layer: bool = False,
+    offload: bool = False,
 ) -> FisherInfo:
     """Per-layer Fisher blocks of the head and neuron masks from per-sample mask gradients.
 
     The loss is the one :func:`hf_prune.compute_importance` uses: the task loss with labels, the model's own
     predicted class (classifiers) or a random output projection (regression / headless) without.
     ``cross_layer=True`` also keeps the terms between layers and between heads and neurons (``FisherInfo.joint``,
-    ``N^2`` floats for ``N`` masks in all: 340 MB on MiniLM, see :data:`MAX_JOINT_UNITS`).
+    ``N^2`` floats for ``N`` masks in all: 340 MB on MiniLM, see :data:`MAX_JOINT_UNITS`). ``offload``: each
+    backward runs one layer at a time (:mod:`hf_prune.gradients`).
     """
     adapter = get_adapter(model)
     head_dim = model_dims(model)["head_dim"]
@@ -88,7 +90,7 @@ def fisher_information(
         for step, raw in enumerate(tqdm(batches, desc="fisher", unit="batch", disable=not progress)):
             batch = to_device(raw, device)
             bsz = batch_size(batch)
-            grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step)
+            grads = per_sample_mask_grads(model, batch, n_heads, n_neurons, seed + step, offload)
             if joint is not None:
                 g = torch.cat([torch.zeros(bsz, n, device=device) if g is None else g.float()
                                for g, n in zip(grads, sizes)], dim=1)  # (B, N)

@@ -7,30 +7,18 @@ import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
 from ..batches import Batch, model_device, to_device
 from ..divergence import model_output
+from ..gradients import split_call
 from ..shapes import get_module
 
 
 class Stop(Exception):
     """Raised by a capture hook to skip the rest of a forward pass whose remainder is not needed."""
-
-
-def _without_caches(values: Any) -> Any:
-    """``values`` (a layer call's args tuple or kwargs dict) with every KV cache replaced by None.
-
-    A cache would grow on every replay of the layer. Found by type, not by argument name: transformers has
-    renamed the argument (``past_key_value``, ``past_key_values``, ``cache``) across 5.x releases.
-    """
-    if isinstance(values, dict):
-        return {k: None if isinstance(v, Cache) else v for k, v in values.items()}
-    return tuple(None if isinstance(v, Cache) else v for v in values)
 
 
 def capture_layer_calls(
@@ -48,11 +36,7 @@ def capture_layer_calls(
     first: dict[str, torch.Tensor] = {}
 
     def pre(_m, args, kwargs, i):
-        args, kwargs = _without_caches(args), _without_caches(dict(kwargs))
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
+        hidden, rest, kwargs = split_call(args, kwargs)
         calls[i] = (rest, kwargs)
         if i == 0:
             first["hidden"] = hidden

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..batches import batch_size, by_length, collect_batches, split_batches
 from ..depth import layer_importance
+from ..gradients import refuse_offloaded
 from ..hidden import hidden_importance
 from ..plan import PrunePlan
 from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, output_divergence, require_labels
@@ -49,6 +50,8 @@ def retraining_free_plan(
     if any(len(h) != len(current.kv_heads(i)) * current.group_size for i, h in enumerate(current.heads)):
         raise ValueError("this model keeps part of some key/value groups (head_unit='query_head'); the retraining-free "
                          "search and rearrangement move whole groups: run it on the base model")
+    if config.mask_tuning or config.select_stages or config.depth_search or config.latency_keep is not None:
+        refuse_offloaded(model, "mask_tuning, select_stages, depth_search or a latency_keep budget")
     times: dict[str, float] = {}
     start = time.perf_counter()
     batches = collect_batches(dataloader, config.max_calibration_samples)
@@ -59,13 +62,13 @@ def retraining_free_plan(
     if config.selection_metric == "task_loss":
         require_labels(batches)
     fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress,
-                                cross_layer=config.rearrange_scope == "model")
+                                cross_layer=config.rearrange_scope == "model", offload=config.offload)
     times["fisher_s"] = time.perf_counter() - start
     layer_scores = None
     if config.layers_keep is not None or config.depth_search:
         t = time.perf_counter()
         layer_scores = layer_importance(model, by_length(batches), config.layer_importance, seed=config.seed,
-                                        progress=config.progress)
+                                        progress=config.progress, offload=config.offload)
         times["layer_scores_s"] = time.perf_counter() - t
     hidden_scores = None
     if config.hidden_keep is not None:  # the width the search, rearrangement and tuning then cut heads/neurons at

@@ -1,0 +1,107 @@
+"""Layer-streamed gradient passes (``PruningConfig(offload=True)``): the same gradients, scores and plans as in memory,
+one layer's autograd graph at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import BY_NAME, TINY
+
+import hf_prune as hp
+from hf_prune.batches import batch_size
+from hf_prune.gradients import mask_grads
+from hf_prune.importance import per_sample_mask_grads
+from hf_prune.masks import LayerMasks
+
+
+@pytest.mark.parametrize("tiny", TINY, ids=lambda t: t.name)
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "label_free"])
+def test_streamed_mask_gradients_equal_the_whole_model_backward(tiny, labels):
+    model, batch = tiny.model(), tiny.batch(labels=labels)
+    sizes = hp.PrunePlan.dense(model)
+    n = sizes.num_layers
+    heads, neurons = [sizes.num_heads] * n, [sizes.intermediate_size] * n
+    dense = per_sample_mask_grads(model, batch, heads, neurons, seed=3)
+    streamed = per_sample_mask_grads(model, batch, heads, neurons, seed=3, streamed=True)
+    assert sum(g is not None for g in dense) >= n  # the masks reach the loss
+    for a, b in zip(dense, streamed):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    masks = LayerMasks(n)
+    masks.layers = [torch.ones(batch_size(batch), requires_grad=True) for _ in range(n)]  # (B,)
+    gates = [mask_grads(model, batch, masks, masks.layers, 3, streamed=s) for s in (False, True)]
+    assert all(g is not None and g.abs().sum() > 0 for g in gates[0])
+    for a, b in zip(*gates):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for p in model.parameters():  # nothing of the streamed pass is left on the model
+        assert p.grad is None
+    assert all("forward" not in layer.__dict__ for layer in hp.adapters.layers_of(model))
+
+
+def test_streamed_gradients_refuse_whole_model_masks():
+    tiny = BY_NAME["llama"]
+    model, batch = tiny.model(), tiny.batch()
+    masks = LayerMasks(3)
+    masks.hidden = torch.ones(3, 32, requires_grad=True)
+    with pytest.raises(ValueError, match="spans the whole model"):
+        mask_grads(model, batch, masks, [masks.hidden], 0, streamed=True)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gemma3_text"])
+def test_offload_gives_the_in_memory_plan(name, monkeypatch):
+    from hf_prune import gradients
+
+    calls = []
+    streamed = gradients.streamed_mask_grads
+    monkeypatch.setattr(gradients, "streamed_mask_grads", lambda *a, **k: calls.append(1) or streamed(*a, **k))
+    tiny = BY_NAME[name]
+    batches = [tiny.batch(seed=s) for s in range(4)]
+    plans = {}
+    for offload in (False, True):
+        cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, layers_keep=2, offload=offload,
+                               tuning_samples=6, selection_samples=6, progress=False)
+        _, plan = hp.prune(tiny.model(), batches, cfg)
+        plans[offload] = plan
+    assert plans[True].heads == plans[False].heads and plans[True].neurons == plans[False].neurons
+    assert plans[True].layers == plans[False].layers
+    assert len(calls) == 4  # the Fisher pass streamed every batch (block_influence layer scores run no backward)
+    cfg = hp.PruningConfig(importance="fisher", flops_keep=0.5, layers_keep=2, layer_importance="fisher", offload=True,
+                           progress=False)
+    one_shot = hp.prune(tiny.model(), batches, cfg)[1]
+    assert len(calls) == 4 + 4 + 4  # the unit scores and the layer scores streamed every batch
+    in_memory = hp.prune(tiny.model(), batches, hp.PruningConfig(**{**cfg.to_dict(), "offload": False}))[1]
+    assert (one_shot.heads, one_shot.neurons, one_shot.layers) == (in_memory.heads, in_memory.neurons,
+                                                                   in_memory.layers)
+
+
+def test_offload_refuses_a_whole_model_hidden_criterion():
+    with pytest.raises(ValueError, match="offload=True .* hidden_importance='fisher'"):
+        hp.PruningConfig(flops_keep=0.5, hidden_keep=0.75, hidden_importance="fisher", offload=True)
+    hp.PruningConfig(flops_keep=0.5, hidden_keep=0.75, hidden_importance="activation", offload=True)
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, tmp_path):
+    """Weights on the CPU or on disk, loaded by accelerate for each call: the streamed Fisher, the search and the
+    rearrangement give the in-memory plan; the steps that copy or cut weights refuse, naming the way round."""
+    import accelerate
+
+    tiny = BY_NAME["llama"]
+    batches = [tiny.batch(seed=s) for s in range(3)]
+    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, layers_keep=2, offload=True, mask_tuning=False,
+                           select_stages=False, progress=False)
+    expected, _ = hp.retraining_free_plan(tiny.model(), batches, cfg)
+    model = tiny.model()
+    model = accelerate.cpu_offload(model, execution_device=torch.device("cpu")) if where == "cpu" else \
+        accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    plan, tuning = hp.retraining_free_plan(model, batches, cfg)
+    assert tuning is None and (plan.heads, plan.neurons, plan.layers) == (expected.heads, expected.neurons,
+                                                                          expected.layers)
+    cut = hp.apply_plan_(tiny.model(), plan)  # the plan, applied to the model loaded whole
+    assert hp.PrunePlan.of(cut).physical_sizes() == expected.physical_sizes()
+    with pytest.raises(ValueError, match="accelerate offloads .* parameters.*apply_plan_"):
+        hp.prune(model, batches, cfg)
+    with pytest.raises(ValueError, match="mask_tuning, select_stages"):
+        hp.retraining_free_plan(model, batches, hp.PruningConfig(**{**cfg.to_dict(), "mask_tuning": True}))
