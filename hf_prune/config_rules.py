@@ -120,8 +120,8 @@ def offload(c: Any, defaults: dict[str, Any]) -> str | None:
     scored = c.hidden_keep is not None or c.hidden_search
     if c.offload and scored and HIDDEN_CRITERIA[c.hidden_importance].whole_model_gradient:
         return (f"offload=True runs the gradient passes one layer at a time, but hidden_importance="
-                f"{c.hidden_importance!r} backpropagates through every layer at once: use hidden_importance='activation'"
-                " (or offload=False)")
+                f"{c.hidden_importance!r} backpropagates through every layer at once: use "
+                "hidden_importance='activation' (or offload=False)")
     return None
 
 

@@ -113,8 +113,8 @@ def streamed_mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMas
     """:func:`mask_grads` one layer at a time (see the module docstring). ``leaves`` must be per-layer masks of
     ``masks`` (``heads``, ``neurons`` or ``layers`` entries)."""
     if masks.hidden is not None or masks.units:
-        raise ValueError("layer-streamed gradients cover per-layer masks (heads, neurons, layer gates); a hidden-channel "
-                         "or unit-kind mask spans the whole model: use offload=False for it")
+        raise ValueError("layer-streamed gradients cover per-layer masks (heads, neurons, layer gates); a "
+                         "hidden-channel or unit-kind mask spans the whole model: use offload=False for it")
     layers = layer_list(model, get_adapter(model))
     where = {id(m): (kind, p) for kind in ("heads", "neurons", "layers")
              for p, m in enumerate(getattr(masks, kind)) if m is not None}
