@@ -139,6 +139,10 @@ def streamed_mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMas
     return tuple(grads[id(leaf)] for leaf in leaves)
 
 
+class _Stop(Exception):
+    """Raised after the last layer of step 1: the rest of the forward pass is not needed."""
+
+
 @torch.no_grad()
 def _record(model: nn.Module, layers: Sequence[nn.Module], batch: dict[str, Any]
             ) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]], list[bool], torch.Tensor]:
@@ -156,16 +160,20 @@ def _record(model: nn.Module, layers: Sequence[nn.Module], batch: dict[str, Any]
     def post(_m, _args, output, p):
         tuples[p] = isinstance(output, tuple)
         last["out"] = output[0] if tuples[p] else output
+        if p == len(layers) - 1:
+            raise _Stop  # the head runs in step 2, where its gradient is taken
 
     handles = [layer.register_forward_pre_hook(lambda m, a, k, p=p: pre(m, a, k, p), with_kwargs=True)
                for p, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(lambda m, a, o, p=p: post(m, a, o, p)) for p, layer in enumerate(layers)]
     try:
         model(**{k: v for k, v in batch.items() if k != "labels"})
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
-    if any(c is None for c in calls):
+    if any(c is None for c in calls) or "out" not in last:
         raise RuntimeError(f"{type(model).__name__} did not call every layer in its forward pass")
     return inputs, calls, tuples, last["out"]
 

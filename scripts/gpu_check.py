@@ -11,6 +11,11 @@ Parts:
 - ``retraining_free``: wall time of the retraining-free call on MiniLM (50%, 256 SST-2 sentences) and on the
   largest decoder available (SmolLM2-135M at 80%, 32 blocks of 128 tokens), each next to one forward+backward over
   the same calibration data; decode ms/token at batch 1 dense vs pruned for the decoder.
+- ``streamed`` (issue 38): the layer-streamed retraining-free search (``offload=True``; Fisher blocks, search and
+  rearrangement, no tuning or stage selection) on the largest ``benchmarks/bench_scale.py`` shape that fits the GPU,
+  random bf16 weights: with the weights on the GPU, and with them on the CPU (``accelerate.cpu_offload``, one
+  module brought over per call); peak GPU memory and wall time, next to ``benchmarks/results/scale.json``'s
+  extrapolation for that shape.
 
 Models come from ``--models_dir`` (what ``gpu_check.sh --prepare`` puts there: MiniLM's weights in fp16 and
 SmolLM2's config and tokenizer) or else the embedded resources. A folder with a config but no weights is built with
@@ -46,12 +51,13 @@ class GpuCheckArguments:
     """Arguments of ``scripts/gpu_check.py``.
 
     Args:
-        part: ``trainer``, ``latency`` or ``retraining_free``.
+        part: ``trainer``, ``latency``, ``retraining_free`` or ``streamed``.
         device: ``cuda`` (default when available) or ``cpu``.
         quick: small sizes (batch 1 and 4, two repeats, 8 training steps): a smoke run of the same code.
         models_dir: where ``gpu_check.sh --prepare`` put ``minilm/`` and ``smollm2/``.
         dtypes: latency dtypes.
         out: the JSON file the part's section is merged into.
+        streamed_shape: the ``bench_scale.py`` shape of the ``streamed`` part (``--quick``: the smallest).
     """
 
     part: str = "latency"
@@ -60,6 +66,7 @@ class GpuCheckArguments:
     models_dir: str = str(ROOT / ".gpu_check")
     dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
     out: str = str(ROOT / "benchmarks" / "results" / "gpu.json")
+    streamed_shape: str = "llama-3.1-8b"
 
 
 def load(name: str, args: GpuCheckArguments, auto: Any) -> tuple[Any, Any, bool]:
@@ -201,7 +208,42 @@ def _rf(dense: torch.nn.Module, calib: list[dict], keep: float, args: GpuCheckAr
     return rec
 
 
-PARTS = {"latency": part_latency, "trainer": part_trainer, "retraining_free": part_retraining_free}
+def part_streamed(args: GpuCheckArguments) -> dict[str, Any]:
+    import sys
+
+    import accelerate
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_scale import config_of, sizes
+
+    name = "smollm2-135m" if args.quick else args.streamed_shape
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16  # bf16 backward on a CPU times the emulation
+    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.5, offload=True, mask_tuning=False,
+                           select_stages=False, progress=False)
+    ids = torch.randint(0, config_of(name).vocab_size, (2, 32 if args.quick else 128))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    out: dict[str, Any] = {"shape": name, "tokens": ids.numel(), **sizes(name)}
+    for where in ("device", "cpu_offload"):
+        torch.manual_seed(0)  # the same random weights both ways
+        with torch.device(args.device if where == "device" else "cpu"):
+            model = T.AutoModelForCausalLM.from_config(config_of(name), dtype=dtype).eval()
+        if where == "cpu_offload":
+            model = accelerate.cpu_offload(model, execution_device=torch.device(args.device))
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(args.device)
+        start = time.perf_counter()
+        plan, _ = hp.retraining_free_plan(model, _to(batches, args.device), cfg)
+        _sync(args.device)
+        out[where] = {"seconds": time.perf_counter() - start, "kept_layer_sizes": plan.layer_sizes()[:2],
+                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if args.device == "cuda" else None}
+        print(json.dumps({where: out[where]}), flush=True)
+        del model
+    return out
+
+
+PARTS = {"latency": part_latency, "trainer": part_trainer, "retraining_free": part_retraining_free,
+         "streamed": part_streamed}
 
 
 def main() -> None:

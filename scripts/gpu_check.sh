@@ -5,10 +5,12 @@
 #   2. a bf16 PruningTrainer run under `accelerate launch --mixed_precision bf16`;
 #   3. forward latency at batch 1/32/128 in fp16 and bf16, dense vs pruned at 75/50/40% of layer FLOPs (MiniLM);
 #   4. retraining-free wall time on the GPU for MiniLM and SmolLM2-135M (next to one forward+backward), decode ms;
-#   5. where the machine has vLLM installed, the vLLM tests (tests/test_vllm.py -m vllm: the DeciLM export, the
+#   5. the layer-streamed retraining-free search (issue 38) on Llama-3.1-8B's shapes, random bf16 weights, with the
+#      weights on the GPU and on the CPU (accelerate.cpu_offload): peak GPU memory next to bench_scale's extrapolation;
+#   6. where the machine has vLLM installed, the vLLM tests (tests/test_vllm.py -m vllm: the DeciLM export, the
 #      Transformers-backend fallback and the stock export give the pruned model's log-probabilities and greedy tokens
 #      on the GPU). vLLM's wheel (~400 MB) is far over what a device run carries, so it is not brought along.
-# Parts 2-4 write benchmarks/results/gpu.json (scripts/gpu_check.py); with $OUT set, the JSON and logs go there too.
+# Parts 2-5 write benchmarks/results/gpu.json (scripts/gpu_check.py); with $OUT set, the JSON and logs go there too.
 #
 # The device machine has PyTorch, transformers, accelerate and peft but no network: prepare what it lacks here, once
 # (wheels of datasets/evaluate/peft for its Python 3.12, MiniLM's weights in fp16, SmolLM2's config and tokenizer),
@@ -66,13 +68,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG
     tests/test_query_heads.py 2>&1 | tee "$LOGS/gpu_tests.log" | tail -15 || rc=1
 "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no \
     scripts/gpu_check.py --part trainer 2>&1 | tee "$LOGS/gpu_trainer.log" | tail -5 || rc=1
-for part in latency retraining_free; do
+for part in latency retraining_free streamed; do
     "$PY" scripts/gpu_check.py --part $part 2>&1 | tee "$LOGS/gpu_$part.log" | tail -12 || rc=1
 done
 if "$PY" -c "import vllm" 2>/dev/null; then
     "$PY" -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm.py 2>&1 | tee "$LOGS/gpu_vllm.log" | tail -5 || rc=1
 else
-    echo "vLLM is not installed on this machine (and its wheel does not fit a device run's carry): part 5 skipped" \
+    echo "vLLM is not installed on this machine (and its wheel does not fit a device run's carry): part 6 skipped" \
         | tee "$LOGS/gpu_vllm.log"
 fi
 [ -n "${OUT:-}" ] && cp benchmarks/results/gpu.json "$OUT/"

@@ -31,6 +31,13 @@ def test_latency_and_trainer_parts_write_their_sections(tmp_path):
     assert set(json.loads(out.read_text())) == {"latency", "trainer"}  # sections merge, none is overwritten
 
 
+def test_streamed_part_scores_the_model_on_the_device_and_offloaded(tmp_path):
+    st = _run("streamed", tmp_path / "gpu.json")
+    assert st["shape"] == "smollm2-135m" and st["tokens"] == 64
+    assert st["device"]["kept_layer_sizes"] == st["cpu_offload"]["kept_layer_sizes"]  # the same plan either way
+    assert st["device"]["seconds"] > 0 and st["cpu_offload"]["seconds"] > 0
+
+
 @pytest.mark.slow
 def test_retraining_free_part(tmp_path):
     rf = _run("retraining_free", tmp_path / "gpu.json")
