@@ -52,6 +52,7 @@ VALUES = {
     "max_calibration_samples": (100, {}),
     "custom_budget": ({"flops_keep": 0.3}, {}),
     "seed": (7, {}),
+    "offload": (True, {}),
     "progress": (False, {}),
 }
 FIELDS = [f.name for f in dataclasses.fields(hp.PruningConfig)]
