@@ -83,7 +83,7 @@ def mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMasks, leave
     return torch.autograd.grad(loss, list(leaves), allow_unused=True)
 
 
-def without_caches(values: Any) -> Any:
+def _without_caches(values: Any) -> Any:
     """``values`` (a layer call's args tuple or kwargs dict) with every KV cache replaced by None.
 
     A cache would grow on every replay of the layer. Found by type, not by argument name: transformers has
@@ -96,7 +96,7 @@ def without_caches(values: Any) -> Any:
 
 def split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
     """A layer call's hidden states and its other arguments (caches removed)."""
-    args, kwargs = without_caches(args), without_caches(dict(kwargs))
+    args, kwargs = _without_caches(args), _without_caches(dict(kwargs))
     if args:
         return args[0], tuple(args[1:]), kwargs
     return kwargs.pop("hidden_states"), (), kwargs
@@ -116,9 +116,9 @@ def streamed_mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMas
         raise ValueError("layer-streamed gradients cover per-layer masks (heads, neurons, layer gates); a "
                          "hidden-channel or unit-kind mask spans the whole model: use offload=False for it")
     layers = layer_list(model, get_adapter(model))
-    where = {id(m): (kind, p) for kind in ("heads", "neurons", "layers")
-             for p, m in enumerate(getattr(masks, kind)) if m is not None}
-    if any(id(leaf) not in where for leaf in leaves):
+    layer_of = {id(m): p for kind in ("heads", "neurons", "layers")  # each leaf's layer position
+                for p, m in enumerate(getattr(masks, kind)) if m is not None}
+    if any(id(leaf) not in layer_of for leaf in leaves):
         raise ValueError("every leaf must be a per-layer mask held by `masks` (heads, neurons or layers)")
     with mask_hooks(model, masks):  # the masks' values act as in memory (a layer gate of one is not a no-op)
         inputs, calls, tuples, last = _record(model, layers, batch)
@@ -128,7 +128,7 @@ def streamed_mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMas
     grads: dict[int, torch.Tensor | None] = {}
     with mask_hooks(model, masks), torch.enable_grad():
         for p in reversed(range(len(layers))):
-            mine = [leaf for leaf in leaves if where[id(leaf)][1] == p]
+            mine = [leaf for leaf in leaves if layer_of[id(leaf)] == p]
             x = inputs[p].to(g.device).requires_grad_(p > 0)
             y = call_layer(layers[p], x, *calls[p])  # only this layer's graph is alive
             wanted = mine + ([x] if p > 0 else [])
@@ -139,8 +139,8 @@ def streamed_mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMas
     return tuple(grads[id(leaf)] for leaf in leaves)
 
 
-class _Stop(Exception):
-    """Raised after the last layer of step 1: the rest of the forward pass is not needed."""
+class Stop(Exception):
+    """Raised by a capture hook to skip the rest of a forward pass whose remainder is not needed."""
 
 
 @torch.no_grad()
@@ -161,14 +161,14 @@ def _record(model: nn.Module, layers: Sequence[nn.Module], batch: dict[str, Any]
         tuples[p] = isinstance(output, tuple)
         last["out"] = output[0] if tuples[p] else output
         if p == len(layers) - 1:
-            raise _Stop  # the head runs in step 2, where its gradient is taken
+            raise Stop  # the head runs in step 2, where its gradient is taken
 
     handles = [layer.register_forward_pre_hook(lambda m, a, k, p=p: pre(m, a, k, p), with_kwargs=True)
                for p, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(lambda m, a, o, p=p: post(m, a, o, p)) for p, layer in enumerate(layers)]
     try:
         model(**{k: v for k, v in batch.items() if k != "labels"})
-    except _Stop:
+    except Stop:
         pass
     finally:
         for h in handles:

@@ -122,7 +122,6 @@ def compute_importance(
     return ImportanceScores.scatter(current, local_h, local_n, criterion, n_samples)
 
 
-
 def per_sample_mask_grads(
     model: nn.Module, batch: dict[str, Any], n_heads: list[int], n_neurons: list[int], seed: int,
     streamed: bool = False,

@@ -17,7 +17,7 @@ from .importance import ImportanceScores
 from .masks import LayerMasks, mask_hooks
 from .plan import PrunePlan
 from .shapes import get_module, layer_list
-from .unit_kinds import kept_ids
+from .unit_kinds import unit_positions
 
 
 class MaskController:
@@ -90,13 +90,11 @@ class MaskController:
         a plan first names it)."""
         new = False
         for name in sorted(set(plan.units) | set(self.physical.units)):
-            size = (plan.units.get(name) or self.physical.units[name])["size"]
-            now = kept_ids(self.physical.units, name, size)
-            where = {unit: p for p, unit in enumerate(now)}
+            kept, count = unit_positions(plan.units, self.physical.units, name)
             if name not in self.masks.units:
-                self.masks.units[name] = torch.ones(len(now), device=self.masks.heads[0].device)
+                self.masks.units[name] = torch.ones(count, device=self.masks.heads[0].device)
                 new = True
-            self.masks.units[name].zero_()[[where[u] for u in kept_ids(plan.units, name, size)]] = 1.0
+            self.masks.units[name].zero_()[kept] = 1.0
         if new and self._hooks is not None:
             self.remove()
             self.install()

@@ -119,17 +119,20 @@ def dense_sizes(config: Any, names: Any) -> dict[str, int]:
     return {name: int(get_unit_kind(name).size(config)) for name in names}
 
 
+def unit_positions(plan_units: Mapping, current_units: Mapping, name: str) -> tuple[list[int], int]:
+    """Where, in a model cut to ``current_units``, the units of kind ``name`` that ``plan_units`` keeps are (ranks
+    among the ids the model still has: plans hold dense ids), and how many the model has now."""
+    size = (plan_units.get(name) or current_units[name])["size"]
+    now = kept_ids(current_units, name, size)
+    where = {unit: p for p, unit in enumerate(now)}
+    return [where[u] for u in kept_ids(plan_units, name, size)], len(now)
+
+
 def cut_units_(model: nn.Module, plan_units: Mapping, current_units: Mapping) -> None:
-    """Cut every registered kind that ``plan_units`` keeps less of than the model has (``current_units``), in place.
-    Positions are ranks among the ids the model still has (plans hold dense ids)."""
+    """Cut every registered kind that ``plan_units`` keeps less of than the model has (``current_units``), in place."""
     for name in sorted(set(plan_units) | set(current_units)):
-        if plan_units.get(name) == current_units.get(name):
-            continue
-        kind = get_unit_kind(name)
-        size = (plan_units.get(name) or current_units[name])["size"]
-        now = kept_ids(current_units, name, size)
-        where = {unit: p for p, unit in enumerate(now)}
-        kind.cut(model, [where[u] for u in kept_ids(plan_units, name, size)])
+        if plan_units.get(name) != current_units.get(name):
+            get_unit_kind(name).cut(model, unit_positions(plan_units, current_units, name)[0])
 
 
 def kept_counts(plan_units: Mapping) -> dict[str, int]:
@@ -137,27 +140,22 @@ def kept_counts(plan_units: Mapping) -> dict[str, int]:
     return {name: len(entry["kept"]) for name, entry in sorted(plan_units.items())}
 
 
+def _changes(model: nn.Module, plan_units: Mapping) -> list[tuple[UnitKind, int]]:
+    """Each registered kind the plan or the model names, with the units the plan keeps minus those the model has."""
+    kinds = [get_unit_kind(name) for name in sorted(set(plan_units) | set(_present(model)))]
+    return [(k, len(kept_ids(plan_units, k.name, k.size(model.config))) - k.count(model)) for k in kinds]
+
+
 def units_params(model: nn.Module, plan_units: Mapping, hidden: int) -> int:
     """Parameters the registered kinds' cuts add to the model as it is now (negative: they remove), at width
     ``hidden``."""
-    total = 0
-    for name in set(plan_units) | set(_present(model)):
-        kind = get_unit_kind(name)
-        size = kind.size(model.config)
-        total += (len(kept_ids(plan_units, name, size)) - kind.count(model)) * kind.unit_params(model, hidden)
-    return total
+    return sum(change * kind.unit_params(model, hidden) for kind, change in _changes(model, plan_units))
 
 
 def units_flops(model: nn.Module, plan_units: Mapping, hidden: int, seq_len: int) -> int:
     """Layer FLOPs the registered kinds' cuts add to the model as it is now (kinds with ``unit_flops`` only)."""
-    total = 0
-    for name in set(plan_units) | set(_present(model)):
-        kind = get_unit_kind(name)
-        if kind.unit_flops is not None:
-            size = kind.size(model.config)
-            total += (len(kept_ids(plan_units, name, size)) - kind.count(model)) * kind.unit_flops(model, hidden,
-                                                                                                seq_len)
-    return total
+    return sum(change * kind.unit_flops(model, hidden, seq_len) for kind, change in _changes(model, plan_units)
+               if kind.unit_flops is not None)
 
 
 def refuse_units(model: nn.Module, writer: str) -> None:

@@ -13,12 +13,8 @@ from torch import nn
 
 from ..batches import Batch, model_device, to_device
 from ..divergence import model_output
-from ..gradients import split_call
+from ..gradients import Stop, call_layer, split_call
 from ..shapes import get_module
-
-
-class Stop(Exception):
-    """Raised by a capture hook to skip the rest of a forward pass whose remainder is not needed."""
 
 
 def capture_layer_calls(
@@ -170,8 +166,7 @@ def _first_position(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def run_layer(layer: nn.Module, x: LayerInput, hidden: torch.Tensor) -> torch.Tensor:
-    out = layer(hidden, *x.args, **x.kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return call_layer(layer, hidden, x.args, x.kwargs)
 
 
 def real_tokens(t: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
