@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter, model_dims
-from .unit_kinds import check_units, dense_sizes
+from .unit_kinds import check_units, dense_sizes, ranks
 
 
 class PlanMismatchError(ValueError):
@@ -144,13 +144,13 @@ class PrunePlan:
     def positions_in(self, current: "PrunePlan") -> tuple[list[list[int]], list[list[int]]]:
         """Per layer, the positions in a model cut to ``current`` (its weights as they are now) of the heads and
         neurons this plan keeps: the kept dense ids' ranks among the ids ``current`` still has."""
-        heads = [_ranks(kept, cur) for cur, kept in zip(current.heads, self.heads)]
-        neurons = [_ranks(kept, cur) for cur, kept in zip(current.neurons, self.neurons)]
+        heads = [ranks(kept, cur) for cur, kept in zip(current.heads, self.heads)]
+        neurons = [ranks(kept, cur) for cur, kept in zip(current.neurons, self.neurons)]
         return heads, neurons
 
     def hidden_positions_in(self, current: "PrunePlan") -> list[int]:
         """Positions, in a model cut to ``current``, of the hidden channels this plan keeps."""
-        return _ranks(self.kept_hidden, current.kept_hidden)
+        return ranks(self.kept_hidden, current.kept_hidden)
 
     def kept_fraction(self) -> dict[str, float]:
         """Fractions of heads and neurons kept over all layers (and of each registered kind the plan cuts)."""
@@ -266,7 +266,3 @@ class PrunePlan:
             )
         return "\n".join(rows)
 
-
-def _ranks(kept: list[int], current: list[int]) -> list[int]:
-    where = {unit: p for p, unit in enumerate(current)}
-    return [where[u] for u in kept]

@@ -124,8 +124,13 @@ def unit_positions(plan_units: Mapping, current_units: Mapping, name: str) -> tu
     among the ids the model still has: plans hold dense ids), and how many the model has now."""
     size = (plan_units.get(name) or current_units[name])["size"]
     now = kept_ids(current_units, name, size)
-    where = {unit: p for p, unit in enumerate(now)}
-    return [where[u] for u in kept_ids(plan_units, name, size)], len(now)
+    return ranks(kept_ids(plan_units, name, size), now), len(now)
+
+
+def ranks(kept: list[int], current: list[int]) -> list[int]:
+    """The positions of the ids ``kept`` among the ids ``current`` a model has now (plans hold dense ids)."""
+    where = {unit: p for p, unit in enumerate(current)}
+    return [where[u] for u in kept]
 
 
 def cut_units_(model: nn.Module, plan_units: Mapping, current_units: Mapping) -> None:
