@@ -54,7 +54,7 @@ def worker(out: Path, mode: str, args: FsdpArguments) -> None:
     from fsdp_cpu import CpuFsdp2Trainer
 
     import hf_prune as hp
-    from hf_prune.distributed import shutdown
+    from hf_prune.distributed import exit_launched
     from hf_prune.resources import embedded_model_path
     from hf_prune.trainer import DistillationConfig, PruningTrainer
 
@@ -88,7 +88,7 @@ def worker(out: Path, mode: str, args: FsdpArguments) -> None:
         "mode": mode, "rank": rank, "peak_rss_mb": peak_mb, "above_entry_mb": above_mb,
         "params_m": hp.count_params(trainer.model) / 1e6,
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}))
-    shutdown()
+    exit_launched()
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ Same as ``hf-prune run CONFIG``. The steps live in :mod:`hf_prune.recipes.clm` (
 ``python recipes/run_clm.py --help``).
 """
 
+from hf_prune.distributed import exit_launched
 from hf_prune.recipes.clm import main
-from hf_prune.distributed import shutdown
 
 if __name__ == "__main__":
     main()
-    shutdown()
+    exit_launched()

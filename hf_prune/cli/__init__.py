@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from ..checkpoint import CorruptCheckpointError
-from ..distributed import shutdown
+from ..distributed import exit_launched, shutdown
 from ..plan import PlanMismatchError
 from ..recipes import ConfigError
 from ..recipes.common import quiet_expected_warnings
@@ -62,12 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[0], "--checkpoint", *argv[1:]]  # positional CHECKPOINT
     quiet_expected_warnings()
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        code = COMMANDS[argv[0]](argv[1:])
     except _user_errors() as e:
         if debug:
+            shutdown()
             raise
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"hf-prune {argv[0]}: error: {message}  (--debug shows the traceback)", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()  # under `accelerate launch -m hf_prune.cli run ...`
+        code = 2
+    except BaseException:
+        shutdown()
+        raise
+    exit_launched(code)  # under `accelerate launch -m hf_prune.cli run ...`; returns in a single process
+    return code

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from ..distributed import shutdown
+    from ..distributed import exit_launched
 
     main()
-    shutdown()
+    exit_launched()

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import BY_NAME  # noqa: E402
 
 import hf_prune as hp  # noqa: E402
-from hf_prune.distributed import shutdown  # noqa: E402
+from hf_prune.distributed import exit_launched  # noqa: E402
 from hf_prune.schedule import PruningSchedule  # noqa: E402
 from hf_prune.trainer import DistillationConfig, PruningTrainer  # noqa: E402
 
@@ -50,4 +50,4 @@ checksum = float(sum(p.detach().double().sum() for p in trainer.model.parameters
     "retraining_free": "retraining_free" in (trainer.plan.meta if trainer.plan is not None else {}),
     "params": hp.count_params(trainer.model),
 }))
-shutdown()  # a gloo group left to interpreter shutdown can abort the process after the work succeeded
+exit_launched()  # not a plain exit: gloo can abort an interpreter that finalizes (see its docstring)

@@ -29,7 +29,7 @@ from tiny import BY_NAME  # noqa: E402
 
 import hf_prune as hp  # noqa: E402
 from hf_prune.adapters import layers_of  # noqa: E402
-from hf_prune.distributed import shutdown  # noqa: E402
+from hf_prune.distributed import exit_launched  # noqa: E402
 from hf_prune.trainer import DistillationConfig, PruningTrainer  # noqa: E402
 
 out, mode, arch, method = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -89,4 +89,4 @@ trainer.save_model(str(out / f"{mode}-final"))
     "layers_wrapped": all(isinstance(layer, FSDPModule) for layer in layers_of(trainer.model)),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
-shutdown()
+exit_launched()  # not a plain exit: gloo can abort an interpreter that finalizes (see its docstring)
