@@ -183,9 +183,21 @@ def _prepare_mpnet() -> None:
                 (work / "model" / name).parent.mkdir(parents=True, exist_ok=True)
                 with z.open(info) as src, open(work / "model" / name, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 24)
-        os.replace(work / "model", target)
+        _publish(work / "model", target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _publish(stage: Path, target: Path) -> None:
+    """Rename the finished ``stage`` folder to ``target``. Processes started together (the ranks of ``accelerate
+    launch``) each prepare a copy; the first rename wins, and a later one finds ``target`` full (ENOTEMPTY) and
+    drops its own copy: the copies are the same files."""
+    try:
+        os.replace(stage, target)
+    except OSError:
+        if not (target.is_dir() and any(target.iterdir())):
+            raise
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _dequantize_gguf(source: Path, gguf_file: str, target: Path) -> None:
@@ -202,7 +214,7 @@ def _dequantize_gguf(source: Path, gguf_file: str, target: Path) -> None:
     try:  # written whole, then renamed: a second process never sees half a model
         model.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
-        os.replace(stage, target)
+        _publish(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

