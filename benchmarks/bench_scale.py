@@ -43,6 +43,7 @@ CACHE = HERE / "cache" / "scale"
 #: the configs' sizes (vocab, hidden, FFN, layers, heads, KV heads, tied embeddings), from their config.json files
 SHAPES = {
     "smollm2-135m": (49152, 576, 1536, 30, 9, 3, True),
+    "smollm2-360m": (49152, 960, 2560, 32, 15, 5, True),
     "qwen2.5-0.5b": (151936, 896, 4864, 24, 14, 2, True),
     "llama-3.2-1b": (128256, 2048, 8192, 16, 32, 8, True),
     "llama-3.2-3b": (128256, 3072, 8192, 28, 24, 8, True),

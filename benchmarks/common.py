@@ -316,6 +316,7 @@ class PeakRSS:
             pass
         try:
             self._base = self._peak = self._rss()
+            self.base_mb = self._base / 2**20  # the level at entry, after the collection
         except (OSError, ValueError):
             self._thread = None
             return self

@@ -105,7 +105,17 @@ def shard_teacher(trainer: Any, teacher: nn.Module) -> nn.Module:
         return _deepspeed_teacher(trainer, teacher)
     if engine != "fsdp2" or isinstance(teacher, FSDPModule):
         return teacher
-    return trainer.accelerator.prepare(teacher)
+    teacher = trainer.accelerator.prepare(teacher)
+    # FSDP2 leaves some units gathered after their forward (the input embedding, which a tied head reads again; the
+    # root) for the backward that follows; the frozen teacher has no backward, so they would stay whole on every rank
+    teacher.register_forward_hook(_reshard)
+    return teacher
+
+
+def _reshard(module: nn.Module, args: Any, output: Any) -> None:
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def _deepspeed_config(trainer: Any) -> dict[str, Any]:

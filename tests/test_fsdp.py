@@ -19,6 +19,7 @@ def test_fsdp2_recovery_shards_and_equals_ddp(tmp_path, arch, method):
     assert fsdp[0]["plan"]["heads"] != [[0, 1, 2, 3]] * 3  # heads were cut
     for rank in fsdp:  # the root and each layer are FSDP units: gathered one at a time
         assert rank["layers_wrapped"] and "" in rank["fsdp_units"]
+        assert rank["teacher_whole"] == []  # no teacher unit stays gathered after its forward
 
 
 def _trainer(tmp_path, cls=CpuFsdp2Trainer, **kwargs):

@@ -74,6 +74,9 @@ def split(p: torch.Tensor) -> bool:
 params = [p for p in trainer.model.parameters() if getattr(p, "ds_numel", p.numel()) > 1]
 sharded = [split(p) for p in params]
 teacher_sharded = any(split(p) for p in trainer.teacher.parameters())
+# the teacher after its last forward: FSDP2 holds no unit of it gathered (it has no backward to reshard them)
+teacher_whole = [n for n, p in trainer.teacher.named_parameters() if isinstance(p, torch.nn.Parameter)
+                 and not isinstance(p, DTensor)] if engine == "fsdp" else []
 units = [name for name, m in trainer.model.named_modules() if isinstance(m, FSDPModule)]
 plan = hp.PrunePlan.of(trainer.model)
 # collective under FSDP2 and ZeRO-3: every rank takes part
@@ -85,7 +88,8 @@ trainer.save_model(str(out / f"{mode}-final"))
     "world_size": trainer.args.world_size,
     "plan": {"heads": plan.heads, "neurons": plan.neurons},
     "losses": {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h},
-    "sharded": sum(sharded), "params": len(sharded), "teacher_sharded": teacher_sharded, "fsdp_units": units,
+    "sharded": sum(sharded), "params": len(sharded), "teacher_sharded": teacher_sharded, "teacher_whole": teacher_whole,
+    "fsdp_units": units,
     "layers_wrapped": all(isinstance(layer, FSDPModule) for layer in layers_of(trainer.model)),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
