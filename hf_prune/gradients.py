@@ -50,6 +50,21 @@ def refuse_offloaded(model: nn.Module, what: str) -> None:
             "hp.apply_plan_ it to the model loaded whole (device_map=None)")
 
 
+def _refuse_split_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """A ``device_map`` (``model.hf_device_map``, set by ``from_pretrained``) must keep each layer on one device:
+    the streamed pass reruns a layer on its recorded input as one unit."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in layers:
+        prefix = names[id(layer)] + "."
+        devices = sorted({str(d) for key, d in device_map.items() if key.startswith(prefix)})
+        if len(devices) > 1:
+            raise ValueError(
+                f"offload=True streams one layer at a time, but the device_map splits {prefix[:-1]} across "
+                f"{' and '.join(devices)}: map each layer whole (device_map='auto' keeps the model's _no_split_modules "
+                "whole; with infer_auto_device_map pass no_split_module_classes)")
+
+
 def per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:
     """Sum over samples of a loss whose per-sample gradients the Fisher/Taylor scores accumulate."""
     labels = batch.get("labels")
@@ -116,6 +131,7 @@ def streamed_mask_grads(model: nn.Module, batch: dict[str, Any], masks: LayerMas
         raise ValueError("layer-streamed gradients cover per-layer masks (heads, neurons, layer gates); a "
                          "hidden-channel or unit-kind mask spans the whole model: use offload=False for it")
     layers = layer_list(model, get_adapter(model))
+    _refuse_split_layers(model, layers)
     layer_of = {id(m): p for kind in ("heads", "neurons", "layers")  # each leaf's layer position
                 for p, m in enumerate(getattr(masks, kind)) if m is not None}
     if any(id(leaf) not in layer_of for leaf in leaves):

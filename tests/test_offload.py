@@ -81,6 +81,21 @@ def test_offload_refuses_a_whole_model_hidden_criterion():
     hp.PruningConfig(flops_keep=0.5, hidden_keep=0.75, hidden_importance="activation", offload=True)
 
 
+def test_offload_refuses_a_device_map_that_splits_a_layer():
+    """The streamed pass reruns each layer as one unit: a device_map that puts half a layer on disk is refused,
+    naming the layer and the fix, before any gradient pass."""
+    tiny = BY_NAME["llama"]
+    model = tiny.model()
+    model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers.0.self_attn": "cpu",
+                           "model.layers.0.mlp": "disk", "model.layers.1": "cpu", "model.layers.2": "disk",
+                           "model.norm": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match=r"splits model\.layers\.0 across cpu and disk.*no_split_module_classes"):
+        hp.compute_importance(model, [tiny.batch()], "fisher", offload=True)
+    model.hf_device_map = {"model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk"}
+    scores = hp.compute_importance(model, [tiny.batch()], "fisher", offload=True)  # whole layers: streamed
+    assert len(scores.heads) == 3
+
+
 @pytest.mark.parametrize("where", ["cpu", "disk"])
 def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, tmp_path):
     """Weights on the CPU or on disk, loaded by accelerate for each call: the streamed Fisher, the search and the
