@@ -65,6 +65,37 @@ def test_fisher_diagonal_is_the_fisher_importance_score():
         assert torch.linalg.eigvalsh(f.double()).min() > -1e-6 * f.diagonal().sum()
 
 
+@pytest.mark.parametrize("name", ["bert", "llama", "gemma3_text"])
+def test_diagonal_fisher_is_the_blocks_diagonal_and_searches_the_same_plan(name, monkeypatch):
+    """fisher_information(diagonal=True) keeps (n,) per layer instead of (n, n): what the search reads, so with the
+    rearrangement off the pipeline asks for it and its plan is the one the blocks give."""
+    model, batches = BY_NAME[name].model(), _batches(name)
+    full = hp.fisher_information(model, batches, progress=False)
+    diag = hp.fisher_information(model, batches, progress=False, diagonal=True)
+    assert diag.diagonal_only and not full.diagonal_only
+    for d, f in zip(diag.heads + diag.neurons, full.heads + full.neurons):
+        assert d.shape == f.shape[:1]
+        torch.testing.assert_close(d, f.diagonal(), rtol=1e-5, atol=1e-12)
+    config = hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=16, progress=False)
+    searched = hp.search_masks(full, model, config)
+    assert (hp.search_masks(diag, model, config).heads, hp.search_masks(diag, model, config).neurons) == (
+        searched.heads, searched.neurons)
+    with pytest.raises(ValueError, match="kept only their diagonal"):
+        hp.rearrange_masks(searched, diag, progress=False)
+    with pytest.raises(ValueError, match="choose one"):
+        hp.fisher_information(model, batches, progress=False, diagonal=True, cross_layer=True)
+    from hf_prune.retraining_free import pipeline
+
+    asked, real = [], pipeline.fisher_information
+    monkeypatch.setattr(pipeline, "fisher_information", lambda *a, **k: asked.append(k["diagonal"]) or real(*a, **k))
+    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.5, seq_len=16, rearrange=False, mask_tuning=False,
+                           select_stages=False, progress=False)
+    plan, _ = hp.retraining_free_plan(model, batches, cfg)
+    monkeypatch.setattr(pipeline, "fisher_information", lambda *a, **k: real(*a, **{**k, "diagonal": False}))
+    blocks, _ = hp.retraining_free_plan(model, batches, cfg)  # the blocks computed, as before
+    assert asked == [True] and (plan.heads, plan.neurons) == (blocks.heads, blocks.neurons)
+
+
 def _ragged_batches(vocab=200, sizes=((4, 12), (4, 7), (3, 10)), seed=3, pad_id=0):
     """Right-padded batches of different widths and sample lengths (pad id ``pad_id``), with labels."""
     g = torch.Generator().manual_seed(seed)

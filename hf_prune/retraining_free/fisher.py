@@ -32,8 +32,9 @@ class FisherInfo:
     now; ids of the dense model via ``current``).
 
     Args:
-        heads: per layer, ``(H_l, H_l)`` sum over samples of ``g g^T``, ``g`` the head-mask gradient.
-        neurons: per layer, ``(I_l, I_l)`` likewise for the FFN neuron masks.
+        heads: per layer, ``(H_l, H_l)`` sum over samples of ``g g^T``, ``g`` the head-mask gradient, or ``(H_l,)``,
+            its diagonal alone (``fisher_information(diagonal=True)``: all the search reads).
+        neurons: per layer, ``(I_l, I_l)`` likewise for the FFN neuron masks (or ``(I_l,)``).
         current: the plan the model carried when the Fisher was computed.
         num_samples: calibration samples seen.
         joint: with ``cross_layer=True``, the whole ``(N, N)`` Fisher of all masks, every layer's heads first, then
@@ -46,15 +47,23 @@ class FisherInfo:
     num_samples: int
     joint: torch.Tensor | None = None
 
+    @property
+    def diagonal_only(self) -> bool:
+        """Whether only the diagonal was kept (no blocks for the rearrangement)."""
+        return any(f.dim() == 1 for f in [*self.heads, *self.neurons])
+
     def scores(self) -> ImportanceScores:
         """The diagonal as ``fisher`` importance scores ``(L, H)`` / ``(L, I)`` in dense ids (NaN = removed)."""
-        return ImportanceScores.scatter(self.current, [f.diagonal() for f in self.heads],
-                                        [f.diagonal() for f in self.neurons], "fisher", self.num_samples)
+        def diag(f: torch.Tensor) -> torch.Tensor:
+            return f if f.dim() == 1 else f.diagonal()
+
+        return ImportanceScores.scatter(self.current, [diag(f) for f in self.heads],
+                                        [diag(f) for f in self.neurons], "fisher", self.num_samples)
 
 
 def fisher_information(
     model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, progress: bool = True, cross_layer: bool = False,
-    offload: bool = False,
+    offload: bool = False, diagonal: bool = False,
 ) -> FisherInfo:
     """Per-layer Fisher blocks of the head and neuron masks from per-sample mask gradients.
 
@@ -63,7 +72,11 @@ def fisher_information(
     ``cross_layer=True`` also keeps the terms between layers and between heads and neurons (``FisherInfo.joint``,
     ``N^2`` floats for ``N`` masks in all: 340 MB on MiniLM, see :data:`MAX_JOINT_UNITS`). ``offload``: each
     backward runs one layer at a time (:mod:`hf_prune.gradients`) and the blocks are summed on the CPU.
+    ``diagonal=True`` keeps only each block's diagonal, ``(n,)`` per layer: all the mask search reads, without the
+    blocks' ``L x I^2`` floats (the pipeline asks for it when the rearrangement, their one reader, is off).
     """
+    if diagonal and cross_layer:
+        raise ValueError("cross_layer=True keeps the terms between masks; diagonal=True keeps none: choose one")
     adapter = get_adapter(model)
     head_dim = model_dims(model)["head_dim"]
     layers = layer_list(model, adapter)
@@ -83,7 +96,7 @@ def fisher_information(
         ends = torch.tensor(sizes).cumsum(0).tolist()
         blocks = [joint[e - n:e, e - n:e] for n, e in zip(sizes, ends)]  # views: the per-layer blocks
     else:
-        blocks = [torch.zeros(n, n, device=store) for n in sizes]
+        blocks = [torch.zeros(*((n,) if diagonal else (n, n)), device=store) for n in sizes]
     f_heads, f_neurons = blocks[:len(n_heads)], blocks[len(n_heads):]
     seen = 0
     was_training = model.training
@@ -101,7 +114,7 @@ def fisher_information(
                 for acc, g in zip(blocks, grads):
                     if g is not None:
                         g = g.float().to(store)  # (B, n): row s is sample s's gradient
-                        acc += g.T @ g  # (n, n)
+                        acc += g.pow(2).sum(0) if diagonal else g.T @ g  # (n,) or (n, n)
             seen += bsz
     finally:
         model.train(was_training)

@@ -61,8 +61,10 @@ def retraining_free_plan(
     tune_batches, held_out = by_length(tune_batches), by_length(held_out)
     if config.selection_metric == "task_loss":
         require_labels(batches)
+    # the blocks serve only the rearrangement: without it, their diagonals (what the search reads) are enough
     fisher = fisher_information(model, by_length(batches), seed=config.seed, progress=config.progress,
-                                cross_layer=config.rearrange_scope == "model", offload=config.offload)
+                                cross_layer=config.rearrange and config.rearrange_scope == "model",
+                                offload=config.offload, diagonal=not config.rearrange)
     times["fisher_s"] = time.perf_counter() - start
     layer_scores = None
     if config.layers_keep is not None or config.depth_search:

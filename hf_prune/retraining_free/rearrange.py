@@ -94,6 +94,9 @@ def rearrange_masks(
 
     Returns the new plan and, per layer, the loss estimate before and after for heads and neurons.
     """
+    if fisher.diagonal_only:
+        raise ValueError("the rearrangement needs the Fisher blocks, and this Fisher kept only their diagonal: "
+                         "fisher_information(..., diagonal=False)")
     current = fisher.current
     group = current.group_size
     heads: list[list[int]] = [[] for _ in range(current.num_layers)]  # dense rows; removed layers stay empty
