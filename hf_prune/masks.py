@@ -26,7 +26,7 @@ from torch import nn
 from .adapters import get_adapter, model_dims
 from .channels import hidden_slots
 from .shapes import get_module, layer_list
-from .unit_kinds import get_unit_kind
+from .unit_kinds import get_unit_kind, unit_positions
 
 
 class LayerMasks:
@@ -45,6 +45,33 @@ class LayerMasks:
         #: per registered unit kind (:mod:`hf_prune.unit_kinds`), its mask ``(n,)``; the kinds named when
         #: :func:`mask_hooks` opens get their hooks (a value may be swapped, or set to None, later)
         self.units: dict[str, torch.Tensor | None] = {}
+
+    @classmethod
+    def of_plan(cls, plan, current, device: torch.device | None = None) -> "LayerMasks":
+        """0/1 masks under which a model cut to ``current`` (a :class:`hf_prune.PrunePlan`) computes what it computes
+        once cut to ``plan``: the heads and neurons ``plan`` drops masked, the layers it removes gated at 0, its
+        hidden channels and registered kinds' units masked."""
+        heads, neurons = plan.positions_in(current)
+        kept = set(plan.kept_layers)
+        masks = cls(len(current.kept_layers))
+        for p, i in enumerate(current.kept_layers):
+            if i not in kept:
+                masks.layers[p] = torch.zeros(1, device=device)
+            else:
+                masks.heads[p] = _indicator(heads[i], len(current.heads[i]), device)
+                masks.neurons[p] = _indicator(neurons[i], len(current.neurons[i]), device)
+        if plan.hidden != current.hidden:
+            masks.hidden = _indicator(plan.hidden_positions_in(current), current.hidden_channels, device)
+        for name in sorted(set(plan.units) | set(current.units)):
+            positions, count = unit_positions(plan.units, current.units, name)
+            masks.units[name] = _indicator(positions, count, device)
+        return masks
+
+
+def _indicator(positions: list[int], size: int, device: torch.device | None) -> torch.Tensor:
+    mask = torch.zeros(size, device=device)  # (size,)
+    mask[positions] = 1.0
+    return mask
 
 
 def layer_io(args: tuple, kwargs: dict, output: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from .budget_kinds import BUDGETS
 from .depth import depth_candidates
 from .distributed import is_distributed
 from .divergence import FidelitySums, model_output
+from .masks import LayerMasks, mask_hooks
 from .plan import PrunePlan
 from .surgery import apply_plan_
 
@@ -114,6 +115,31 @@ def cut_candidate(model: nn.Module, plan: PrunePlan, prepare: Prepare | None = N
     if prepare is not None:
         prepare(copied)
     return apply_plan_(copied, plan)
+
+
+def masked_candidate(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """``model`` itself under ``plan``'s masks (masked computes what cut computes): the candidate of a model whose
+    weights cannot be copied, because accelerate offloads them."""
+    return _Masked(model, LayerMasks.of_plan(plan, PrunePlan.of(model), model_device(model)))
+
+
+class _Masked(nn.Module):
+    def __init__(self, model: nn.Module, masks: LayerMasks) -> None:
+        super().__init__()
+        self.model, self.masks = model, masks
+
+    def train(self, mode: bool = True) -> "_Masked":  # the wrapped model's mode stays its owner's
+        self.training = mode
+        return self
+
+    def forward(self, **inputs: Any) -> Any:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with mask_hooks(self.model, self.masks):
+                return self.model(**inputs)
+        finally:
+            self.model.train(was_training)
 
 
 def choose_depth(

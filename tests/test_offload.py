@@ -3,6 +3,8 @@ one layer's autograd graph at a time."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny import BY_NAME, TINY
@@ -11,7 +13,7 @@ import hf_prune as hp
 from hf_prune.batches import batch_size
 from hf_prune.gradients import mask_grads
 from hf_prune.importance import per_sample_mask_grads
-from hf_prune.masks import LayerMasks
+from hf_prune.masks import LayerMasks, mask_hooks
 
 
 @pytest.mark.parametrize("tiny", TINY, ids=lambda t: t.name)
@@ -104,8 +106,9 @@ def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, tmp
 
     tiny = BY_NAME["llama"]
     batches = [tiny.batch(seed=s) for s in range(3)]
+    # held-out samples after the tuning ones: the user is told the cut's fidelity (on offloaded weights, by masks)
     cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, layers_keep=2, offload=True, mask_tuning=False,
-                           select_stages=False, progress=False)
+                           select_stages=False, tuning_samples=4, selection_samples=4, progress=False)
     expected, _ = hp.retraining_free_plan(tiny.model(), batches, cfg)
     model = tiny.model()
     model = accelerate.cpu_offload(model, execution_device=torch.device("cpu")) if where == "cpu" else \
@@ -114,9 +117,37 @@ def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, tmp
     plan, tuning = hp.retraining_free_plan(model, batches, cfg)
     assert tuning is None and (plan.heads, plan.neurons, plan.layers) == (expected.heads, expected.neurons,
                                                                           expected.layers)
+    fidelity, cut_fidelity = plan.meta["fidelity"], expected.meta["fidelity"]
+    assert fidelity["samples"] == cut_fidelity["samples"] > 0 and fidelity["agreement"] == cut_fidelity["agreement"]
+    assert fidelity["divergence"] == pytest.approx(cut_fidelity["divergence"], rel=1e-3)
     cut = hp.apply_plan_(tiny.model(), plan)  # the plan, applied to the model loaded whole
     assert hp.PrunePlan.of(cut).physical_sizes() == expected.physical_sizes()
     with pytest.raises(ValueError, match="accelerate offloads .* parameters.*apply_plan_"):
         hp.prune(model, batches, cfg)
     with pytest.raises(ValueError, match="mask_tuning, select_stages"):
         hp.retraining_free_plan(model, batches, hp.PruningConfig(**{**cfg.to_dict(), "mask_tuning": True}))
+
+
+@pytest.mark.parametrize("tiny", TINY, ids=lambda t: t.name)
+def test_masks_of_a_plan_compute_the_cut_model(tiny):
+    """LayerMasks.of_plan (how a model whose weights cannot be copied stands in for its cut): masked == cut, with
+    a layer removed, heads, neurons and hidden channels cut, on top of an earlier cut."""
+    from tiny import output_tensor
+
+    model = tiny.model().eval()
+    hp.apply_plan_(model, hp.build_plan(hp.compute_importance(model, None, "magnitude", progress=False), model,
+                                        hp.PruningConfig(flops_keep=0.8)))  # masks are relative to what is there
+    scores = hp.compute_importance(model, None, "random", progress=False)
+    scores.layers = torch.tensor([2.0, 0.0, 1.0])  # (L,): the middle layer goes
+    scores.hidden = torch.rand(hp.PrunePlan.of(model).hidden_channels, generator=torch.Generator().manual_seed(0))
+    plan = hp.build_plan(scores, model, hp.PruningConfig(flops_keep=0.5, layers_keep=2, hidden_keep=0.75))
+    assert plan.kept_layers == [0, 2]
+    batch = {k: v for k, v in tiny.batch().items() if k != "labels"}
+    with torch.no_grad(), mask_hooks(model, LayerMasks.of_plan(plan, hp.PrunePlan.of(model))):
+        masked = output_tensor(model(**batch))
+    cut = hp.apply_plan_(copy.deepcopy(model), plan)
+    with torch.no_grad():
+        out = output_tensor(cut(**batch))
+    if out.shape != masked.shape:  # a base model outputs the residual stream: its kept channels
+        masked = masked[..., plan.hidden_positions_in(hp.PrunePlan.of(model))]
+    torch.testing.assert_close(masked, out, rtol=1e-4, atol=1e-5)

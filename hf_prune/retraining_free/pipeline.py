@@ -12,10 +12,17 @@ from torch import nn
 
 from ..batches import batch_size, by_length, collect_batches, split_batches
 from ..depth import layer_importance
-from ..gradients import refuse_offloaded
+from ..gradients import offloaded, refuse_offloaded
 from ..hidden import hidden_importance
 from ..plan import PrunePlan
-from ..selection import SELECTION_SCORES, choose_depth, cut_candidate, output_divergence, require_labels
+from ..selection import (
+    SELECTION_SCORES,
+    choose_depth,
+    cut_candidate,
+    masked_candidate,
+    output_divergence,
+    require_labels,
+)
 from ..surgery import apply_plan_
 from .fisher import fisher_information, search_masks
 from .latency import LatencyTable
@@ -174,8 +181,10 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         times["selection_s"] = time.perf_counter() - t
     if held_out and "fidelity" not in info:  # nothing was selected: still tell the user what they got
         details = {}
-        output_divergence(model, held_out, {"cut": functools.partial(
-            cut_candidate, model, plan, None if tuning is None else _folding(tuning))}, details=details)
+        # offloaded weights cannot be copied (and are never tuned): the model itself, masked, computes the cut
+        build = functools.partial(masked_candidate, model, plan) if offloaded(model) else functools.partial(
+            cut_candidate, model, plan, None if tuning is None else _folding(tuning))
+        output_divergence(model, held_out, {"cut": build}, details=details)
         info["fidelity"] = details["cut"]
     return plan, tuning
 
