@@ -19,6 +19,7 @@ for the call), so only the called layer's weights need to be there.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -46,8 +47,8 @@ def refuse_offloaded(model: nn.Module, what: str) -> None:
         raise ValueError(
             f"{what} copies or cuts weights, but accelerate offloads {len(names)} of this model's parameters (e.g. "
             f"{names[0]}): on the offloaded model compute the plan only (hp.compute_importance + hp.build_plan, or "
-            "hp.retraining_free_plan with mask_tuning=False and select_stages=False, offload=True), then "
-            "hp.apply_plan_ it to the model loaded whole (device_map=None)")
+            "hp.retraining_free_plan with select_stages=False, offload=True, whose mask tuning loads one layer at a "
+            "time), then fold_tuning_ and hp.apply_plan_ it on the model loaded whole (device_map=None)")
 
 
 def _refuse_split_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
@@ -63,6 +64,27 @@ def _refuse_split_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
                 f"offload=True streams one layer at a time, but the device_map splits {prefix[:-1]} across "
                 f"{' and '.join(devices)}: map each layer whole (device_map='auto' keeps the model's _no_split_modules "
                 "whole; with infer_auto_device_map pass no_split_module_classes)")
+
+
+def real_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with real weights and no accelerate hooks, on the device its forward runs on. For a
+    module whose weights accelerate offloads, only its own weights are loaded (from the offload store, which the
+    copy shares rather than copies); anything else is deep-copied."""
+    hooks = [h for m in module.modules() for h in _offload_hooks(m)]
+    if not hooks:
+        return copy.deepcopy(module)
+    from accelerate.hooks import remove_hook_from_module
+
+    shared = {id(store): store for h in hooks for store in (h.weights_map, h.tied_params_map) if store is not None}
+    copied = copy.deepcopy(module, shared)
+    remove_hook_from_module(copied, recurse=True)  # detaching loads each tensor where it was before offloading
+    return copied.to(hooks[0].execution_device)
+
+
+def _offload_hooks(module: nn.Module) -> list:
+    """The accelerate hooks that keep ``module``'s own weights off it (inside a SequentialHook too)."""
+    hook = module.__dict__.get("_hf_hook")
+    return [h for h in getattr(hook, "hooks", [hook]) if getattr(h, "offload", False)]
 
 
 def per_sample_loss(model: nn.Module, batch: dict[str, Any], seed: int) -> torch.Tensor:

@@ -117,10 +117,16 @@ def cut_candidate(model: nn.Module, plan: PrunePlan, prepare: Prepare | None = N
     return apply_plan_(copied, plan)
 
 
-def masked_candidate(model: nn.Module, plan: PrunePlan) -> nn.Module:
+def masked_candidate(model: nn.Module, plan: PrunePlan, scales: LayerMasks | None = None) -> nn.Module:
     """``model`` itself under ``plan``'s masks (masked computes what cut computes): the candidate of a model whose
-    weights cannot be copied, because accelerate offloads them."""
-    return _Masked(model, LayerMasks.of_plan(plan, PrunePlan.of(model), model_device(model)))
+    weights cannot be copied, because accelerate offloads them. ``scales`` (a scales tuning's
+    :meth:`~hf_prune.retraining_free.MaskTuning.layer_masks`) replace the 0/1 head and neuron masks of kept layers."""
+    masks = LayerMasks.of_plan(plan, PrunePlan.of(model), model_device(model))
+    if scales is not None:
+        for kind in ("heads", "neurons"):
+            ours, theirs = getattr(masks, kind), getattr(scales, kind)
+            setattr(masks, kind, [m if m is None else s.to(m) for m, s in zip(ours, theirs)])
+    return _Masked(model, masks)
 
 
 class _Masked(nn.Module):

@@ -218,7 +218,7 @@ def part_streamed(args: GpuCheckArguments) -> dict[str, Any]:
 
     name = "smollm2-135m" if args.quick else args.streamed_shape
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16  # bf16 backward on a CPU times the emulation
-    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.5, offload=True, mask_tuning=False,
+    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.5, offload=True,
                            select_stages=False, progress=False)
     ids = torch.randint(0, config_of(name).vocab_size, (2, 32 if args.quick else 128))
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]

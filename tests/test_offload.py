@@ -98,34 +98,46 @@ def test_offload_refuses_a_device_map_that_splits_a_layer():
     assert len(scores.heads) == 3
 
 
+@pytest.mark.parametrize("fit", ["weights", "scales"])
 @pytest.mark.parametrize("where", ["cpu", "disk"])
-def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, tmp_path):
-    """Weights on the CPU or on disk, loaded by accelerate for each call: the streamed Fisher, the search and the
-    rearrangement give the in-memory plan; the steps that copy or cut weights refuse, naming the way round."""
+def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, fit, tmp_path):
+    """Weights on the CPU or on disk, loaded by accelerate for each call: the streamed Fisher, the search, the
+    rearrangement and the mask tuning (one layer loaded at a time) give the in-memory plan and tuning, folded into the
+    model loaded whole; the steps that copy the model or cut weights refuse, naming the way round."""
     import accelerate
+    from tiny import output_tensor
+
+    from hf_prune.retraining_free import fold_tuning_
 
     tiny = BY_NAME["llama"]
     batches = [tiny.batch(seed=s) for s in range(3)]
     # held-out samples after the tuning ones: the user is told the cut's fidelity (on offloaded weights, by masks)
-    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, layers_keep=2, offload=True, mask_tuning=False,
+    cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, layers_keep=2, offload=True, tuning_fit=fit,
                            select_stages=False, tuning_samples=4, selection_samples=4, progress=False)
-    expected, _ = hp.retraining_free_plan(tiny.model(), batches, cfg)
+    expected, expected_tuning = hp.retraining_free_plan(tiny.model(), batches, cfg)
     model = tiny.model()
     model = accelerate.cpu_offload(model, execution_device=torch.device("cpu")) if where == "cpu" else \
         accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
     assert all(p.device.type == "meta" for p in model.parameters())
     plan, tuning = hp.retraining_free_plan(model, batches, cfg)
-    assert tuning is None and (plan.heads, plan.neurons, plan.layers) == (expected.heads, expected.neurons,
-                                                                          expected.layers)
-    fidelity, cut_fidelity = plan.meta["fidelity"], expected.meta["fidelity"]
-    assert fidelity["samples"] == cut_fidelity["samples"] > 0 and fidelity["agreement"] == cut_fidelity["agreement"]
-    assert fidelity["divergence"] == pytest.approx(cut_fidelity["divergence"], rel=1e-3)
-    cut = hp.apply_plan_(tiny.model(), plan)  # the plan, applied to the model loaded whole
-    assert hp.PrunePlan.of(cut).physical_sizes() == expected.physical_sizes()
+    assert all(p.device.type == "meta" for p in model.parameters())  # each layer was loaded for its copy only
+    assert (plan.heads, plan.neurons, plan.layers) == (expected.heads, expected.neurons, expected.layers)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():  # the tuning, folded into the model loaded whole, and cut: the in-memory result
+        ours = output_tensor(hp.apply_plan_(fold_tuning_(tiny.model(), tuning), plan)(**batch))
+        theirs = output_tensor(hp.apply_plan_(fold_tuning_(tiny.model(), expected_tuning), expected)(**batch))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    if fit == "scales":  # expressible as masks: measured on the offloaded model itself
+        fidelity, cut_fidelity = plan.meta["fidelity"], expected.meta["fidelity"]
+        assert fidelity["samples"] == cut_fidelity["samples"] > 0
+        assert fidelity["agreement"] == cut_fidelity["agreement"]
+        assert fidelity["divergence"] == pytest.approx(cut_fidelity["divergence"], rel=1e-3)
+    else:  # a weights fit is not a mask: measured once folded into the model loaded whole
+        assert "fidelity" not in plan.meta and "fidelity" in expected.meta
     with pytest.raises(ValueError, match="accelerate offloads .* parameters.*apply_plan_"):
         hp.prune(model, batches, cfg)
-    with pytest.raises(ValueError, match="mask_tuning, select_stages"):
-        hp.retraining_free_plan(model, batches, hp.PruningConfig(**{**cfg.to_dict(), "mask_tuning": True}))
+    with pytest.raises(ValueError, match="select_stages, depth_search"):
+        hp.retraining_free_plan(model, batches, hp.PruningConfig(**{**cfg.to_dict(), "select_stages": True}))
 
 
 @pytest.mark.parametrize("tiny", TINY, ids=lambda t: t.name)

@@ -57,8 +57,8 @@ def retraining_free_plan(
     if any(len(h) != len(current.kv_heads(i)) * current.group_size for i, h in enumerate(current.heads)):
         raise ValueError("this model keeps part of some key/value groups (head_unit='query_head'); the retraining-free "
                          "search and rearrangement move whole groups: run it on the base model")
-    if config.mask_tuning or config.select_stages or config.depth_search or config.latency_keep is not None:
-        refuse_offloaded(model, "mask_tuning, select_stages, depth_search or a latency_keep budget")
+    if config.select_stages or config.depth_search or config.latency_keep is not None:
+        refuse_offloaded(model, "select_stages, depth_search or a latency_keep budget")
     times: dict[str, float] = {}
     start = time.perf_counter()
     batches = collect_batches(dataloader, config.max_calibration_samples)
@@ -181,11 +181,13 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         times["selection_s"] = time.perf_counter() - t
     if held_out and "fidelity" not in info:  # nothing was selected: still tell the user what they got
         details = {}
-        # offloaded weights cannot be copied (and are never tuned): the model itself, masked, computes the cut
-        build = functools.partial(masked_candidate, model, plan) if offloaded(model) else functools.partial(
-            cut_candidate, model, plan, None if tuning is None else _folding(tuning))
-        output_divergence(model, held_out, {"cut": build}, details=details)
-        info["fidelity"] = details["cut"]
+        build = functools.partial(cut_candidate, model, plan, None if tuning is None else _folding(tuning))
+        if offloaded(model):  # weights that cannot be copied: the model itself, under the plan's (scaled) masks
+            build = None if tuning is not None and tuning.fit != "scales" else functools.partial(
+                masked_candidate, model, plan, None if tuning is None else tuning.layer_masks())
+        if build is not None:  # a weights fit on offloaded weights is measured once folded into the whole model
+            output_divergence(model, held_out, {"cut": build}, details=details)
+            info["fidelity"] = details["cut"]
     return plan, tuning
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_adapter, model_dims
 from ..batches import Batch
+from ..gradients import real_copy
 from ..masks import LayerMasks
 from ..plan import PrunePlan
 from ..shapes import get_module, layer_list, prune_layer_
@@ -141,7 +141,7 @@ def tune_masks(
                     continue
                 d = current.kept_layers[i]
                 kh, kn = keep_h[d], keep_n[d]
-                cut = copy.deepcopy(layers[i]).eval()
+                cut = real_copy(layers[i]).eval()  # offloaded weights: this layer's, loaded
                 if reselect:  # heads chosen on the whole attention, neurons once it is cut and fitted
                     group = len(current.heads[d]) // max(len(current.kv_heads(d)), 1)  # query heads per KV head
                     kh = choose_heads(cut, adapter, head_dim, inputs, pruned_x, targets, kh, group, damping)
