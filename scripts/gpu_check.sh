@@ -6,7 +6,8 @@
 #   3. forward latency at batch 1/32/128 in fp16 and bf16, dense vs pruned at 75/50/40% of layer FLOPs (MiniLM);
 #   4. retraining-free wall time on the GPU for MiniLM and SmolLM2-135M (next to one forward+backward), decode ms;
 #   5. the layer-streamed retraining-free search and mask tuning (issue 38) on Llama-3.1-8B's shapes, random bf16
-#      weights, with the weights on the GPU and on the CPU (accelerate.cpu_offload): peak GPU memory next to bench_scale's extrapolation;
+#      weights, with the weights on the GPU and on the CPU (accelerate.cpu_offload): peak GPU memory next to
+#      bench_scale's extrapolation;
 #   6. where the machine has vLLM installed, the vLLM tests (tests/test_vllm.py -m vllm: the DeciLM export, the
 #      Transformers-backend fallback and the stock export give the pruned model's log-probabilities and greedy tokens
 #      on the GPU). vLLM's wheel (~400 MB) is far over what a device run carries, so it is not brought along.
