@@ -10,18 +10,21 @@ is timed with its peak resident memory sampled every 5 ms (``common.PeakRSS``):
 
 - ``scores``: ``hp.compute_importance(model, batches, "fisher")``, per-sample mask gradients of every head and neuron;
 - ``retraining_free``: ``hp.retraining_free_plan`` at ``flops_keep``: the Fisher blocks, the search and the
-  rearrangement (``mask_tuning=False, select_stages=False``: those copy layers and the model, which a model with
-  offloaded weights refuses; their memory is the calibration activations of two streams, not the model's).
+  rearrangement (``mask_tuning=False, select_stages=False``);
+- ``retraining_free_tuned``: the pipeline without the rearrangement, so with the Fisher diagonal alone (no blocks),
+  and with the mask tuning (``rearrange=False, select_stages=False``; the stage selection copies the whole model,
+  which a model with offloaded weights refuses). Its tuning runs one layer at a time in every mode.
 
 Modes: ``in_memory`` (weights in RAM, one backward through the whole model), ``streamed`` (weights in RAM,
 ``offload=True``), ``disk`` (``offload=True`` on a model whose weights ``accelerate.disk_offload`` keeps in a folder).
 The fit: peak above the weights = a + b x (one layer's bytes streamed, the layer stack's in memory) per mode; time =
 k x params x tokens. Extrapolated to Llama-3.1-8B and Llama-3.3-70B in bf16 on one 80 GB GPU. Writes
-``benchmarks/results/scale.{json,md,png}``; cells are cached
-in ``benchmarks/cache/scale/``.
+``benchmarks/results/scale.{json,md,png}`` (``--out_name`` another stem); cells are cached in
+``benchmarks/cache/scale/``.
 
     .venv/bin/python benchmarks/bench_scale.py
     .venv/bin/python benchmarks/bench_scale.py --shapes smollm2-135m --modes in_memory streamed   # a quick look
+    .venv/bin/python benchmarks/bench_scale.py --steps retraining_free_tuned --out_name scale_tuned
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ SHAPES = {
 }
 EXTRAPOLATE = ("llama-3.1-8b", "llama-3.3-70b")
 MODES = ("in_memory", "streamed", "disk")
+STEPS = ("scores", "retraining_free", "retraining_free_tuned")
 GPU_GB = 80
 
 
@@ -62,7 +66,7 @@ class ScaleArguments:
     Args:
         shapes: measured shapes (names in ``SHAPES``).
         modes: ``in_memory``, ``streamed``, ``disk``.
-        steps: ``scores`` and/or ``retraining_free``.
+        steps: ``scores``, ``retraining_free``, ``retraining_free_tuned`` (see the module docstring).
         rf_shapes: the shapes ``retraining_free`` runs on (its float32 Fisher blocks, layers x FFN^2, outgrow this
             machine's 24 GB next to larger models; they are analytic).
         samples: calibration sequences.
@@ -71,6 +75,7 @@ class ScaleArguments:
         flops_keep: the retraining-free budget.
         dtype: of the weights: ``float32`` (this CPU runs bf16 backward passes about 40x slower than fp32, timing
             the emulation rather than the method) or ``bfloat16``.
+        out_name: stem of the result files under ``benchmarks/results/``.
     """
 
     shapes: list[str] = field(default_factory=lambda: ["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b",
@@ -83,6 +88,7 @@ class ScaleArguments:
     batch_size: int = 4
     flops_keep: float = 0.5
     dtype: str = "float32"
+    out_name: str = "scale"
 
 
 def config_of(name: str):
@@ -124,16 +130,19 @@ def worker(name: str, mode: str, step: str, args: ScaleArguments) -> dict:
     with PeakRSS(interval=0.005) as resident:  # nothing inside: the resident size of the model as it sits
         pass
     offload = mode != "in_memory"
-    cfg = hp.PruningConfig(method="retraining_free", flops_keep=args.flops_keep, offload=offload, mask_tuning=False,
-                           select_stages=False, progress=False)
+    tuned = step == "retraining_free_tuned"
+    cfg = hp.PruningConfig(method="retraining_free", flops_keep=args.flops_keep, offload=offload, mask_tuning=tuned,
+                           rearrange=not tuned, select_stages=False, progress=False)
     with PeakRSS(interval=0.005) as mem:
         start = time.perf_counter()
         if step == "scores":
             scores = hp.compute_importance(model, batches, "fisher", progress=False, offload=offload)
             kept = {"top_heads": scores.heads.flatten().topk(8).indices.tolist()}
         else:
-            plan, _ = hp.retraining_free_plan(model, batches, cfg)
+            plan, tuning = hp.retraining_free_plan(model, batches, cfg)
             kept = {"heads": plan.heads, "neurons": plan.neurons}
+            if tuning is not None:  # the fit too, rounded: the modes must tune alike
+                kept["tuned"] = [f"{float(w['down_weight'].double().sum()):.4g}" for w in tuning.weights]
         seconds = time.perf_counter() - start
     digest = hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:12]  # the modes must keep the same units
     return {"resident_gb": resident.total_mb / 1024, "peak_gb": mem.total_mb / 1024,
@@ -219,12 +228,12 @@ def main() -> None:
 
     (args,) = T.HfArgumentParser(ScaleArguments).parse_args_into_dataclasses()
     unknown = sorted(set(args.shapes) - set(SHAPES)) + sorted(set(args.modes) - set(MODES)) + sorted(
-        set(args.steps) - {"scores", "retraining_free"})
+        set(args.steps) - set(STEPS))
     if unknown:
         raise SystemExit(f"unknown {unknown}: --shapes from {', '.join(SHAPES)}, --modes from {', '.join(MODES)}, "
-                         "--steps from scores, retraining_free")
+                         f"--steps from {', '.join(STEPS)}")
     rows = [run_cell(name, mode, step, args) for name in args.shapes for step in args.steps for mode in args.modes
-            if step == "scores" or name in args.rf_shapes]
+            if step != "retraining_free" or name in args.rf_shapes]
     fits = models(rows, args)
     table = extrapolate(fits, args)
     for r in rows:
@@ -246,7 +255,8 @@ def main() -> None:
         f"- environment: {json.dumps(report.environment())}\n",
         f"\nRandom bf16 weights of each config's shapes; {args.samples} sequences of {args.seq_len} tokens in batches "
         f"of {args.batch_size}. `scores`: Fisher scores of every head and neuron; `retraining_free`: Fisher blocks, "
-        f"search and rearrangement at {args.flops_keep:.0%} of layer FLOPs (no tuning, no stage selection). "
+        f"search and rearrangement at {args.flops_keep:.0%} of layer FLOPs (no tuning, no stage selection); "
+        "`retraining_free_tuned`: the Fisher diagonal, search and mask tuning (no rearrangement, no selection). "
         "`in_memory`: one backward through the whole model; `streamed`: `offload=True`; `disk`: `offload=True` "
         "with the "
         "weights in a folder (`accelerate.disk_offload`). The target peak is the issue's: weights + 2 x one layer + "
@@ -266,10 +276,10 @@ def main() -> None:
                               formats={"weights_gb": ".1f", "device_gb": ".1f", "host_gb": ".1f", "cpu_hours": ".1f"}),
     ]
     out = HERE / "results"
-    report.write_json(out / "scale.json", {"args": asdict(args), "environment": report.environment(), "rows": rows,
-                                           "fits": fits, "extrapolated": table})
-    report.write_text(out / "scale.md", "\n".join(lines) + "\n")
-    _plot(rows, out / "scale.png")
+    report.write_json(out / f"{args.out_name}.json", {"args": asdict(args), "environment": report.environment(),
+                                                      "rows": rows, "fits": fits, "extrapolated": table})
+    report.write_text(out / f"{args.out_name}.md", "\n".join(lines) + "\n")
+    _plot(rows, out / f"{args.out_name}.png")
     print("\n".join(lines))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.hooks import remove_hook_from_module
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -73,8 +74,6 @@ def real_copy(module: nn.Module) -> nn.Module:
     hooks = [h for m in module.modules() for h in _offload_hooks(m)]
     if not hooks:
         return copy.deepcopy(module)
-    from accelerate.hooks import remove_hook_from_module
-
     shared = {id(store): store for h in hooks for store in (h.weights_map, h.tied_params_map) if store is not None}
     copied = copy.deepcopy(module, shared)
     remove_hook_from_module(copied, recurse=True)  # detaching loads each tensor where it was before offloading
