@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 try:  # public from torch 2.6
@@ -94,6 +95,20 @@ def check_sharded_run(trainer: Any, *, one_shot_at_start: bool, recovery: str, e
             f"sentence-transformers models are not recovered under {_NAMES[engine]} (their folder is saved from the "
             "full model): an embedder fits one device, so use DDP"
         )
+
+
+def check_teacher_fits(teacher: nn.Module, device: torch.device) -> None:
+    """Refuse, before training, a KD teacher whose weights do not fit the free memory of ``device`` (an accelerator;
+    the teacher is placed there whole before an engine shards it)."""
+    if device.type not in ("cuda", "xpu"):
+        return
+    need = sum(p.numel() * p.element_size() for p in teacher.parameters() if p.device != device)
+    free, _ = getattr(torch, device.type).mem_get_info(device)
+    if need > free:
+        raise ValueError(
+            f"the KD teacher needs {need / 2**30:.1f} GiB on {device} and {free / 2**30:.1f} GiB are free: load it in "
+            "bfloat16 (teacher_model=AutoModel...from_pretrained(..., dtype=torch.bfloat16)), distil from a smaller "
+            "teacher, or free the device (one process per GPU)")
 
 
 def shard_teacher(trainer: Any, teacher: nn.Module) -> nn.Module:

@@ -28,7 +28,7 @@ from .export import save_pruned
 from .model_kinds import model_kind, scored_view
 from .plan import PlanMismatchError, PrunePlan
 from .schedule import PruningSchedule
-from .sharding import check_sharded_run, check_whole_parameters, shard_teacher
+from .sharding import check_sharded_run, check_teacher_fits, check_whole_parameters, shard_teacher
 from .surgery import apply_plan_
 
 logger = logging.get_logger(__name__)
@@ -148,6 +148,7 @@ class PruningTrainer(Trainer):
         check_sharded_run(self, one_shot_at_start=one_shot_at_start, recovery=recovery,
                           embedder=self.outer_model is not None)
         if self.teacher is not None:
+            check_teacher_fits(self.teacher, self.args.device)
             self.teacher.to(self.args.device)
         self.plan: PrunePlan | None = None  # the plan of the cut, once made
         self._pruner: _TrainerPruning | None = None

@@ -4,6 +4,7 @@ the cut model and the KD teacher train sharded; the result must equal the DDP ru
 checkpoint, and resume."""
 
 import pytest
+import torch
 import transformers as T
 from fsdp_cpu import CpuFsdp2Trainer
 from helpers import check_sharded_recovery
@@ -45,3 +46,18 @@ def test_fsdp1_is_refused_with_the_version_to_set(tmp_path):
 
     with pytest.raises(NotImplementedError, match="fsdp_version"):
         _trainer(tmp_path, cls=Fsdp1)
+
+
+def test_a_teacher_that_does_not_fit_the_gpu_is_refused_before_training(monkeypatch):
+    """The teacher goes to the accelerator whole at init: more than its free memory is a one-line error naming both
+    sizes and the ways round; on the CPU nothing is checked."""
+    from hf_prune.sharding import check_teacher_fits
+
+    teacher = BY_NAME["bert"].model()
+    need = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 80 * 2**30))
+    with pytest.raises(ValueError, match=r"KD teacher needs 0\.0 GiB on cuda:0 and 0\.0 GiB are free.*bfloat16"):
+        check_teacher_fits(teacher, torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 80 * 2**30))
+    check_teacher_fits(teacher, torch.device("cuda:0"))  # exactly fits
+    check_teacher_fits(teacher, torch.device("cpu"))
