@@ -17,7 +17,6 @@ from .importance import ImportanceScores
 from .masks import LayerMasks, mask_hooks
 from .plan import PrunePlan
 from .shapes import get_module, layer_list
-from .unit_kinds import unit_positions
 
 
 class MaskController:
@@ -67,34 +66,30 @@ class MaskController:
         """Mask everything ``plan`` does not keep and zero those weights; the layers it removes are gated at
         ``gate`` (0: skipped; their heads and neurons stay, so a layer fading out is the whole layer)."""
         self.plan = plan
-        heads, neurons = plan.positions_in(self.physical)
-        kept = set(plan.kept_layers)
-        device = self.masks.heads[0].device
-        for p, i in enumerate(self.ids):
-            if i in kept:
-                self.masks.heads[p].zero_()[heads[i]] = 1.0
-                self.masks.neurons[p].zero_()[neurons[i]] = 1.0
-            else:
-                self.masks.heads[p].fill_(1.0)
-                self.masks.neurons[p].fill_(1.0)
-        self.masks.layers = [None if i in kept else torch.full((1,), float(gate), device=device) for i in self.ids]
-        if plan.hidden != self.physical.hidden:
+        target = LayerMasks.of_plan(plan, self.physical, self.masks.heads[0].device)
+        for ours, theirs in ((self.masks.heads, target.heads), (self.masks.neurons, target.neurons)):
+            for mask, value in zip(ours, theirs):  # in place: the leaves keep collecting gradients
+                if value is None:  # a removed layer keeps its units: its gate removes it whole
+                    mask.fill_(1.0)
+                else:
+                    mask.copy_(value)
+        self.masks.layers = [None if g is None else g.fill_(float(gate)) for g in target.layers]
+        if target.hidden is not None:
             if self.masks.hidden is None:
                 raise ValueError("this plan cuts hidden channels: make the MaskController with hidden=True")
-            self.masks.hidden.zero_()[plan.hidden_positions_in(self.physical)] = 1.0
-        self._set_unit_masks(plan)
+            self.masks.hidden.copy_(target.hidden)
+        self._set_unit_masks(target.units)
         self.zero_masked_weights_()
 
-    def _set_unit_masks(self, plan: PrunePlan) -> None:
-        """Masks of the registered unit kinds the plan cuts (hooked on first use: a kind's hooks are installed when
-        a plan first names it)."""
+    def _set_unit_masks(self, units: dict[str, torch.Tensor]) -> None:
+        """The registered unit kinds' masks (hooked on first use: a kind's hooks are installed when a plan first
+        names it)."""
         new = False
-        for name in sorted(set(plan.units) | set(self.physical.units)):
-            kept, count = unit_positions(plan.units, self.physical.units, name)
+        for name, value in units.items():
             if name not in self.masks.units:
-                self.masks.units[name] = torch.ones(count, device=self.masks.heads[0].device)
+                self.masks.units[name] = torch.ones_like(value)
                 new = True
-            self.masks.units[name].zero_()[kept] = 1.0
+            self.masks.units[name].copy_(value)
         if new and self._hooks is not None:
             self.remove()
             self.install()

@@ -181,11 +181,13 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         times["selection_s"] = time.perf_counter() - t
     if held_out and "fidelity" not in info:  # nothing was selected: still tell the user what they got
         details = {}
-        build = functools.partial(cut_candidate, model, plan, None if tuning is None else _folding(tuning))
-        if offloaded(model):  # weights that cannot be copied: the model itself, under the plan's (scaled) masks
-            build = None if tuning is not None and tuning.fit != "scales" else functools.partial(
-                masked_candidate, model, plan, None if tuning is None else tuning.layer_masks())
-        if build is not None:  # a weights fit on offloaded weights is measured once folded into the whole model
+        if not offloaded(model):
+            build = functools.partial(cut_candidate, model, plan, None if tuning is None else _folding(tuning))
+        elif tuning is None or tuning.fit == "scales":  # weights that cannot be copied: the model, (scaled) masks
+            build = functools.partial(masked_candidate, model, plan, None if tuning is None else tuning.layer_masks())
+        else:  # a weights fit is not a mask: it is measured once folded into the model loaded whole
+            build = None
+        if build is not None:
             output_divergence(model, held_out, {"cut": build}, details=details)
             info["fidelity"] = details["cut"]
     return plan, tuning
