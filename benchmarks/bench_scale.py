@@ -12,8 +12,8 @@ is timed with its peak resident memory sampled every 5 ms (``common.PeakRSS``):
 - ``retraining_free``: ``hp.retraining_free_plan`` at ``flops_keep``: the Fisher blocks, the search and the
   rearrangement (``mask_tuning=False, select_stages=False``);
 - ``retraining_free_tuned``: the pipeline without the rearrangement, so with the Fisher diagonal alone (no blocks),
-  and with the mask tuning (``rearrange=False, select_stages=False``; the stage selection copies the whole model,
-  which a model with offloaded weights refuses). Its tuning runs one layer at a time in every mode.
+  and with the mask tuning (``rearrange=False, select_stages=False``: the selection adds one forward pass over the
+  held-out samples per candidate, not measured here). Its tuning runs one layer at a time in every mode.
 
 Modes: ``in_memory`` (weights in RAM, one backward through the whole model), ``streamed`` (weights in RAM,
 ``offload=True``), ``disk`` (``offload=True`` on a model whose weights ``accelerate.disk_offload`` keeps in a folder).
@@ -245,7 +245,7 @@ def main() -> None:
     cols = ["shape", "step", "mode", "weights_gb", "layer_gb", "resident_gb", "peak_gb", "above_gb", "target_gb",
             "seconds", "time_vs_in_memory", "same_plan"]
     fmt = {c: ".2f" for c in cols[3:-1]}
-    heads = {"weights_gb": "bf16 weights (GB)", "layer_gb": "one layer (GB)", "resident_gb": "RSS before (GB)",
+    heads = {"weights_gb": f"{args.dtype} weights (GB)", "layer_gb": "one layer (GB)", "resident_gb": "RSS before (GB)",
              "peak_gb": "peak RSS (GB)", "above_gb": "above before (GB)", "target_gb": "target peak (GB)",
              "seconds": "time (s)", "time_vs_in_memory": "time / in memory", "same_plan": "plan = in memory"}
     lines = [
@@ -253,9 +253,9 @@ def main() -> None:
         "> Written by `benchmarks/bench_scale.py`; do not edit by hand.\n",
         f"- command: `.venv/bin/python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`".rstrip() + "\n",
         f"- environment: {json.dumps(report.environment())}\n",
-        f"\nRandom bf16 weights of each config's shapes; {args.samples} sequences of {args.seq_len} tokens in batches "
-        f"of {args.batch_size}. `scores`: Fisher scores of every head and neuron; `retraining_free`: Fisher blocks, "
-        f"search and rearrangement at {args.flops_keep:.0%} of layer FLOPs (no tuning, no stage selection); "
+        f"\nRandom {args.dtype} weights of each config's shapes; {args.samples} sequences of {args.seq_len} tokens in "
+        f"batches of {args.batch_size}. `scores`: Fisher scores of every head and neuron; `retraining_free`: Fisher "
+        f"blocks, search and rearrangement at {args.flops_keep:.0%} of layer FLOPs (no tuning, no stage selection); "
         "`retraining_free_tuned`: the Fisher diagonal, search and mask tuning (no rearrangement, no selection). "
         "`in_memory`: one backward through the whole model; `streamed`: `offload=True`; `disk`: `offload=True` "
         "with the "

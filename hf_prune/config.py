@@ -122,6 +122,8 @@ class PruningConfig:
             on the CPU, and a layer whose weights accelerate offloads (``cpu_offload``) is brought to the execution
             device only for its own turn. Same plan as in memory, one more forward pass
             (:mod:`hf_prune.gradients`). Hidden-channel gradient criteria span the whole model and are refused.
+            The retraining-free stage selection and fidelity then run their candidates on the model itself under
+            masks (no cut copy beside it), at the dense FLOPs.
         progress: show progress bars.
     """
 

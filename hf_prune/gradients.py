@@ -48,7 +48,7 @@ def refuse_offloaded(model: nn.Module, what: str) -> None:
         raise ValueError(
             f"{what} copies or cuts weights, but accelerate offloads {len(names)} of this model's parameters (e.g. "
             f"{names[0]}): on the offloaded model compute the plan only (hp.compute_importance + hp.build_plan, or "
-            "hp.retraining_free_plan with select_stages=False, offload=True, whose mask tuning loads one layer at a "
+            "hp.retraining_free_plan with offload=True, whose mask tuning and selection load one layer at a "
             "time), then fold_tuning_ and hp.apply_plan_ it on the model loaded whole (device_map=None)")
 
 

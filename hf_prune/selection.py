@@ -5,6 +5,7 @@ their outputs are from the dense model's (:func:`output_divergence`) or by their
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -25,6 +26,8 @@ from .surgery import apply_plan_
 
 #: Prepares a candidate's copy of the model before its cut (e.g. folds a refit into the kept weights), in place.
 Prepare = Callable[[nn.Module], Any]
+#: A context a masked candidate runs under besides its masks (e.g. refitted projections as hooks).
+Patch = Callable[[nn.Module], contextlib.AbstractContextManager]
 
 
 @torch.no_grad()
@@ -117,22 +120,25 @@ def cut_candidate(model: nn.Module, plan: PrunePlan, prepare: Prepare | None = N
     return apply_plan_(copied, plan)
 
 
-def masked_candidate(model: nn.Module, plan: PrunePlan, scales: LayerMasks | None = None) -> nn.Module:
+def masked_candidate(model: nn.Module, plan: PrunePlan, scales: LayerMasks | None = None,
+                     patch: Patch | None = None) -> nn.Module:
     """``model`` itself under ``plan``'s masks (masked computes what cut computes): the candidate of a model whose
-    weights cannot be copied, because accelerate offloads them. ``scales`` (a scales tuning's
-    :meth:`~hf_prune.retraining_free.MaskTuning.layer_masks`) replace the 0/1 head and neuron masks of kept layers."""
+    weights cannot be copied, because accelerate offloads them, or should not be (``offload=True``). ``scales`` (a
+    scales tuning's :meth:`~hf_prune.retraining_free.MaskTuning.layer_masks`) replace the 0/1 head and neuron
+    masks of kept layers; ``patch(model)``, a context the candidate also runs under (a weights tuning's
+    :func:`~hf_prune.retraining_free.fitted_projections`)."""
     masks = LayerMasks.of_plan(plan, PrunePlan.of(model), model_device(model))
     if scales is not None:
         for kind in ("heads", "neurons"):
             ours, theirs = getattr(masks, kind), getattr(scales, kind)
             setattr(masks, kind, [m if m is None else s.to(m) for m, s in zip(ours, theirs)])
-    return _Masked(model, masks)
+    return _Masked(model, masks, patch)
 
 
 class _Masked(nn.Module):
-    def __init__(self, model: nn.Module, masks: LayerMasks) -> None:
+    def __init__(self, model: nn.Module, masks: LayerMasks, patch: Patch | None) -> None:
         super().__init__()
-        self.model, self.masks = model, masks
+        self.model, self.masks, self.patch = model, masks, patch
 
     def train(self, mode: bool = True) -> "_Masked":  # the wrapped model's mode stays its owner's
         self.training = mode
@@ -142,7 +148,8 @@ class _Masked(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            with mask_hooks(self.model, self.masks):
+            patched = self.patch(self.model) if self.patch else contextlib.nullcontext()
+            with patched, mask_hooks(self.model, self.masks):
                 return self.model(**inputs)
         finally:
             self.model.train(was_training)

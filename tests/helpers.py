@@ -12,6 +12,8 @@ import torch
 from tiny import BY_NAME
 
 import hf_prune as hp
+from hf_prune.retraining_free import fitted_projections
+from hf_prune.selection import masked_candidate
 
 
 def random_plan(model, seed: int = 0, empty_layer: int | None = None, query_heads: bool = False,
@@ -67,7 +69,15 @@ def plan_masks(plan: hp.PrunePlan) -> hp.LayerMasks:
 
 def assert_fold_then_cut_equals_masked(model, tuning, plan, inputs, output_tensor):
     """Folding ``tuning`` into a copy of ``model`` and cutting it to ``plan`` computes what the folded model
-    computes under ``plan``'s 0/1 masks; returns the cut model."""
+    computes under ``plan``'s 0/1 masks, and what ``model`` itself computes, unchanged, as a masked candidate with
+    the scales as masks or the refitted projections as hooks (how offloaded weights stand in for the cut); returns
+    the cut model."""
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        stand_in = masked_candidate(model, plan, patch=lambda m: fitted_projections(m, tuning)) \
+            if tuning.fit == "weights" else masked_candidate(model, plan, tuning.layer_masks())
+        hooked = output_tensor(stand_in(**inputs))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing written
     folded = hp.fold_tuning_(copy.deepcopy(model), tuning)
     with torch.no_grad(), hp.mask_hooks(folded, plan_masks(plan)):
         expected = output_tensor(folded(**inputs))
@@ -75,6 +85,7 @@ def assert_fold_then_cut_equals_masked(model, tuning, plan, inputs, output_tenso
     with torch.no_grad():
         got = output_tensor(cut(**inputs))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked, got, atol=1e-5, rtol=1e-5)
     return cut
 
 

@@ -102,7 +102,8 @@ def test_offload_refuses_a_device_map_that_splits_a_layer():
 @pytest.mark.parametrize("where", ["cpu", "disk"])
 def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, fit, tmp_path):
     """Weights on the CPU or on disk, loaded by accelerate for each call: the streamed Fisher, the search, the
-    rearrangement and the mask tuning (one layer loaded at a time) give the in-memory plan and tuning, folded into the
+    rearrangement, the mask tuning (one layer loaded at a time) and the stage selection (candidates as masks and
+    refit hooks on the model itself) give the in-memory plan, tuning and selection, the tuning folded into the
     model loaded whole; the steps that copy the model or cut weights refuse, naming the way round."""
     import accelerate
     from tiny import output_tensor
@@ -111,33 +112,35 @@ def test_a_model_whose_weights_accelerate_offloads_gets_the_same_plan(where, fit
 
     tiny = BY_NAME["llama"]
     batches = [tiny.batch(seed=s) for s in range(3)]
-    # held-out samples after the tuning ones: the user is told the cut's fidelity (on offloaded weights, by masks)
+    # held-out samples after the tuning ones: the selection compares the stages there, and the user is told the
+    # chosen cut's fidelity
     cfg = hp.PruningConfig(method="retraining_free", flops_keep=0.6, layers_keep=2, offload=True, tuning_fit=fit,
-                           select_stages=False, tuning_samples=4, selection_samples=4, progress=False)
-    expected, expected_tuning = hp.retraining_free_plan(tiny.model(), batches, cfg)
+                           tuning_samples=4, selection_samples=4, progress=False)
+    expected, expected_tuning = hp.retraining_free_plan(  # cut copies, in memory
+        tiny.model(), batches, hp.PruningConfig(**{**cfg.to_dict(), "offload": False}))
     model = tiny.model()
     model = accelerate.cpu_offload(model, execution_device=torch.device("cpu")) if where == "cpu" else \
         accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
     assert all(p.device.type == "meta" for p in model.parameters())
     plan, tuning = hp.retraining_free_plan(model, batches, cfg)
-    assert all(p.device.type == "meta" for p in model.parameters())  # each layer was loaded for its copy only
+    assert all(p.device.type == "meta" for p in model.parameters())  # each layer was loaded for its call only
     assert (plan.heads, plan.neurons, plan.layers) == (expected.heads, expected.neurons, expected.layers)
+    ours, theirs = plan.meta["retraining_free"]["selection"], expected.meta["retraining_free"]["selection"]
+    assert ours["chosen"] == theirs["chosen"] and len(ours["divergence"]) > 1
+    for name, value in theirs["divergence"].items():  # masked computes what cut computes
+        assert ours["divergence"][name] == pytest.approx(value, rel=1e-3, abs=1e-7)
+    assert plan.meta["fidelity"]["samples"] == expected.meta["fidelity"]["samples"] > 0
+    assert plan.meta["fidelity"]["agreement"] == expected.meta["fidelity"]["agreement"]
     batch = {k: v for k, v in batches[0].items() if k != "labels"}
     with torch.no_grad():  # the tuning, folded into the model loaded whole, and cut: the in-memory result
-        ours = output_tensor(hp.apply_plan_(fold_tuning_(tiny.model(), tuning), plan)(**batch))
-        theirs = output_tensor(hp.apply_plan_(fold_tuning_(tiny.model(), expected_tuning), expected)(**batch))
+        ours, theirs = (output_tensor(hp.apply_plan_(fold_tuning_(tiny.model(), t) if t else tiny.model(), p)(**batch))
+                        for t, p in ((tuning, plan), (expected_tuning, expected)))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    if fit == "scales":  # expressible as masks: measured on the offloaded model itself
-        fidelity, cut_fidelity = plan.meta["fidelity"], expected.meta["fidelity"]
-        assert fidelity["samples"] == cut_fidelity["samples"] > 0
-        assert fidelity["agreement"] == cut_fidelity["agreement"]
-        assert fidelity["divergence"] == pytest.approx(cut_fidelity["divergence"], rel=1e-3)
-    else:  # a weights fit is not a mask: measured once folded into the model loaded whole
-        assert "fidelity" not in plan.meta and "fidelity" in expected.meta
     with pytest.raises(ValueError, match="accelerate offloads .* parameters.*apply_plan_"):
         hp.prune(model, batches, cfg)
-    with pytest.raises(ValueError, match="select_stages, depth_search"):
-        hp.retraining_free_plan(model, batches, hp.PruningConfig(**{**cfg.to_dict(), "select_stages": True}))
+    with pytest.raises(ValueError, match="depth_search or a latency_keep"):
+        hp.retraining_free_plan(model, batches,
+                                hp.PruningConfig(**{**cfg.to_dict(), "depth_search": True, "layers_keep": None}))
 
 
 @pytest.mark.parametrize("tiny", TINY, ids=lambda t: t.name)

@@ -52,12 +52,12 @@ from .layer_io import LayerInput, capture_layer_calls, layer_inputs, read_positi
 from .obs import backward_eliminate
 from .pipeline import prune_retraining_free, retraining_free_plan
 from .rearrange import quadratic_loss, rearrange_across_layers, rearrange_masks, swap_descent
-from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
+from .tuning import MaskTuning, fitted_projections, fold_tuning_, reselected_plan, tune_masks
 
 __all__ = [
     "FisherInfo", "LatencyTable", "LayerInput", "MaskTuning", "backward_eliminate", "by_length", "capture_layer_calls",
-    "choose_depth", "collect_batches",
-    "fisher_information", "fold_tuning_", "held_out_loss", "layer_inputs", "measure_latency_table", "model_output",
+    "choose_depth", "collect_batches", "fisher_information", "fitted_projections", "fold_tuning_", "held_out_loss",
+    "layer_inputs", "measure_latency_table", "model_output",
     "output_divergence", "prune_retraining_free", "quadratic_loss", "read_positions", "rearrange_across_layers",
     "rearrange_masks",
     "reselected_plan", "retraining_free_plan", "sample_divergence", "search_latency", "search_masks", "split_batches",

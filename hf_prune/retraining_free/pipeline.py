@@ -27,7 +27,7 @@ from ..surgery import apply_plan_
 from .fisher import fisher_information, search_masks
 from .latency import LatencyTable
 from .rearrange import rearrange_across_layers, rearrange_masks
-from .tuning import MaskTuning, fold_tuning_, reselected_plan, tune_masks
+from .tuning import MaskTuning, fitted_projections, fold_tuning_, reselected_plan, tune_masks
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
@@ -57,8 +57,8 @@ def retraining_free_plan(
     if any(len(h) != len(current.kv_heads(i)) * current.group_size for i, h in enumerate(current.heads)):
         raise ValueError("this model keeps part of some key/value groups (head_unit='query_head'); the retraining-free "
                          "search and rearrangement move whole groups: run it on the base model")
-    if config.select_stages or config.depth_search or config.latency_keep is not None:
-        refuse_offloaded(model, "select_stages, depth_search or a latency_keep budget")
+    if config.depth_search or config.latency_keep is not None:
+        refuse_offloaded(model, "depth_search or a latency_keep budget")
     times: dict[str, float] = {}
     start = time.perf_counter()
     batches = collect_batches(dataloader, config.max_calibration_samples)
@@ -158,9 +158,8 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         # outputs (or has the lowest task loss) on calibration samples none of them was fitted to. Each candidate
         # runs as a cut copy, at its kept FLOPs (about half the time of the full model under masks).
         t = time.perf_counter()
-        candidates = {name: functools.partial(cut_candidate, model, p) for name, p in stages.items()}
-        candidates.update({name: functools.partial(cut_candidate, model, to_tune[name][0], _folding(tn))
-                           for name, tn in tuned.items()})
+        candidates = {name: _candidate(model, p, None, config.offload) for name, p in stages.items()}
+        candidates.update({name: _candidate(model, to_tune[name][0], tn, config.offload) for name, tn in tuned.items()})
         if inspect is not None:
             inspect({name: (stages[name] if name in stages else to_tune[name][0], build)
                      for name, build in candidates.items()})
@@ -181,16 +180,22 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         times["selection_s"] = time.perf_counter() - t
     if held_out and "fidelity" not in info:  # nothing was selected: still tell the user what they got
         details = {}
-        if not offloaded(model):
-            build = functools.partial(cut_candidate, model, plan, None if tuning is None else _folding(tuning))
-        elif tuning is None or tuning.fit == "scales":  # weights that cannot be copied: the model, (scaled) masks
-            build = functools.partial(masked_candidate, model, plan, None if tuning is None else tuning.layer_masks())
-        else:  # a weights fit is not a mask: it is measured once folded into the model loaded whole
-            build = None
-        if build is not None:
-            output_divergence(model, held_out, {"cut": build}, details=details)
-            info["fidelity"] = details["cut"]
+        output_divergence(model, held_out, {"cut": _candidate(model, plan, tuning, config.offload)}, details=details)
+        info["fidelity"] = details["cut"]
     return plan, tuning
+
+
+def _candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None, offload: bool
+               ) -> Callable[[], nn.Module]:
+    """What builds the candidate cut to ``plan`` with ``tuning`` folded in: a cut copy of ``model``, or, where its
+    weights cannot be copied (accelerate offloads them) or should not be (``offload=True``: a model the size of the
+    device), ``model`` itself under the plan's masks and the tuning's scales or refitted projections (the same
+    outputs, at the dense FLOPs)."""
+    if not (offload or offloaded(model)):
+        return functools.partial(cut_candidate, model, plan, None if tuning is None else _folding(tuning))
+    if tuning is None or tuning.fit == "scales":
+        return functools.partial(masked_candidate, model, plan, None if tuning is None else tuning.layer_masks())
+    return functools.partial(masked_candidate, model, plan, patch=functools.partial(fitted_projections, tuning=tuning))
 
 
 def _folding(tuning: MaskTuning) -> Callable[[nn.Module], nn.Module]:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -303,17 +305,10 @@ def fold_tuning_(model: M, tuning: MaskTuning) -> M:
     adapter = get_adapter(model)
     head_dim = model_dims(model)["head_dim"]
     layers = layer_list(model, adapter)
-    current = PrunePlan.of(model)
-    shapes = [(len(h), len(n)) for h, n in zip(current.heads, current.neurons)]
-    tuned = [(len(h), len(n)) for h, n in zip(tuning.heads, tuning.neurons)]
-    if shapes != tuned or (tuning.fit == "weights" and len(tuning.weights) != len(layers)):
-        raise ValueError(
-            f"the tuning was computed on a model with a different structure (heads, neurons per layer: {tuned}); "
-            f"this model has {shapes}. Fold it into the model tune_masks ran on, before apply_plan_ cuts it."
-        )
+    _check_structure(tuning, PrunePlan.of(model), len(layers))
     if tuning.fit == "weights":
         for layer, w in zip(layers, tuning.weights):
-            cols = [p * head_dim + j for p in w["heads"] for j in range(head_dim)]
+            cols = _head_columns(w["heads"], head_dim)
             _set_columns_(get_module(layer, adapter.o), cols, w["o_weight"], w.get("o_bias"))
             _set_columns_(get_module(layer, adapter.down), w["neurons"], w["down_weight"], w.get("down_bias"))
         return model
@@ -331,3 +326,53 @@ def _set_columns_(linear: nn.Linear, cols: list[int], weight: torch.Tensor, bias
     w[:, cols] = weight.to(w.device, w.dtype)
     if bias is not None:
         linear.bias.copy_(bias.to(linear.bias.device, linear.bias.dtype))
+
+
+@contextmanager
+def fitted_projections(model: nn.Module, tuning: MaskTuning) -> Iterator[None]:
+    """Under it, ``model``'s O and down projections compute a ``fit="weights"`` tuning's refit: each reads only
+    its kept input columns, times the refitted weights (plus bias). The model's own weights are neither changed
+    nor needed, so a model whose weights accelerate offloads (and that cannot be folded or copied) computes, with
+    the plan's masks, what the folded, cut model computes (:func:`hf_prune.selection.masked_candidate`)."""
+    if tuning.fit != "weights":
+        raise ValueError(f"a fit={tuning.fit!r} tuning is a mask: use its layer_masks()")
+    adapter = get_adapter(model)
+    head_dim = model_dims(model)["head_dim"]
+    layers = layer_list(model, adapter)
+    _check_structure(tuning, PrunePlan.of(model), len(layers))
+    handles = []
+    for layer, w in zip(layers, tuning.weights):
+        for name, cols in (("o", _head_columns(w["heads"], head_dim)), ("down", w["neurons"])):
+            hook = _refit_hook(cols, w[f"{name}_weight"], w.get(f"{name}_bias"))
+            # registered before any mask hook, so that hidden-channel masks act on the refit's output
+            handles.append(get_module(layer, getattr(adapter, name)).register_forward_hook(hook, prepend=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _refit_hook(cols: list[int], weight: torch.Tensor, bias: torch.Tensor | None):
+    index = torch.tensor(cols, dtype=torch.long)
+
+    def hook(_module, args, _output):  # the module's own output is discarded
+        x = args[0]  # (..., in): the projection's input, head / neuron masks already applied
+        b = None if bias is None else bias.to(x.device, x.dtype)
+        return F.linear(x.index_select(-1, index.to(x.device)), weight.to(x.device, x.dtype), b)
+    return hook
+
+
+def _head_columns(heads: list[int], head_dim: int) -> list[int]:
+    """The O-projection input columns of ``heads``."""
+    return [p * head_dim + j for p in heads for j in range(head_dim)]
+
+
+def _check_structure(tuning: MaskTuning, current: PrunePlan, num_layers: int) -> None:
+    shapes = [(len(h), len(n)) for h, n in zip(current.heads, current.neurons)]
+    tuned = [(len(h), len(n)) for h, n in zip(tuning.heads, tuning.neurons)]
+    if shapes != tuned or (tuning.fit == "weights" and len(tuning.weights) != num_layers):
+        raise ValueError(
+            f"the tuning was computed on a model with a different structure (heads, neurons per layer: {tuned}); "
+            f"this model has {shapes}. Fold it into the model tune_masks ran on, before apply_plan_ cuts it."
+        )
