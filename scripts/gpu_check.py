@@ -11,11 +11,11 @@ Parts:
 - ``retraining_free``: wall time of the retraining-free call on MiniLM (50%, 256 SST-2 sentences) and on the
   largest decoder available (SmolLM2-135M at 80%, 32 blocks of 128 tokens), each next to one forward+backward over
   the same calibration data; decode ms/token at batch 1 dense vs pruned for the decoder.
-- ``streamed`` (issue 38): the layer-streamed retraining-free search (``offload=True``; Fisher blocks, search and
-  rearrangement, no tuning or stage selection) on the largest ``benchmarks/bench_scale.py`` shape that fits the GPU,
-  random bf16 weights: with the weights on the GPU, and with them on the CPU (``accelerate.cpu_offload``, one
-  module brought over per call); peak GPU memory and wall time, next to ``benchmarks/results/scale.json``'s
-  extrapolation for that shape.
+- ``streamed`` (issue 38): the layer-streamed retraining-free search (``offload=True``; Fisher blocks, search,
+  rearrangement and mask tuning; no stage selection: one calibration batch leaves no held-out samples) on the
+  largest ``benchmarks/bench_scale.py`` shape that fits the GPU, random bf16 weights: with the weights on the GPU,
+  and with them on the CPU (``accelerate.cpu_offload``, one module brought over per call); peak GPU memory and wall
+  time, next to ``benchmarks/results/scale.json``'s extrapolation for that shape.
 
 Models come from ``--models_dir`` (what ``gpu_check.sh --prepare`` puts there: MiniLM's weights in fp16 and
 SmolLM2's config and tokenizer) or else the embedded resources. A folder with a config but no weights is built with

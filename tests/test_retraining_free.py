@@ -275,7 +275,11 @@ def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
     batches = _batches(name, n=2)
     layers = layer_list(model, hp.get_adapter(model))
     inputs = layer_inputs(model, layers, batches)
+    graphs = []  # whether a layer before the last recorded an autograd graph (every layer's activations kept)
+    handle = layers[0].register_forward_hook(lambda m, a, o: graphs.append(torch.is_grad_enabled()))
     read = read_positions(model, layers[-1], batches, inputs)
+    handle.remove()
+    assert graphs and not any(graphs)
     for r, x in zip(read, inputs):
         if expected == "all":  # a base model or an LM reads every real token: the default (None) applies
             assert r is None

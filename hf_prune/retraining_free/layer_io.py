@@ -133,6 +133,7 @@ def read_positions(
         grabbed: dict[str, torch.Tensor] = {}
 
         def hook(_m, _args, output):
+            torch.set_grad_enabled(True)  # from here on (the head), autograd records; the context below restores
             out = output[0] if isinstance(output, tuple) else output
             out = out.detach().requires_grad_(True)
             grabbed["h"] = out
@@ -140,7 +141,9 @@ def read_positions(
 
         handle = layer.register_forward_hook(hook)
         try:
-            with torch.enable_grad():
+            # the layers run without autograd: with it, their graph (every layer's activations, the memory of a
+            # training step) would be built only to be dropped at the hook
+            with torch.no_grad():
                 y, _ = model_output(model(**batch))
                 gen = torch.Generator().manual_seed(0)
                 proj = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
