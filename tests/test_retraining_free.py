@@ -291,6 +291,27 @@ def test_last_layer_is_fitted_only_where_the_output_reads_it(name, expected):
         assert torch.equal(r, want)
 
 
+def test_weight_solver_is_the_ridge_solution_with_the_true_errors_in_place():
+    from hf_prune.retraining_free.refit import solve_weights_
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    X[:, 11] = X[:, 10] + 1e-7 * torch.randn(40, generator=g, dtype=torch.float64)  # collinear: ill-conditioned
+    R, W0 = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(12, 5, generator=g, dtype=torch.float64)
+    XtX, XtR, rr = X.T @ X, X.T @ R, float(R.pow(2).sum())
+    lam = 0.1 * float(XtX.diagonal().mean()) + 1e-12
+    direct = torch.linalg.solve(XtX + lam * torch.eye(12, dtype=XtX.dtype), XtR + lam * W0)
+    gram = XtX.clone()
+    W, before, after = solve_weights_(gram, XtR, rr, W0, damping=0.1)
+    torch.testing.assert_close(W, direct, rtol=1e-9, atol=1e-10)
+    assert before == pytest.approx(float((X @ W0 - R).pow(2).sum()), rel=1e-10)
+    assert after == pytest.approx(float((X @ W - R).pow(2).sum()), rel=1e-9)
+    assert after <= before
+    torch.testing.assert_close(gram @ gram.T, XtX + lam * torch.eye(12, dtype=XtX.dtype))  # used up: the factor
+    empty = torch.zeros(0, 5, dtype=torch.float64)
+    assert solve_weights_(torch.zeros(0, 0, dtype=torch.float64), empty, 2.0, empty, 0.1)[1:] == (2.0, 2.0)
+
+
 def test_scale_solver_damps_and_keeps_the_range_without_losing_the_guarantee():
     from hf_prune.retraining_free.refit import solve_scales
 

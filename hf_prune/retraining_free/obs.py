@@ -38,8 +38,10 @@ class NormalEquations:
 
     def add(self, X: torch.Tensor, R: torch.Tensor) -> None:
         """One batch: ``X`` ``(N, k)``, ``R`` ``(N, m)``."""
-        self.XtX += (X.T @ X).double().cpu()
-        self.XtR += (X.T @ R).double().cpu()
+        # the products are cast as they are added: a float64 copy of the (k, k) product first would hold one
+        # more matrix the size of the sum, the largest thing a refit holds
+        self.XtX.add_((X.T @ X).cpu())
+        self.XtR.add_((X.T @ R).cpu())
         self.rr += float(R.double().pow(2).sum())
 
 

@@ -281,14 +281,14 @@ def _tune_neurons_(cut, adapter, inputs, pruned_x, targets, pre_norm, fit, dampi
             normal.add(with_bias(A, down), r)
             continue
         r = r - bias
-        AtA += (A.T @ A).double().cpu()
+        AtA.add_((A.T @ A).cpu())  # cast as it is added: no float64 copy of the (k, k) product
         rhs += ((r @ W) * A).sum(0).double().cpu()  # sum_n a_nk (w_k . r_n)
         rr += float(r.double().pow(2).sum())
     if fit == "weights":
         before, after = refit_(down, normal, damping)
         s = torch.ones(k)
     else:
-        G = AtA * (W.T @ W).double().cpu()  # (k, k): <a_j w_j, a_k w_k> summed over tokens
+        G = (W.T @ W).cpu().double().mul_(AtA)  # (k, k): <a_j w_j, a_k w_k> summed over tokens
         s, before, after = solve_scales(G, rhs, rr, damping, scale_range)
         _scale_columns_(down, s)
     tokens = max(tokens, 1)
