@@ -134,6 +134,7 @@ def worker(name: str, mode: str, step: str, args: ScaleArguments) -> dict:
     cfg = hp.PruningConfig(method="retraining_free", flops_keep=args.flops_keep, offload=offload, mask_tuning=tuned,
                            rearrange=not tuned, select_stages=False, progress=False)
     with PeakRSS(interval=0.005) as mem:
+        _record_parts(mem)
         start = time.perf_counter()
         if step == "scores":
             scores = hp.compute_importance(model, batches, "fisher", progress=False, offload=offload)
@@ -145,8 +146,24 @@ def worker(name: str, mode: str, step: str, args: ScaleArguments) -> dict:
                 kept["tuned"] = [f"{float(w['down_weight'].double().sum()):.4g}" for w in tuning.weights]
         seconds = time.perf_counter() - start
     digest = hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:12]  # the modes must keep the same units
-    return {"resident_gb": resident.total_mb / 1024, "peak_gb": mem.total_mb / 1024,
-            "above_gb": mem.peak_mb / 1024, "seconds": seconds, "kept_digest": digest}
+    out = {"resident_gb": resident.total_mb / 1024, "peak_gb": mem.total_mb / 1024,
+           "above_gb": mem.peak_mb / 1024, "seconds": seconds, "kept_digest": digest,
+           **{f"{k}_above_gb": v / 1024 for k, v in mem.parts.items()}}
+    if step != "scores" and tuning is not None:  # the tuning's result: the refitted projections, held until folded
+        out["fit_gb"] = sum(t.numel() * t.element_size() for w in tuning.weights for t in w.values()
+                            if hasattr(t, "numel")) / 1e9
+    return out
+
+
+def _record_parts(mem: PeakRSS) -> None:
+    """The pipeline's steps each record their own peak (``mem.parts``): which one holds the memory."""
+    from hf_prune.retraining_free import pipeline
+
+    for attr, part in (("fisher_information", "fisher"), ("search_masks", "search"), ("tune_masks", "tuning")):
+        def timed(*a, _f=getattr(pipeline, attr), _part=part, **k):
+            with mem.part(_part):
+                return _f(*a, **k)
+        setattr(pipeline, attr, timed)
 
 
 def run_cell(name: str, mode: str, step: str, args: ScaleArguments) -> dict:
@@ -262,6 +279,7 @@ def main() -> None:
         "weights in a folder (`accelerate.disk_offload`). The target peak is the issue's: weights + 2 x one layer + "
         "1 GB (+ the float32 Fisher blocks the retraining-free search keeps, analytic).\n",
         report.markdown_table(rows, cols, formats=fmt, headers=heads),
+        *_parts_section(rows),
         "\n## Fits\n",
         "Memory above the weights, Fisher blocks taken out, = a + b x (the layer stack in memory, one layer streamed); "
         "time = k x params x tokens.\n",
@@ -281,6 +299,22 @@ def main() -> None:
     report.write_text(out / f"{args.out_name}.md", "\n".join(lines) + "\n")
     _plot(rows, out / f"{args.out_name}.png")
     print("\n".join(lines))
+
+
+def _parts_section(rows: list[dict]) -> list[str]:
+    """Which step of the retraining-free call held the memory (cells measured since the steps were recorded)."""
+    from hf_prune import report
+
+    parts = [r for r in rows if r["step"] != "scores" and "tuning_above_gb" in r]
+    if not parts:
+        return []
+    cols = ["shape", "step", "mode", "above_gb", "fisher_above_gb", "search_above_gb", "tuning_above_gb", "fit_gb"]
+    heads = {"above_gb": "whole call", "fisher_above_gb": "Fisher", "search_above_gb": "search",
+             "tuning_above_gb": "mask tuning", "fit_gb": "of which the fit (GB)"}
+    return ["\n## Where the memory goes\n",
+            "Peak RSS above the level before the call (GB) while each step ran; the fit is the tuning's result (the "
+            "refitted O and down projections at their kept sizes), held until it is folded.\n",
+            report.markdown_table(parts, cols, formats={c: ".2f" for c in cols[3:]}, headers=heads)]
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -10,6 +10,7 @@ Data: the original GLUE TSVs under ``<repo>/../shared/data/glue/<task>/{train,de
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
@@ -19,7 +20,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -301,7 +302,23 @@ class PeakRSS:
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
         self.peak_mb: float | None = None
+        self.parts: dict[str, float] = {}  # :meth:`part`: name -> peak above entry while it ran (MB)
         self._stop = threading.Event()
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Also record the peak above entry while this context runs, as ``parts[name]`` (the largest over repeated
+        entries): which step of a call holds the memory. Nested parts are not supported."""
+        if self._thread is None:
+            yield
+            return
+        self._part_peak = self._rss()
+        try:
+            yield
+        finally:
+            peak = max(self._part_peak, self._rss())
+            self._part_peak = None
+            self.parts[name] = max(self.parts.get(name, 0.0), (peak - self._base) / 2**20)
 
     @staticmethod
     def _rss() -> int:
@@ -320,13 +337,17 @@ class PeakRSS:
         except (OSError, ValueError):
             self._thread = None
             return self
+        self._part_peak: int | None = None
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._rss())
+            rss = self._rss()
+            self._peak = max(self._peak, rss)
+            if self._part_peak is not None:
+                self._part_peak = max(self._part_peak, rss)
             time.sleep(self.interval)
 
     def __exit__(self, *exc: object) -> None:
