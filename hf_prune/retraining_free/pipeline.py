@@ -156,7 +156,8 @@ def _tune_and_select(model: nn.Module, stages: dict[str, PrunePlan], plan: Prune
         # The search, the rearrangement and the tuning each optimise a proxy (diagonal Fisher, block Fisher,
         # layer-wise reconstruction); keep the stage whose masked model stays closest to the dense model's
         # outputs (or has the lowest task loss) on calibration samples none of them was fitted to. Each candidate
-        # runs as a cut copy, at its kept FLOPs (about half the time of the full model under masks).
+        # runs as a cut copy, at its kept FLOPs (about half the time of the full model under masks), except where
+        # the model cannot or should not be copied (see _candidate).
         t = time.perf_counter()
         candidates = {name: _candidate(model, p, None, config.offload) for name, p in stages.items()}
         candidates.update({name: _candidate(model, to_tune[name][0], tn, config.offload) for name, tn in tuned.items()})

@@ -331,9 +331,10 @@ def _set_columns_(linear: nn.Linear, cols: list[int], weight: torch.Tensor, bias
 @contextmanager
 def fitted_projections(model: nn.Module, tuning: MaskTuning) -> Iterator[None]:
     """Under it, ``model``'s O and down projections compute a ``fit="weights"`` tuning's refit: each reads only
-    its kept input columns, times the refitted weights (plus bias). The model's own weights are neither changed
-    nor needed, so a model whose weights accelerate offloads (and that cannot be folded or copied) computes, with
-    the plan's masks, what the folded, cut model computes (:func:`hf_prune.selection.masked_candidate`)."""
+    its kept input columns, times the refitted weights (plus bias), in place of the projection's own output. The
+    model's weights are not changed (the projections still run, and their output is discarded), so a model whose
+    weights accelerate offloads (and that cannot be folded or copied) computes, with the plan's masks, what the
+    folded, cut model computes (:func:`hf_prune.selection.masked_candidate`)."""
     if tuning.fit != "weights":
         raise ValueError(f"a fit={tuning.fit!r} tuning is a mask: use its layer_masks()")
     adapter = get_adapter(model)
