@@ -373,7 +373,9 @@ def cached_cell(folder: Path, key: dict[str, Any], compute: Callable[[], dict[st
         return json.loads(path.read_text())
     out = {**key, **compute()}
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    tmp = path.with_name(path.name + ".tmp")  # a run stopped while writing leaves no half cell that looks cached
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
     return out
 
 
