@@ -12,8 +12,7 @@ import torch
 from tiny import BY_NAME
 
 import hf_prune as hp
-from hf_prune.retraining_free import fitted_projections
-from hf_prune.selection import masked_candidate
+from hf_prune.retraining_free.tuning import masked_stand_in
 
 
 def random_plan(model, seed: int = 0, empty_layer: int | None = None, query_heads: bool = False,
@@ -74,9 +73,7 @@ def assert_fold_then_cut_equals_masked(model, tuning, plan, inputs, output_tenso
     the cut model."""
     before = copy.deepcopy(model.state_dict())
     with torch.no_grad():
-        stand_in = masked_candidate(model, plan, patch=lambda m: fitted_projections(m, tuning)) \
-            if tuning.fit == "weights" else masked_candidate(model, plan, tuning.layer_masks())
-        hooked = output_tensor(stand_in(**inputs))
+        hooked = output_tensor(masked_stand_in(model, plan, tuning)(**inputs))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing written
     folded = hp.fold_tuning_(copy.deepcopy(model), tuning)
     with torch.no_grad(), hp.mask_hooks(folded, plan_masks(plan)):

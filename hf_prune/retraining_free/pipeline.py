@@ -19,7 +19,6 @@ from ..selection import (
     SELECTION_SCORES,
     choose_depth,
     cut_candidate,
-    masked_candidate,
     output_divergence,
     require_labels,
 )
@@ -27,7 +26,7 @@ from ..surgery import apply_plan_
 from .fisher import fisher_information, search_masks
 from .latency import LatencyTable
 from .rearrange import rearrange_across_layers, rearrange_masks
-from .tuning import MaskTuning, fitted_projections, fold_tuning_, reselected_plan, tune_masks
+from .tuning import MaskTuning, fold_tuning_, masked_stand_in, reselected_plan, tune_masks
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
@@ -194,9 +193,7 @@ def _candidate(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None, off
     outputs, at the dense FLOPs)."""
     if not (offload or offloaded(model)):
         return functools.partial(cut_candidate, model, plan, None if tuning is None else _folding(tuning))
-    if tuning is None or tuning.fit == "scales":
-        return functools.partial(masked_candidate, model, plan, None if tuning is None else tuning.layer_masks())
-    return functools.partial(masked_candidate, model, plan, patch=functools.partial(fitted_projections, tuning=tuning))
+    return functools.partial(masked_stand_in, model, plan, tuning)
 
 
 def _folding(tuning: MaskTuning) -> Callable[[nn.Module], nn.Module]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from ..batches import Batch
 from ..gradients import real_copy
 from ..masks import LayerMasks
 from ..plan import PrunePlan
+from ..selection import masked_candidate
 from ..shapes import get_module, layer_list, prune_layer_
 from .layer_io import LayerInput, capture_projections, layer_inputs, read_positions, real_tokens, run_layer, run_until
 from .obs import NormalEquations, choose_heads, choose_neurons, with_bias
@@ -352,6 +354,15 @@ def fitted_projections(model: nn.Module, tuning: MaskTuning) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def masked_stand_in(model: nn.Module, plan: PrunePlan, tuning: MaskTuning | None) -> nn.Module:
+    """``model`` itself computing its cut to ``plan`` with ``tuning`` folded in, with no weight written or copied:
+    the plan's masks, with a scales fit's scales or a weights fit's refitted projections
+    (:func:`fitted_projections`)."""
+    if tuning is None or tuning.fit == "scales":
+        return masked_candidate(model, plan, None if tuning is None else tuning.layer_masks())
+    return masked_candidate(model, plan, patch=functools.partial(fitted_projections, tuning=tuning))
 
 
 def _refit_hook(cols: list[int], weight: torch.Tensor, bias: torch.Tensor | None):
